@@ -1,0 +1,239 @@
+"""Pure numpy math for folding an inference-mode BatchNormalization into the layer before it.
+
+BatchNormalization in inference mode is, per channel ``c``::
+
+    y_c = s_c * x_c + t_c,   s_c = gamma_c / sqrt(var_c + eps),   t_c = beta_c - s_c * mean_c
+
+A layer ``x = W * a + b`` whose output channel ``c`` depends only on the weight slice for ``c``
+absorbs it exactly::
+
+    W'_c = s_c * W_c,        b'_c = s_c * b_c + t_c
+
+All arithmetic runs in float64 and every result is rounded once into the dtype of the tensor it
+replaces (round to nearest, ties to even), so a folded model never changes a tensor's dtype.
+Nothing here knows about ONNX or torch: inputs and outputs are numpy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "FoldError",
+    "BNAffine",
+    "bn_affine",
+    "round_to_dtype",
+    "fold_conv",
+    "fold_conv_transpose",
+    "fold_gemm",
+    "scale_output_channels",
+]
+
+
+class FoldError(ValueError):
+    """A fold that cannot be done exactly; ``code`` is a stable reason code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class BNAffine:
+    """The per-channel affine map ``y = scale * x + shift`` of an inference BN, in float64."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+def _as_f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+def bn_affine(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
+) -> BNAffine:
+    """The BN's affine map in float64.
+
+    Raises FoldError with code ``param_shape`` unless all four parameters are 1-D of one length,
+    ``non_finite`` if any is NaN/Inf, ``invalid_variance`` unless ``var + eps`` is finite and > 0.
+    """
+    params = [np.asarray(p) for p in (gamma, beta, mean, var)]
+    shapes = {p.shape for p in params}
+    if len(shapes) != 1 or params[0].ndim != 1:
+        raise FoldError(
+            "param_shape",
+            "BN parameters must be 1-D of one length, got shapes "
+            + ", ".join(str(list(p.shape)) for p in params),
+        )
+    g, b, m, v = (_as_f64(p) for p in params)
+    for label, p in (("scale", g), ("bias", b), ("mean", m), ("var", v)):
+        if not np.all(np.isfinite(p)):
+            raise FoldError("non_finite", f"BN {label} contains NaN or Inf")
+    denom = v + float(epsilon)
+    if not (np.isfinite(epsilon) and np.all(denom > 0)):
+        bad = int(np.sum(~(denom > 0)))
+        raise FoldError(
+            "invalid_variance", f"var + epsilon is not positive for {bad} channel(s)"
+        )
+    scale = g / np.sqrt(denom)
+    return BNAffine(scale=scale, shift=b - scale * m)
+
+
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    return dtype.name == "bfloat16"
+
+
+def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round float64 ``values`` once to ``dtype`` (nearest, ties to even).
+
+    numpy rounds float64 to float32/float16 directly; ml_dtypes rounds float64 to bfloat16 through
+    float32 (a double rounding), so bfloat16 results are corrected to the nearest neighbour.
+    Raises FoldError ``overflow`` when a finite value does not fit the dtype.
+    """
+    dtype = np.dtype(dtype)
+    out = values.astype(dtype)
+    if _is_bfloat16(dtype) and out.size:
+        out = _nearest_bfloat16(values, out)
+    if out.size and not np.all(np.isfinite(out)):
+        raise FoldError(
+            "overflow", f"a folded value does not fit in {dtype.name} (largest |value| "
+            f"{float(np.max(np.abs(values))):.6g})"
+        )
+    return out
+
+
+def _nearest_bfloat16(exact: np.ndarray, rounded: np.ndarray) -> np.ndarray:
+    """Pick, for each element, the bfloat16 neighbour nearest to ``exact`` (ties to even)."""
+    dtype = rounded.dtype
+    up = np.nextafter(rounded, np.array(np.inf, dtype=dtype))
+    down = np.nextafter(rounded, np.array(-np.inf, dtype=dtype))
+    best = rounded.copy()
+    best_err = np.abs(rounded.astype(np.float64) - exact)
+    for cand in (up, down):
+        err = np.abs(cand.astype(np.float64) - exact)
+        even = (cand.view(np.uint16) & 1) == 0
+        better = (err < best_err) | ((err == best_err) & even & (err > 0))
+        best = np.where(better, cand, best)
+        best_err = np.where(better, err, best_err)
+    return best.astype(dtype)
+
+
+def scale_output_channels(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    """``weight * scale`` broadcast along ``axis``, in float64 (not rounded)."""
+    shape = [1] * weight.ndim
+    shape[axis] = scale.shape[0]
+    return _as_f64(weight) * scale.reshape(shape)
+
+
+def _folded_bias(bias: np.ndarray | None, affine: BNAffine) -> np.ndarray:
+    if bias is None:
+        return affine.shift.copy()
+    return _as_f64(bias) * affine.scale + affine.shift
+
+
+def _check_finite(label: str, arr: np.ndarray | None) -> None:
+    if arr is not None and arr.size and not np.all(np.isfinite(_as_f64(arr))):
+        raise FoldError("non_finite", f"{label} contains NaN or Inf")
+
+
+def fold_conv(
+    weight: np.ndarray, bias: np.ndarray | None, affine: BNAffine, group: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold into Conv: weight ``[Cout, Cin/group, *k]``, output channel axis 0.
+
+    Returns ``(weight', bias')`` rounded to the dtypes of ``weight`` and ``bias`` (``weight``'s
+    when there was no bias).
+    """
+    if weight.ndim < 3:
+        raise FoldError("weight_shape", f"Conv weight must have rank >= 3, got {weight.ndim}")
+    cout = weight.shape[0]
+    if group < 1 or cout % group:
+        raise FoldError("invalid_group", f"Conv output channels {cout} not divisible by group {group}")
+    _check_channels(cout, affine)
+    _check_bias(bias, cout)
+    _check_finite("weight", weight)
+    _check_finite("bias", bias)
+    w = round_to_dtype(scale_output_channels(weight, affine.scale, 0), weight.dtype)
+    b = round_to_dtype(_folded_bias(bias, affine), (bias if bias is not None else weight).dtype)
+    return w, b
+
+
+def fold_conv_transpose(
+    weight: np.ndarray, bias: np.ndarray | None, affine: BNAffine, group: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold into ConvTranspose: weight ``[Cin, Cout/group, *k]``.
+
+    Output channel ``g * Cout/group + j`` is produced by ``weight[g*Cin/group:(g+1)*Cin/group, j]``,
+    so the weight is viewed as ``[group, Cin/group, Cout/group, *k]`` and scaled along axis 2.
+    """
+    if weight.ndim < 3:
+        raise FoldError("weight_shape", f"ConvTranspose weight must have rank >= 3, got {weight.ndim}")
+    cin, cout_g = weight.shape[0], weight.shape[1]
+    if group < 1 or cin % group:
+        raise FoldError(
+            "invalid_group", f"ConvTranspose input channels {cin} not divisible by group {group}"
+        )
+    cout = cout_g * group
+    _check_channels(cout, affine)
+    _check_bias(bias, cout)
+    _check_finite("weight", weight)
+    _check_finite("bias", bias)
+    grouped = weight.reshape((group, cin // group, cout_g) + weight.shape[2:])
+    scale = affine.scale.reshape(group, cout_g)
+    shape = (group, 1, cout_g) + (1,) * (weight.ndim - 2)
+    w64 = _as_f64(grouped) * scale.reshape(shape)
+    w = round_to_dtype(w64.reshape(weight.shape), weight.dtype)
+    b = round_to_dtype(_folded_bias(bias, affine), (bias if bias is not None else weight).dtype)
+    return w, b
+
+
+def fold_gemm(
+    b_matrix: np.ndarray,
+    c: np.ndarray | None,
+    affine: BNAffine,
+    trans_b: bool,
+    beta: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold into ``Y = alpha * A' @ B' + beta * C`` (output channel = column ``n`` of ``B'``).
+
+    Returns ``(B', C')`` for a Gemm with the same ``alpha`` and ``beta = 1``:
+    ``C' = beta * s * C + t`` (broadcast against ``[N]``; just ``t`` when there is no C).
+    """
+    if b_matrix.ndim != 2:
+        raise FoldError("weight_shape", f"Gemm B must be 2-D, got rank {b_matrix.ndim}")
+    n = b_matrix.shape[0] if trans_b else b_matrix.shape[1]
+    _check_channels(n, affine)
+    _check_finite("weight", b_matrix)
+    _check_finite("bias", c)
+    if c is not None:
+        if c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, n)):
+            raise FoldError(
+                "bias_shape", f"Gemm C of shape {list(c.shape)} does not broadcast to [M, {n}]"
+            )
+    w = round_to_dtype(scale_output_channels(b_matrix, affine.scale, 0 if trans_b else 1), b_matrix.dtype)
+    if c is None:
+        c64 = affine.shift.copy()
+        c_dtype = b_matrix.dtype
+    else:
+        c64 = float(beta) * _as_f64(c) * affine.scale + affine.shift
+        c_dtype = c.dtype
+    return w, round_to_dtype(c64, c_dtype)
+
+
+def _check_channels(channels: int, affine: BNAffine) -> None:
+    if affine.scale.shape[0] != channels:
+        raise FoldError(
+            "channel_mismatch",
+            f"BN has {affine.scale.shape[0]} channels but the layer produces {channels}",
+        )
+
+
+def _check_bias(bias: np.ndarray | None, channels: int) -> None:
+    if bias is not None and bias.shape != (channels,):
+        raise FoldError(
+            "bias_shape", f"bias has shape {list(bias.shape)}, expected [{channels}]"
+        )

@@ -1,0 +1,481 @@
+"""An index over one ONNX graph or function body, built in a single scan, and the few rewrite
+primitives the folding pass needs (replace a constant input, release a value, drop dead constants).
+
+A :class:`Scope` never rescans its graph: use counts are kept up to date as the pass rewrites, and
+all removals are applied in one rebuild at the end (:meth:`Scope.commit`).
+
+Use counts cover every reference to a name: node inputs, graph outputs, and references from nested
+subgraphs (``If``/``Loop``/``Scan`` bodies) to names of an enclosing scope.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+# Ops whose outputs are computed from constants when all their inputs are constant: small helper
+# subgraphs that exporters emit for weights and biases (torch's dynamo exporter builds a bias-less
+# conv's zero bias with Shape -> Expand -> CastLike). Deterministic, no subgraphs, no randomness.
+EVALUABLE_OPS = frozenset(
+    {
+        "Identity", "Cast", "CastLike", "Shape", "Size", "Expand", "Reshape", "Unsqueeze",
+        "Squeeze", "Concat", "Gather", "Slice", "ConstantOfShape", "Transpose", "Add", "Sub",
+        "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Flatten", "Tile", "Range", "Abs",
+    }
+)
+# Inputs of which only the type matters (CastLike's ``target_type``).
+TYPE_ONLY_INPUTS = {("CastLike", 1)}
+MAX_EVALUATED_NODES = 64
+MAX_EVALUATED_ELEMENTS = 1 << 26
+
+
+class AttributeRef(Exception):
+    """An attribute refers to an enclosing function's attribute (``ref_attr_name``)."""
+
+
+def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    """The value of attribute ``name`` of ``node`` or ``default``; raises AttributeRef for refs."""
+    for a in node.attribute:
+        if a.name == name:
+            if a.ref_attr_name:
+                raise AttributeRef(f"attribute '{name}' refers to function attribute '{a.ref_attr_name}'")
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value: float | int) -> None:
+    """Set (or add) a scalar attribute."""
+    for a in node.attribute:
+        if a.name == name:
+            if a.type == onnx.AttributeProto.FLOAT:
+                a.f = float(value)
+            else:
+                a.i = int(value)
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The graph-valued attributes of ``node`` as ``(attribute name, graph)``."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(a.graphs):
+                yield f"{a.name}[{i}]", g
+
+
+def free_uses(graph: onnx.GraphProto) -> Counter[str]:
+    """References from ``graph`` (and its nested subgraphs) to names it does not define."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined.update(t.name for t in graph.sparse_initializer)
+    uses: Counter[str] = Counter()
+    for node in graph.node:
+        defined.update(node.output)
+        uses.update(n for n in node.input if n)
+        for _, g in subgraphs(node):
+            uses.update(free_uses(g))
+    uses.update(v.name for v in graph.output)
+    for name in defined:
+        uses.pop(name, None)
+    uses.pop("", None)
+    return uses
+
+
+def all_names(model: onnx.ModelProto) -> set[str]:
+    """Every value name used anywhere in the model (graphs, subgraphs, functions)."""
+    names: set[str] = set()
+
+    def visit_nodes(nodes: Iterable[onnx.NodeProto]) -> None:
+        for node in nodes:
+            names.update(node.input)
+            names.update(node.output)
+            for _, g in subgraphs(node):
+                visit_graph(g)
+
+    def visit_graph(g: onnx.GraphProto) -> None:
+        names.update(v.name for v in g.input)
+        names.update(v.name for v in g.output)
+        names.update(t.name for t in g.initializer)
+        visit_nodes(g.node)
+
+    visit_graph(model.graph)
+    for f in model.functions:
+        names.update(f.input)
+        names.update(f.output)
+        visit_nodes(f.node)
+    names.discard("")
+    return names
+
+
+class NameAllocator:
+    """Hands out value names that are unused anywhere in the model, deterministically."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self._taken = taken
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._taken:
+            name = f"{base}_{i}"
+            i += 1
+        self._taken.add(name)
+        return name
+
+
+@dataclass
+class Const:
+    """A value that is a compile-time constant, and where it comes from."""
+
+    name: str
+    scope: Scope  # the scope that defines it
+    kind: str  # "initializer", "constant_node", "computed"
+    value: np.ndarray
+
+
+class NotConstant(Exception):
+    """A value is not a constant; the message says why."""
+
+
+def tensor_array(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    """A TensorProto as a numpy array (bfloat16 via ml_dtypes), reading external data if needed."""
+    return numpy_helper.to_array(tensor, base_dir)
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    for a in node.attribute:
+        if a.ref_attr_name:
+            raise NotConstant(f"Constant '{node.name}' refers to a function attribute")
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    raise NotConstant(f"Constant '{node.name}' holds no numeric tensor")
+
+
+@dataclass
+class Scope:
+    """One graph or function body with its index.
+
+    ``uses`` counts references to every name visible here, including from nested subgraphs; a
+    name's authoritative count is the one in the scope that defines it.
+    """
+
+    proto: onnx.GraphProto | onnx.FunctionProto
+    label: str
+    opset: dict[str, int]
+    ir_version: int
+    base_dir: str
+    names: NameAllocator
+    parent: Scope | None = None
+    producer: dict[str, int] = field(default_factory=dict)
+    uses: Counter[str] = field(default_factory=Counter)
+    initializers: dict[str, int] = field(default_factory=dict)
+    inputs: set[str] = field(default_factory=set)
+    outputs: set[str] = field(default_factory=set)
+    removed_nodes: set[int] = field(default_factory=set)
+    removed_initializers: set[str] = field(default_factory=set)
+    removed_values: set[str] = field(default_factory=set)
+    new_constant_nodes: list[onnx.NodeProto] = field(default_factory=list)
+    _cache: dict[str, Const] = field(default_factory=dict)
+    _types: dict[str, int] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        proto: onnx.GraphProto | onnx.FunctionProto,
+        label: str,
+        opset: dict[str, int],
+        ir_version: int,
+        base_dir: str,
+        names: NameAllocator,
+        parent: Scope | None = None,
+    ) -> Scope:
+        """Index ``proto`` in one scan."""
+        s = cls(proto, label, opset, ir_version, base_dir, names, parent)
+        uses = s.uses
+        if isinstance(proto, onnx.GraphProto):
+            s.inputs = {v.name for v in proto.input}
+            s.outputs = {v.name for v in proto.output}
+            s.initializers = {t.name: i for i, t in enumerate(proto.initializer)}
+            uses.update(v.name for v in proto.output)
+        else:
+            s.inputs = set(proto.input)
+            s.outputs = set(proto.output)
+            uses.update(proto.output)
+        producer = s.producer
+        for i, node in enumerate(proto.node):
+            for out in node.output:
+                if out:
+                    producer[out] = i
+            uses.update(n for n in node.input if n)
+            for _, g in subgraphs(node):
+                uses.update(free_uses(g))
+        uses.pop("", None)
+        return s
+
+    # ----- lookups -------------------------------------------------------------------------
+    @property
+    def is_function(self) -> bool:
+        return isinstance(self.proto, onnx.FunctionProto)
+
+    def defines(self, name: str) -> bool:
+        return name in self.producer or name in self.initializers or name in self.inputs
+
+    def owner(self, name: str) -> Scope | None:
+        """The scope (this or an enclosing one) that defines ``name``."""
+        s: Scope | None = self
+        while s is not None:
+            if s.defines(name):
+                return s
+            s = s.parent
+        return None
+
+    def node_of(self, name: str) -> onnx.NodeProto | None:
+        i = self.producer.get(name)
+        return None if i is None else self.proto.node[i]
+
+    def is_overridable(self, name: str) -> bool:
+        """An initializer that is also a graph input in an IR >= 4 model: callers may override it."""
+        return name in self.initializers and name in self.inputs and self.ir_version >= 4
+
+    def constant(self, name: str) -> Const:
+        """Resolve ``name`` to a constant or raise NotConstant with the reason."""
+        owner = self.owner(name)
+        if owner is None:
+            raise NotConstant(f"'{name}' is not defined")
+        if owner is not self:
+            return owner.constant(name)
+        if name in self._cache:
+            return self._cache[name]
+        if name in self.initializers:
+            if self.is_overridable(name):
+                raise NotConstant(f"'{name}' is a graph input (an initializer callers may override)")
+            tensor = self.proto.initializer[self.initializers[name]]
+            c = Const(name, self, "initializer", tensor_array(tensor, self.base_dir))
+        elif name in self.producer:
+            node = self.proto.node[self.producer[name]]
+            if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
+                c = Const(name, self, "constant_node", _constant_node_value(node))
+            else:
+                c = Const(name, self, "computed", self._evaluate(name))
+        else:
+            raise NotConstant(f"'{name}' is a graph input")
+        self._cache[name] = c
+        return c
+
+    def elem_type(self, name: str) -> int:
+        """The ONNX element type of ``name`` if known from inputs/value_info/constants, else 0."""
+        s: Scope | None = self
+        while s is not None:
+            if s._types is None:
+                s._types = {}
+                if isinstance(s.proto, onnx.GraphProto):
+                    for v in (*s.proto.input, *s.proto.value_info, *s.proto.output):
+                        if v.type.HasField("tensor_type"):
+                            s._types[v.name] = v.type.tensor_type.elem_type
+            if name in s._types:
+                return s._types[name]
+            s = s.parent
+        try:
+            value = self.constant(name).value
+        except NotConstant:
+            return 0
+        return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+
+    def _evaluate(self, name: str) -> np.ndarray:
+        """Evaluate the small constant-only subgraph that computes ``name``."""
+        order: list[int] = []
+        leaves: dict[str, np.ndarray] = {}
+        type_only: dict[str, int] = {}
+        seen: set[str] = set()
+
+        def visit(value: str) -> None:
+            if value in seen or not value:
+                return
+            seen.add(value)
+            idx = self.producer.get(value)
+            node = None if idx is None else self.proto.node[idx]
+            if node is None or node.op_type == "Constant":
+                leaves[value] = self.constant(value).value
+                return
+            if node.domain not in ONNX_DOMAINS or node.op_type not in EVALUABLE_OPS:
+                raise NotConstant(f"'{value}' is computed by {node.op_type}")
+            if len(order) >= MAX_EVALUATED_NODES:
+                raise NotConstant(f"'{name}' is computed by a subgraph too large to evaluate")
+            for k, inp in enumerate(node.input):
+                if (node.op_type, k) in TYPE_ONLY_INPUTS and inp:
+                    try:
+                        visit(inp)
+                    except NotConstant:
+                        t = self.elem_type(inp)
+                        if not t:
+                            raise
+                        type_only[inp] = t
+                        seen.add(inp)
+                else:
+                    visit(inp)
+            order.append(idx)
+
+        visit(name)
+        order.sort()
+        return self._run_reference(name, order, leaves, type_only)
+
+    def _run_reference(
+        self, name: str, order: list[int], leaves: dict[str, np.ndarray], type_only: dict[str, int]
+    ) -> np.ndarray:
+        from onnx.reference import ReferenceEvaluator
+
+        feeds = dict(leaves)
+        for inp, t in type_only.items():
+            feeds[inp] = np.zeros((0,), dtype=onnx.helper.tensor_dtype_to_np_dtype(t))
+        graph = onnx.helper.make_graph(
+            [self.proto.node[i] for i in order],
+            "bnfold_const",
+            [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
+             for k, v in feeds.items()],
+            [onnx.helper.make_value_info(name, onnx.TypeProto())],
+        )
+        opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.opset.items()]
+        model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=self.ir_version or 8)
+        try:
+            (result,) = ReferenceEvaluator(model).run(None, feeds)
+        except Exception as exc:  # the reference evaluator raises many types
+            raise NotConstant(f"'{name}' could not be evaluated: {exc}") from None
+        result = np.asarray(result)
+        if result.size > MAX_EVALUATED_ELEMENTS:
+            raise NotConstant(f"'{name}' evaluates to a tensor too large to fold")
+        return result
+
+    # ----- rewriting -------------------------------------------------------------------------
+    def set_input(self, node: onnx.NodeProto, index: int, array: np.ndarray, old: Const | None, base: str) -> None:
+        """Make input ``index`` of ``node`` (a node of this scope) the constant ``array``.
+
+        Overwrites ``old`` in place when this node is its only user and the shape is unchanged;
+        otherwise adds a new constant (copy-on-write) and releases the reference to ``old``.
+        """
+        if old is not None and old.kind != "computed" and old.scope.uses[old.name] == 1 \
+                and old.name not in old.scope.outputs and old.value.shape == array.shape:
+            old.scope._overwrite(old, array)
+            return
+        name = self.names.fresh(base)
+        self._add_constant(name, array)
+        while len(node.input) <= index:
+            node.input.append("")
+        if old is not None:
+            self.release(old.name)
+        elif node.input[index]:
+            self.release(node.input[index])
+        node.input[index] = name
+        self.uses[name] += 1
+
+    def _overwrite(self, const: Const, array: np.ndarray) -> None:
+        new = numpy_helper.from_array(array, const.name)
+        if const.kind == "initializer":
+            tensor = self.proto.initializer[self.initializers[const.name]]
+            doc = tensor.doc_string
+            tensor.CopyFrom(new)
+            tensor.doc_string = doc
+        else:
+            node = self.proto.node[self.producer[const.name]]
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("value", new))
+        const.value = array
+
+    def _add_constant(self, name: str, array: np.ndarray) -> None:
+        tensor = numpy_helper.from_array(array, name)
+        if self.is_function:
+            self.new_constant_nodes.append(
+                onnx.helper.make_node("Constant", [], [name], value=tensor, name=f"{name}_const")
+            )
+            return
+        graph = self.proto
+        self.initializers[name] = len(graph.initializer)
+        graph.initializer.append(tensor)
+        if self.ir_version < 4:
+            # IR < 4: every initializer is also listed as a graph input.
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(name, tensor.data_type, list(array.shape))
+            )
+            self.inputs.add(name)
+
+    def release(self, name: str) -> None:
+        """Drop one reference to ``name``; remove what becomes unused (cascading up constants)."""
+        owner = self.owner(name)
+        if owner is None:
+            return
+        if owner is not self:
+            self.uses[name] -= 1
+            owner.release(name)
+            return
+        self.uses[name] -= 1
+        if self.uses[name] > 0 or name in self.outputs:
+            return
+        if name in self.initializers:
+            if name in self.inputs and self.ir_version >= 4:
+                return  # a real graph input: never dropped
+            self.removed_initializers.add(name)
+            self.removed_values.add(name)
+        elif name in self.producer:
+            idx = self.producer[name]
+            node = self.proto.node[idx]
+            if idx in self.removed_nodes or any(self.uses[o] > 0 or o in self.outputs for o in node.output if o):
+                return
+            if subgraphs_present(node):
+                return
+            self.removed_nodes.add(idx)
+            self.removed_values.update(o for o in node.output if o)
+            for inp in node.input:
+                if inp:
+                    self.release(inp)
+
+    def remove_node(self, node_index: int) -> None:
+        """Remove a node whose outputs are already rewired, releasing its inputs."""
+        self.removed_nodes.add(node_index)
+        for inp in self.proto.node[node_index].input:
+            if inp:
+                self.release(inp)
+
+    def commit(self) -> None:
+        """Apply all removals and additions in one rebuild of each list touched."""
+        proto = self.proto
+        if self.removed_nodes or self.new_constant_nodes:
+            kept = [n for i, n in enumerate(proto.node) if i not in self.removed_nodes]
+            del proto.node[:]
+            proto.node.extend(self.new_constant_nodes)
+            proto.node.extend(kept)
+        if isinstance(proto, onnx.GraphProto):
+            gone = self.removed_initializers
+            if gone:
+                kept_t = [t for t in proto.initializer if t.name not in gone]
+                del proto.initializer[:]
+                proto.initializer.extend(kept_t)
+                if any(v.name in gone for v in proto.input):
+                    kept_i = [v for v in proto.input if v.name not in gone]
+                    del proto.input[:]
+                    proto.input.extend(kept_i)
+            if self.removed_values and any(v.name in self.removed_values for v in proto.value_info):
+                kept_v = [v for v in proto.value_info if v.name not in self.removed_values]
+                del proto.value_info[:]
+                proto.value_info.extend(kept_v)
+        elif self.removed_values and any(v.name in self.removed_values for v in proto.value_info):
+            kept_v = [v for v in proto.value_info if v.name not in self.removed_values]
+            del proto.value_info[:]
+            proto.value_info.extend(kept_v)
+
+
+def subgraphs_present(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
