@@ -1,0 +1,265 @@
+"""PyTorch front end: fold BatchNorm in a traced ``nn.Module``, and export a folded, verified ONNX.
+
+``bnfold.torch.fold(model, example_inputs)`` captures the model as a ``torch.fx.GraphModule``
+(``symbolic_trace`` first, ``torch.export`` when tracing fails), folds at the graph-node level
+(:mod:`bnfold.fx_pass`) and compares the folded module with the original on the example inputs.
+``bnfold.torch.export(model, example_inputs, path)`` exports with torch.onnx's dynamo exporter,
+runs the ONNX pass on what the exporter left, and checks the ONNX file in onnxruntime against the
+PyTorch module itself. The caller's model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .errors import BadInput, VerificationFailed
+from .fx_pass import _to_numpy, fold_graph_module
+from .report import FoldedPair, FoldReport, OutputCheck, Verification
+from .verification import compare
+
+__all__ = ["fold", "export", "TorchFoldResult", "capture"]
+
+
+@dataclass
+class TorchFoldResult:
+    """The folded module, the report of what was folded or kept, and the comparison."""
+
+    module: fx.GraphModule
+    report: FoldReport
+    verification: Verification | None
+    capture: str  # "symbolic_trace", "torch.export", "graph_module", "exported_program"
+
+    @property
+    def passed(self) -> bool:
+        return self.verification is None or self.verification.status != "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "capture": self.capture,
+            "report": self.report.to_dict(),
+            "verification": self.verification.to_dict() if self.verification else None,
+        }
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _in_training(model: nn.Module) -> list[str]:
+    return [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+
+
+def prepare(model: nn.Module, eval: bool) -> nn.Module:  # noqa: A002 - the documented flag name
+    """A private eval-mode copy of ``model``; refuses a training-mode model unless ``eval``."""
+    training = _in_training(model)
+    if training and not eval:
+        raise BadInput(
+            f"the model is in training mode ({', '.join(training[:3])}{' ...' if len(training) > 3 else ''}); "
+            "call model.eval() first or pass eval=True to fold an eval-mode copy"
+        )
+    private = copy.deepcopy(model)
+    private.eval()
+    return private
+
+
+def capture(model: Any, example_inputs: tuple[Any, ...] | None) -> tuple[fx.GraphModule, str]:
+    """A GraphModule for ``model``: symbolic_trace, else torch.export; BadInput naming both failures."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return model.module(), "exported_program"
+    if isinstance(model, fx.GraphModule):
+        return model, "graph_module"
+    try:
+        return fx.symbolic_trace(model), "symbolic_trace"
+    except Exception as trace_error:  # tracing raises many types
+        first = f"symbolic_trace failed: {_one_line(trace_error)}"
+    if example_inputs is None:
+        raise BadInput(f"cannot capture the model ({first}); torch.export needs example_inputs")
+    try:
+        return torch.export.export(model, example_inputs).module(), "torch.export"
+    except Exception as export_error:
+        raise BadInput(f"cannot capture the model ({first}; torch.export failed: {_one_line(export_error)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _flatten(value: Any) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(value)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def _compare_outputs(
+    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], names: Sequence[str],
+    atol: float | None, rtol: float | None,
+) -> list[OutputCheck]:
+    if len(reference) != len(candidate):
+        raise VerificationFailed(f"the folded model returns {len(candidate)} outputs, the original {len(reference)}")
+    return [compare(n, r, c, atol, rtol) for n, r, c in zip(names, reference, candidate)]
+
+
+def _verification(checks: list[OutputCheck], start_shapes: dict[str, list[int]]) -> Verification:
+    passed = all(c.passed for c in checks)
+    return Verification(
+        passed=passed, status="passed" if passed else "failed",
+        message="" if passed else "outputs differ beyond tolerance: " + ", ".join(c.name for c in checks if not c.passed),
+        outputs=checks, provider="torch", input_shapes=start_shapes,
+    )
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return _to_numpy(t.detach())
+
+
+def fold(
+    model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
+    example_inputs: Any = None,
+    *,
+    verify: bool = True,
+    eval: bool = False,  # noqa: A002
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> TorchFoldResult:
+    """Fold every BatchNorm that follows a Conv/ConvTranspose/Linear node; never mutates ``model``.
+
+    Raises BadInput for a model in training mode (unless ``eval=True``) or one that neither
+    ``symbolic_trace`` nor ``torch.export`` can capture. With ``verify`` and ``example_inputs``,
+    the folded module is compared with the original module on those inputs.
+    """
+    args = _as_tuple(example_inputs)
+    if isinstance(model, torch.export.ExportedProgram):
+        reference: Any = model.module()
+        gm, how = capture(model, args)
+    else:
+        if not isinstance(model, nn.Module):
+            raise BadInput(f"cannot fold a {type(model).__name__}: pass an nn.Module, GraphModule or ExportedProgram")
+        private = prepare(model, eval)
+        reference = copy.deepcopy(private)
+        gm, how = capture(private, args)
+        if how == "graph_module":
+            gm = private  # already a private copy
+    if args is not None and how in ("symbolic_trace", "graph_module"):
+        _propagate_shapes(gm, args)
+    report = fold_graph_module(gm)
+    result = TorchFoldResult(gm, report, None, how)
+    if verify and args is not None:
+        with torch.no_grad():
+            ref = [_numpy(t) for t in _flatten(reference(*args))]
+            got = [_numpy(t) for t in _flatten(gm(*args))]
+        names = [f"output_{i}" for i in range(len(ref))]
+        shapes = {f"input_{i}": list(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+        result.verification = _verification(_compare_outputs(ref, got, names, atol, rtol), shapes)
+    return result
+
+
+def _propagate_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
+    """Record output shapes on nodes (used to check a Linear's output rank); best effort."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*args)
+    except Exception:  # shape propagation is an aid, not a requirement
+        return
+
+
+def _count_bn(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    dynamic_shapes: Any = None,
+    verify: bool = True,
+    eval: bool = False,  # noqa: A002
+    exporter_optimize: bool = False,
+    atol: float | None = None,
+    rtol: float | None = None,
+    force: bool = False,
+):  # noqa: ANN201 - returns bnfold.api.FoldResult
+    """Export ``model`` to ONNX at ``path`` with every BatchNorm folded, proven against PyTorch.
+
+    The dynamo exporter runs with its own optimizer off (``exporter_optimize=False``) so every fold
+    is bnfold's exact float64 fold and is listed in the report; with ``exporter_optimize=True`` the
+    exporter's folds are counted in ``report.folded`` with pattern ``"exporter"``. The ONNX model
+    is run in onnxruntime (optimizations off) on ``example_inputs`` and compared with the PyTorch
+    module's outputs; a failed comparison raises VerificationFailed and writes nothing.
+    """
+    from .api import FoldResult
+    from .io import save_model
+    from .onnx_pass import fold_model
+
+    args = _as_tuple(example_inputs)
+    if args is None:
+        raise BadInput("export needs example_inputs")
+    private = prepare(model, eval)
+    with torch.no_grad():
+        expected = [_numpy(t) for t in _flatten(private(*args))]
+    kwargs: dict[str, Any] = {"dynamo": True, "optimize": exporter_optimize, "verbose": False}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    if dynamic_shapes is not None:
+        kwargs["dynamic_shapes"] = dynamic_shapes
+    program = torch.onnx.export(private, args, **kwargs)
+    proto = program.model_proto
+    bn_in_onnx = _count_onnx_bn(proto)
+    report = fold_model(proto)
+    exporter_folds = max(_count_bn(private) - bn_in_onnx, 0)
+    report.folded.extend(
+        FoldedPair(bn=f"<exporter fold {i + 1}>", target="", kind="", graph="main", pattern="exporter")
+        for i in range(exporter_folds)
+    )
+    result = FoldResult(proto, report, None, None)
+    if verify:
+        result.verification = _verify_onnx(proto, args, expected, atol, rtol)
+        if not result.verification.passed and not force:
+            raise VerificationFailed(
+                f"not writing {path}: the ONNX model differs from the PyTorch module "
+                f"({result.verification.message}; max abs err {result.verification.max_abs_err:.3g})"
+            )
+    save_model(proto, Path(path))
+    result.source = None
+    return result
+
+
+def _count_onnx_bn(proto: Any) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+
+
+def _verify_onnx(
+    proto: Any, args: tuple[Any, ...], expected: list[np.ndarray], atol: float | None, rtol: float | None
+) -> Verification:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    tensors = _flatten(args)
+    inputs = session.get_inputs()
+    if len(inputs) != len(tensors):
+        raise BadInput(f"the ONNX model takes {len(inputs)} inputs, example_inputs has {len(tensors)} tensors")
+    feeds = {i.name: _numpy(t) for i, t in zip(inputs, tensors)}
+    names = [o.name for o in session.get_outputs()]
+    got = session.run(names, feeds)
+    checks = _compare_outputs(expected, [np.asarray(g) for g in got], names, atol, rtol)
+    return _verification(checks, {k: list(v.shape) for k, v in feeds.items()})
+
+
