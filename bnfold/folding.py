@@ -90,14 +90,15 @@ def _is_bfloat16(dtype: np.dtype) -> bool:
 def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Round float64 ``values`` once to ``dtype`` (nearest, ties to even).
 
-    numpy rounds float64 to float32/float16 directly; ml_dtypes rounds float64 to bfloat16 through
-    float32 (a double rounding), so bfloat16 results are corrected to the nearest neighbour.
+    numpy rounds float64 to float32/float16 directly and correctly; ml_dtypes rounds float64 to
+    bfloat16 through float32 (a double rounding), so bfloat16 goes through float32 rounded to odd
+    instead, which makes the second rounding exact (see :func:`_to_bfloat16`).
     Raises FoldError ``overflow`` when a finite value does not fit the dtype.
     """
     dtype = np.dtype(dtype)
-    out = values.astype(dtype)
-    if _is_bfloat16(dtype) and out.size:
-        out = _nearest_bfloat16(values, out)
+    values = _as_f64(values)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = _to_bfloat16(values, dtype) if _is_bfloat16(dtype) else values.astype(dtype)
     if out.size and not np.all(np.isfinite(out)):
         raise FoldError(
             "overflow", f"a folded value does not fit in {dtype.name} (largest |value| "
@@ -106,20 +107,23 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def _nearest_bfloat16(exact: np.ndarray, rounded: np.ndarray) -> np.ndarray:
-    """Pick, for each element, the bfloat16 neighbour nearest to ``exact`` (ties to even)."""
-    dtype = rounded.dtype
-    up = np.nextafter(rounded, np.array(np.inf, dtype=dtype))
-    down = np.nextafter(rounded, np.array(-np.inf, dtype=dtype))
-    best = rounded.copy()
-    best_err = np.abs(rounded.astype(np.float64) - exact)
-    for cand in (up, down):
-        err = np.abs(cand.astype(np.float64) - exact)
-        even = (cand.view(np.uint16) & 1) == 0
-        better = (err < best_err) | ((err == best_err) & even & (err > 0))
-        best = np.where(better, cand, best)
-        best_err = np.where(better, err, best_err)
-    return best.astype(dtype)
+def _to_bfloat16(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float64 -> bfloat16 correctly rounded (nearest, ties to even), via float32 rounded to odd.
+
+    float32 has 16 more significand bits than bfloat16 and the same exponent range, so rounding
+    float64 to float32 *to odd* (truncate toward zero, then set the last bit if anything was
+    lost) and then float32 to bfloat16 to nearest-even equals a single correct rounding. Values
+    beyond float32's range truncate to float32's largest finite value, which still rounds to
+    infinity in bfloat16, as the exact value would.
+    """
+    f32 = exact.astype(np.float32)  # nearest-even; may be inf past float32's range
+    back = f32.astype(np.float64)
+    inexact = back != exact
+    # truncate toward zero where float32 rounding went away from zero
+    away = inexact & (np.abs(back) > np.abs(exact))
+    f32 = np.where(away, np.nextafter(f32, np.float32(0)), f32)
+    bits = f32.view(np.uint32) | inexact.astype(np.uint32)
+    return bits.view(np.float32).astype(dtype)
 
 
 def scale_output_channels(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:

@@ -1,0 +1,367 @@
+"""The folding math in isolation, against independent references: torch.nn.functional in float64
+(conv / conv_transpose / linear followed by batch_norm), explicit numpy loops, and exact rational
+arithmetic (``fractions``) for the single rounding into float16 / bfloat16 / float32."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnfold.folding import (
+    BNAffine,
+    FoldError,
+    bn_affine,
+    fold_conv,
+    fold_conv_transpose,
+    fold_gemm,
+    round_to_dtype,
+    scale_output_channels,
+)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# (significand bits incl. implicit, min normal exponent, max exponent)
+FORMATS = {
+    "float16": (11, -14, 15),
+    "bfloat16": (8, -126, 127),
+    "float32": (24, -126, 127),
+}
+DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# exact reference rounding
+# ----------------------------------------------------------------------------------------------
+def exact_round(x: float, fmt: str) -> float:
+    """Round the float64 ``x`` to the nearest value of ``fmt`` (ties to even), exactly."""
+    p, emin, emax = FORMATS[fmt]
+    if x == 0:
+        return x
+    fx = Fraction(x)
+    sign = -1 if fx < 0 else 1
+    ax = abs(fx)
+    e = math.floor(math.log2(ax))
+    # fix possible off-by-one of log2 on float64 inputs
+    while Fraction(2) ** e > ax:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= ax:
+        e += 1
+    e = max(e, emin)
+    q = Fraction(2) ** (e - p + 1)
+    m = ax / q
+    lo = math.floor(m)
+    frac = m - lo
+    if frac > Fraction(1, 2) or (frac == Fraction(1, 2) and lo % 2 == 1):
+        lo += 1
+    r = lo * q
+    largest = (2 - Fraction(2) ** (1 - p)) * Fraction(2) ** emax
+    if r > largest:
+        return sign * math.inf
+    return sign * float(r)
+
+
+def _ties_and_neighbours(fmt: str, rng: np.random.Generator, n: int = 300) -> np.ndarray:
+    """Values exactly halfway between two neighbours of ``fmt``, and one float64 ulp either side
+    (the cases a double rounding through a wider format gets wrong), across normal and subnormal
+    ranges, both signs."""
+    p, emin, emax = FORMATS[fmt]
+    out = []
+    for _ in range(n):
+        e = int(rng.integers(emin - p + 2, emax))  # includes subnormal scales
+        e_eff = max(e, emin)
+        q = 2.0 ** (e_eff - p + 1)
+        m = int(rng.integers(2 ** (p - 1), 2**p)) if e >= emin else int(rng.integers(0, 2 ** (p - 1)))
+        tie = (m + 0.5) * q
+        if not np.isfinite(tie):
+            continue
+        for v in (tie, np.nextafter(tie, np.inf), np.nextafter(tie, -np.inf)):
+            out += [v, -v]
+    # the overflow threshold: largest + half an ulp (a tie that rounds to infinity) and below it
+    largest = float((2 - Fraction(2) ** (1 - p)) * Fraction(2) ** emax)
+    half_ulp = 2.0 ** (emax - p)
+    thr = largest + half_ulp
+    out += [largest, np.nextafter(thr, 0)]
+    return np.array(out, dtype=np.float64)
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16", "float32"])
+def test_round_to_dtype_is_correctly_rounded_on_ties(fmt: str) -> None:
+    rng = np.random.default_rng(1)
+    values = _ties_and_neighbours(fmt, rng)
+    got = round_to_dtype(values, DTYPES[fmt])
+    assert got.dtype == DTYPES[fmt]
+    expected = np.array([exact_round(float(v), fmt) for v in values])
+    mismatch = got.astype(np.float64) != expected
+    assert not mismatch.any(), list(zip(values[mismatch][:5], got[mismatch][:5], expected[mismatch][:5]))
+    # signed zeros keep their sign
+    assert np.array_equal(np.signbit(got.astype(np.float64)), np.signbit(expected))
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16", "float32"])
+def test_round_to_dtype_random_values(fmt: str) -> None:
+    rng = np.random.default_rng(2)
+    p, emin, emax = FORMATS[fmt]
+    # random float64 bit patterns with exponents inside the format's range
+    values = rng.normal(0, 1, 2000) * 2.0 ** rng.integers(emin - p, emax - 1, 2000)
+    got = round_to_dtype(values, DTYPES[fmt]).astype(np.float64)
+    expected = np.array([exact_round(float(v), fmt) for v in values])
+    assert np.array_equal(got, expected)
+
+
+def test_bfloat16_double_rounding_case_is_corrected() -> None:
+    # 1 + 2**-8 + 2**-30: float32 drops 2**-30 and leaves an exact tie, which rounds to even (1.0);
+    # the correctly rounded bfloat16 value is 1 + 2**-7.
+    x = np.array([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30)])
+    assert np.array(x).astype(BF16).astype(np.float64)[0] == 1.0  # what ml_dtypes does
+    assert list(round_to_dtype(x, BF16).astype(np.float64)) == [1 + 2**-7, -(1 + 2**-7)]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "too_big"),
+    [("float16", 65520.0), ("bfloat16", 3.4e38), ("bfloat16", 1e39), ("float32", 3.5e38)],
+)
+def test_overflow_raises_overflow(fmt: str, too_big: float) -> None:
+    for v in (too_big, -too_big):
+        with pytest.raises(FoldError) as e:
+            round_to_dtype(np.array([1.0, v]), DTYPES[fmt])
+        assert e.value.code == "overflow"
+
+
+@pytest.mark.parametrize(("fmt", "fits"), [("float16", 65519.99), ("bfloat16", 3.3961e38), ("float32", 3.4028235e38)])
+def test_largest_values_below_threshold_round_to_max(fmt: str, fits: float) -> None:
+    got = round_to_dtype(np.array([fits, -fits]), DTYPES[fmt])
+    assert np.all(np.isfinite(got))
+    assert got.astype(np.float64)[0] == exact_round(fits, fmt)
+
+
+# ----------------------------------------------------------------------------------------------
+# BN affine
+# ----------------------------------------------------------------------------------------------
+def _stats(rng: np.random.Generator, c: int) -> tuple[np.ndarray, ...]:
+    return (rng.normal(1, 0.5, c), rng.normal(0, 1, c), rng.normal(0, 1, c), rng.uniform(0.5, 2, c))
+
+
+def test_bn_affine_matches_torch_batch_norm() -> None:
+    rng = np.random.default_rng(0)
+    g, b, m, v = _stats(rng, 7)
+    eps = 1e-3
+    aff = bn_affine(g, b, m, v, eps)
+    assert aff.scale.dtype == np.float64 and aff.shift.dtype == np.float64
+    x = torch.from_numpy(rng.normal(0, 1, (3, 7, 4)))
+    ref = F.batch_norm(x, torch.from_numpy(m), torch.from_numpy(v), torch.from_numpy(g), torch.from_numpy(b),
+                       training=False, eps=eps)
+    got = x * torch.from_numpy(aff.scale)[:, None] + torch.from_numpy(aff.shift)[:, None]
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-13, atol=1e-13)
+
+
+def test_bn_affine_mixed_dtypes_computed_in_float64() -> None:
+    rng = np.random.default_rng(0)
+    g, b, m, v = _stats(rng, 5)
+    aff = bn_affine(g.astype(np.float16), b.astype(np.float16), m.astype(np.float32), v.astype(np.float32), 1e-5)
+    exp_scale = g.astype(np.float16).astype(np.float64) / np.sqrt(v.astype(np.float32).astype(np.float64) + 1e-5)
+    np.testing.assert_array_equal(aff.scale, exp_scale)
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ((np.ones(3), np.ones(3), np.ones(3), np.ones(4)), "param_shape"),
+        ((np.ones((3, 1)), np.ones((3, 1)), np.ones((3, 1)), np.ones((3, 1))), "param_shape"),
+        ((np.ones(()),) * 4, "param_shape"),
+        ((np.array([1, np.nan]), np.ones(2), np.ones(2), np.ones(2)), "non_finite"),
+        ((np.ones(2), np.array([np.inf, 0]), np.ones(2), np.ones(2)), "non_finite"),
+        ((np.ones(2), np.ones(2), np.ones(2), np.array([1.0, -1.0])), "invalid_variance"),
+        ((np.ones(2), np.ones(2), np.ones(2), np.array([1.0, -1e-5])), "invalid_variance"),
+    ],
+)
+def test_bn_affine_refusals(params: tuple[np.ndarray, ...], code: str) -> None:
+    with pytest.raises(FoldError) as e:
+        bn_affine(*params, epsilon=1e-5)
+    assert e.value.code == code
+
+
+def test_bn_affine_nan_epsilon_refused() -> None:
+    with pytest.raises(FoldError) as e:
+        bn_affine(np.ones(2), np.ones(2), np.ones(2), np.ones(2), float("nan"))
+    assert e.value.code == "invalid_variance"
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv / ConvTranspose / Gemm against torch in float64
+# ----------------------------------------------------------------------------------------------
+def _bn_ref(y: torch.Tensor, g, b, m, v, eps) -> torch.Tensor:  # noqa: ANN001
+    t = torch.from_numpy
+    return F.batch_norm(y, t(m), t(v), t(g), t(b), training=False, eps=eps)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize(("cin", "cout", "group"), [(4, 6, 1), (4, 6, 2), (6, 6, 6), (3, 9, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_conv_matches_torch(rank: int, cin: int, cout: int, group: int, bias: bool) -> None:
+    rng = np.random.default_rng(rank * 100 + cout + group)
+    k = [3, 2, 2][:rank]
+    w = rng.normal(0, 1, (cout, cin // group, *k))
+    b = rng.normal(0, 1, cout) if bias else None
+    g, beta, m, v = _stats(rng, cout)
+    eps = 1e-5
+    w2, b2 = fold_conv(w, b, bn_affine(g, beta, m, v, eps), group)
+    assert w2.shape == w.shape and w2.dtype == w.dtype and b2.shape == (cout,) and b2.dtype == np.float64
+    x = torch.from_numpy(rng.normal(0, 1, (2, cin, *([5] * rank))))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[rank]
+    ref = _bn_ref(conv(x, torch.from_numpy(w), None if b is None else torch.from_numpy(b), stride=1, groups=group),
+                  g, beta, m, v, eps)
+    got = conv(x, torch.from_numpy(w2), torch.from_numpy(b2), groups=group)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-11, atol=1e-11)
+
+
+def test_fold_conv_explicit_loop() -> None:
+    """A 1-D grouped conv written as loops over (out channel, in channel of its group, tap)."""
+    rng = np.random.default_rng(5)
+    cin, cout, group, k, length = 4, 6, 2, 3, 7
+    w = rng.normal(0, 1, (cout, cin // group, k))
+    b = rng.normal(0, 1, cout)
+    g, beta, m, v = _stats(rng, cout)
+    w2, b2 = fold_conv(w, b, bn_affine(g, beta, m, v, 1e-3), group)
+    x = rng.normal(0, 1, (cin, length))
+
+    def conv(w_: np.ndarray, b_: np.ndarray) -> np.ndarray:
+        out = np.zeros((cout, length - k + 1))
+        per_g = cout // group
+        for o in range(cout):
+            grp = o // per_g
+            for ci in range(cin // group):
+                for t in range(k):
+                    out[o] += w_[o, ci, t] * x[grp * (cin // group) + ci, t:t + length - k + 1]
+            out[o] += b_[o]
+        return out
+
+    y = conv(w, b)
+    ref = (y - m[:, None]) / np.sqrt(v[:, None] + 1e-3) * g[:, None] + beta[:, None]
+    np.testing.assert_allclose(conv(w2, b2), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize(("cin", "cout", "group"), [(4, 6, 1), (4, 6, 2), (6, 6, 6), (6, 4, 2), (3, 6, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_conv_transpose_matches_torch(rank: int, cin: int, cout: int, group: int, bias: bool) -> None:
+    rng = np.random.default_rng(rank * 10 + cin + cout * 7 + group)
+    k = [3, 2, 2][:rank]
+    w = rng.normal(0, 1, (cin, cout // group, *k))
+    b = rng.normal(0, 1, cout) if bias else None
+    g, beta, m, v = _stats(rng, cout)
+    w2, b2 = fold_conv_transpose(w, b, bn_affine(g, beta, m, v, 1e-5), group)
+    assert w2.shape == w.shape
+    x = torch.from_numpy(rng.normal(0, 1, (2, cin, *([4] * rank))))
+    ct = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[rank]
+    ref = _bn_ref(ct(x, torch.from_numpy(w), None if b is None else torch.from_numpy(b), stride=2, groups=group),
+                  g, beta, m, v, 1e-5)
+    got = ct(x, torch.from_numpy(w2), torch.from_numpy(b2), stride=2, groups=group)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-11, atol=1e-11)
+
+
+def test_fold_conv_transpose_grouped_is_not_axis_1_of_the_whole_weight() -> None:
+    """Guards the classic bug: scaling axis 1 of [Cin, Cout/g, k] with the first Cout/g scales."""
+    w = np.ones((4, 1, 1))  # group 4, Cout 4, depthwise
+    aff = BNAffine(scale=np.array([1.0, 2.0, 3.0, 4.0]), shift=np.zeros(4))
+    w2, _ = fold_conv_transpose(w, None, aff, group=4)
+    assert list(w2.reshape(-1)) == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("beta", [1.0, 0.5, -2.0, 0.0])
+@pytest.mark.parametrize("c_shape", [None, (5,), (1, 5), (), (3, 5), (3, 1), (1,), (1, 1)])
+def test_fold_gemm_matches_linear(trans_b: bool, beta: float, c_shape: tuple[int, ...] | None) -> None:
+    rng = np.random.default_rng(len(c_shape or ()) + int(trans_b))
+    m_, k, n = 3, 4, 5
+    bmat = rng.normal(0, 1, (n, k) if trans_b else (k, n))
+    c = None if c_shape is None else rng.normal(0, 1, c_shape)
+    g, bb, mean, var = _stats(rng, n)
+    alpha = 0.75
+    new_b, new_c = fold_gemm(bmat, c, bn_affine(g, bb, mean, var, 1e-5), trans_b, beta)
+    assert new_b.shape == bmat.shape
+    a = rng.normal(0, 1, (m_, k))
+    w = bmat.T if trans_b else bmat
+    y = alpha * F.linear(torch.from_numpy(a), torch.from_numpy(w.T)).numpy()
+    if c is not None:
+        y = y + beta * c
+    ref = _bn_ref(torch.from_numpy(y), g, bb, mean, var, 1e-5).numpy()
+    w2 = new_b.T if trans_b else new_b
+    got = alpha * a @ w2 + new_c  # folded Gemm has beta = 1
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_fold_rounds_once_from_float64(dtype) -> None:  # noqa: ANN001
+    """Every folded value equals the exact float64 product rounded once to the dtype."""
+    rng = np.random.default_rng(9)
+    dtype = np.dtype(dtype)
+    fmt = dtype.name
+    w = rng.normal(0, 1, (8, 3, 3, 3)).astype(dtype)
+    b = rng.normal(0, 1, 8).astype(dtype)
+    g, beta, m, v = (p.astype(np.float32) for p in _stats(rng, 8))
+    aff = bn_affine(g, beta, m, v, 1e-5)
+    w2, b2 = fold_conv(w, b, aff, 1)
+    assert w2.dtype == dtype and b2.dtype == dtype
+    exact_w = w.astype(np.float64) * aff.scale[:, None, None, None]
+    exact_b = b.astype(np.float64) * aff.scale + aff.shift
+    ref_w = np.array([exact_round(float(x), fmt) for x in exact_w.reshape(-1)]).reshape(w.shape)
+    ref_b = np.array([exact_round(float(x), fmt) for x in exact_b])
+    np.testing.assert_array_equal(w2.astype(np.float64), ref_w)
+    np.testing.assert_array_equal(b2.astype(np.float64), ref_b)
+
+
+def test_fold_keeps_dtypes_and_bias_takes_weight_dtype() -> None:
+    aff = BNAffine(np.ones(2), np.ones(2))
+    w2, b2 = fold_conv(np.ones((2, 1, 1), np.float16), None, aff)
+    assert w2.dtype == np.float16 and b2.dtype == np.float16
+    w2, b2 = fold_gemm(np.ones((3, 2), BF16), None, aff, False, 1.0)
+    assert w2.dtype == BF16 and b2.dtype == BF16
+
+
+def test_fold_overflow_in_float16() -> None:
+    aff = BNAffine(np.array([1e5, 1.0]), np.zeros(2))
+    with pytest.raises(FoldError) as e:
+        fold_conv(np.ones((2, 1, 1), np.float16), None, aff)
+    assert e.value.code == "overflow"
+    aff = BNAffine(np.ones(2), np.array([7e4, 0.0]))  # the bias overflows
+    with pytest.raises(FoldError) as e:
+        fold_conv(np.ones((2, 1, 1), np.float16), np.zeros(2, np.float16), aff)
+    assert e.value.code == "overflow"
+
+
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        (lambda a: fold_conv(np.ones((3, 1, 1)), None, a), "channel_mismatch"),
+        (lambda a: fold_conv(np.ones((2, 1)), None, a), "weight_shape"),
+        (lambda a: fold_conv(np.ones((2, 1, 1)), None, a, group=3), "invalid_group"),
+        (lambda a: fold_conv(np.ones((2, 1, 1)), None, a, group=0), "invalid_group"),
+        (lambda a: fold_conv(np.ones((2, 1, 1)), np.ones(3), a), "bias_shape"),
+        (lambda a: fold_conv(np.ones((2, 1, 1)), np.ones((1, 2)), a), "bias_shape"),
+        (lambda a: fold_conv(np.full((2, 1, 1), np.nan), None, a), "non_finite"),
+        (lambda a: fold_conv_transpose(np.ones((2, 3, 1)), None, a), "channel_mismatch"),
+        (lambda a: fold_conv_transpose(np.ones((3, 1, 1)), None, a, group=2), "invalid_group"),
+        (lambda a: fold_conv_transpose(np.ones((2, 1)), None, a), "weight_shape"),
+        (lambda a: fold_gemm(np.ones((4, 3)), None, a, False, 1.0), "channel_mismatch"),
+        (lambda a: fold_gemm(np.ones((4, 2, 1)), None, a, False, 1.0), "weight_shape"),
+        (lambda a: fold_gemm(np.ones((4, 2)), np.ones(3), a, False, 1.0), "bias_shape"),
+        (lambda a: fold_gemm(np.ones((4, 2)), np.ones((1, 1, 2)), a, False, 1.0), "bias_shape"),
+        (lambda a: fold_gemm(np.ones((4, 2)), np.array([np.inf, 1]), a, False, 1.0), "non_finite"),
+    ],
+)
+def test_fold_refusals(call, code: str) -> None:  # noqa: ANN001
+    aff = BNAffine(np.ones(2), np.zeros(2))
+    with pytest.raises(FoldError) as e:
+        call(aff)
+    assert e.value.code == code
+
+
+def test_scale_output_channels_axis() -> None:
+    w = np.ones((2, 3))
+    np.testing.assert_array_equal(scale_output_channels(w, np.array([1.0, 2.0, 3.0]), 1),
+                                  [[1, 2, 3], [1, 2, 3]])
