@@ -59,7 +59,13 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...] | None:
 
 
 def _in_training(model: nn.Module) -> list[str]:
-    return [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    """Names of what runs in training mode: the model itself (a traced GraphModule's root flag
+    means nothing, its graph is fixed) and any BatchNorm or Dropout module."""
+    names = [type(model).__name__] if model.training and not isinstance(model, fx.GraphModule) else []
+    for name, m in model.named_modules():
+        if name and m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+            names.append(name)
+    return names
 
 
 def prepare(model: nn.Module, eval: bool) -> nn.Module:  # noqa: A002 - the documented flag name
