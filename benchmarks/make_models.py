@@ -88,3 +88,87 @@ def resnet50_like(with_bn: bool = True) -> onnx.ModelProto:
             cin = width * 4
     b.nodes.append(helper.make_node("GlobalAveragePool", [x], ["pool"]))
     return b.model([1, 3, 224, 224], "pool", "resnet50_like")
+
+
+def mobilenet_like(with_bn: bool = True) -> onnx.ModelProto:
+    """MobileNet-v2-shaped: inverted residual blocks with depthwise 3x3 convs."""
+    b = _Builder(1)
+
+    def dw_bn(x: str, c: int, stride: int) -> str:
+        i = b.n
+        b.n += 1
+        w = (b.rng.standard_normal((c, 1, 3, 3)) * 0.3).astype(np.float32)
+        b.inits.append(numpy_helper.from_array(w, f"dw{i}.w"))
+        inputs = [x, f"dw{i}.w"]
+        if not with_bn:
+            b.inits.append(numpy_helper.from_array(b.rng.normal(0, 0.1, c).astype(np.float32), f"dw{i}.b"))
+            inputs.append(f"dw{i}.b")
+        b.nodes.append(helper.make_node("Conv", inputs, [f"dw{i}.y"], group=c, kernel_shape=[3, 3],
+                                        strides=[stride, stride], pads=[1, 1, 1, 1]))
+        out = f"dw{i}.y"
+        if with_bn:
+            b.inits.extend(_bn_params(b.rng, f"dwbn{i}", c))
+            b.nodes.append(helper.make_node("BatchNormalization", [out] + [f"dwbn{i}.{p}" for p in ("gamma", "beta", "mean", "var")],
+                                            [f"dwbn{i}.y"]))
+            out = f"dwbn{i}.y"
+        b.nodes.append(helper.make_node("Relu", [out], [f"dwr{i}.y"]))
+        return f"dwr{i}.y"
+
+    x = b.conv_bn("x", 3, 32, 3, stride=2, with_bn=with_bn)
+    cin = 32
+    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+        for j in range(n):
+            stride = s if j == 0 else 1
+            h = cin * t
+            y = b.conv_bn(x, cin, h, 1, with_bn=with_bn) if t != 1 else x
+            y = dw_bn(y, h, stride)
+            y = b.conv_bn(y, h, c, 1, relu=False, with_bn=with_bn)
+            if stride == 1 and cin == c:
+                add = f"add{b.n}"
+                b.n += 1
+                b.nodes.append(helper.make_node("Add", [x, y], [add]))
+                y = add
+            x, cin = y, c
+    x = b.conv_bn(x, cin, 1280, 1, with_bn=with_bn)
+    b.nodes.append(helper.make_node("GlobalAveragePool", [x], ["pool"]))
+    return b.model([1, 3, 224, 224], "pool", "mobilenet_like")
+
+
+def big_external(folder, layers: int = 64, channels: int = 1024):  # noqa: ANN001, ANN201
+    """Write a model above 2 GB (``layers`` Conv 3x3 ``channels``x``channels`` + BN) with its weights
+    in one external data file, streaming tensor by tensor; returns the model path."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    data_name = "big.onnx.data"
+    nodes, inits = [], []
+    offset = 0
+    x = "x"
+    with open(folder / data_name, "wb") as data:
+        for i in range(layers):
+            w = rng.random((channels, channels, 3, 3), dtype=np.float32)
+            w -= np.float32(0.5)
+            w *= np.float32(0.02)
+            raw = w.tobytes()
+            t = onnx.TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=list(w.shape))
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+            data.write(raw)
+            offset += len(raw)
+            inits.append(t)
+            inits.extend(_bn_params(rng, f"bn{i}", channels))
+            nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+            nodes.append(helper.make_node("BatchNormalization", [f"c{i}", f"bn{i}.gamma", f"bn{i}.beta", f"bn{i}.mean", f"bn{i}.var"], [f"b{i}"]))
+            nodes.append(helper.make_node("Relu", [f"b{i}"], [f"r{i}"]))
+            x = f"r{i}"
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4, 4])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "big.onnx"
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return path

@@ -1,0 +1,164 @@
+"""Benchmark bnfold against the I/O floor and its peers, whole process, same run.
+
+    build/bench-venv/bin/python benchmarks/run.py [--repeats 3] [--quick] [--big] [--json PATH]
+
+Builds its inputs in a temporary folder (ResNet-50 and MobileNet shapes, chains of 500 and 5000
+Conv->BN->ReLU blocks, and with ``--big`` a model above 2 GB with external data), runs every tool
+as its own process, alternating tools within each repetition, and reports the median wall time
+and the peak RSS of each (from ``wait4``). Prints a table with ratios bnfold/peer and
+bnfold/floor, writes it as JSON, and measures onnxruntime latency of original vs folded vs a
+model built without BN. Tools that are not installed are reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from make_models import big_external, chain, mobilenet_like, resnet50_like  # noqa: E402
+
+TOOLS = ["floor", "bnfold", "ort", "onnxscript", "onnxslim", "onnxsim", "onnxoptimizer"]
+
+
+def run_tool(tool: str, src: Path, dst: Path, timeout: float) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MB, status) of one whole-process run."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(HERE / "peers.py"), tool, str(src), str(dst)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = start + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            return timeout, float("nan"), "timeout"
+        time.sleep(0.005)
+    seconds = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+    code = os.waitstatus_to_exitcode(status)
+    return seconds, usage.ru_maxrss / 1024, "ok" if code == 0 else f"exit {code}: {err[-1] if err else ''}"
+
+
+def count_bn(path: Path) -> int | None:
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return None
+    return sum(n.op_type == "BatchNormalization" for n in m.graph.node)
+
+
+def latency(path: Path, level: str, shape: list[int], repeats: int = 20) -> float:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    name = sess.get_inputs()[0].name
+    for _ in range(3):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--quick", action="store_true", help="only the 500-chain and ResNet-50 shape")
+    ap.add_argument("--big", action="store_true", help="also a > 2 GB external-data model")
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--json", default=str(HERE / "results.json"))
+    args = ap.parse_args()
+    tools = args.tools.split(",")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        tmpdir = Path(tmp)
+        cases = {"resnet50": (resnet50_like, [1, 3, 224, 224]), "chain500": (lambda **k: chain(500, **k), [1, 3, 16, 16])}
+        if not args.quick:
+            cases["mobilenet"] = (mobilenet_like, [1, 3, 224, 224])
+            cases["chain5000"] = (lambda **k: chain(5000, **k), [1, 3, 16, 16])
+        for name, (builder, shape) in cases.items():
+            src = tmpdir / f"{name}.onnx"
+            onnx.save(builder(), str(src))
+            nobn = tmpdir / f"{name}_nobn.onnx"
+            onnx.save(builder(with_bn=False), str(nobn))
+            results[name] = bench(name, src, tmpdir, tools, args)
+            folded = tmpdir / f"{name}_bnfold.onnx"
+            if folded.exists() and name != "chain5000":
+                results[name]["latency_ms"] = {
+                    "original_disable_all": latency(src, "ORT_DISABLE_ALL", shape),
+                    "folded_disable_all": latency(folded, "ORT_DISABLE_ALL", shape),
+                    "no_bn_disable_all": latency(nobn, "ORT_DISABLE_ALL", shape),
+                    "original_default": latency(src, "ORT_ENABLE_ALL", shape),
+                    "folded_default": latency(folded, "ORT_ENABLE_ALL", shape),
+                }
+            for f in tmpdir.glob(f"{name}*"):
+                f.unlink()
+        if args.big:
+            src = big_external(tmpdir / "big")
+            results["big_external"] = bench("big_external", src, tmpdir / "big", ["floor", "bnfold", "copy"], args)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+def bench(name: str, src: Path, tmpdir: Path, tools: list[str], args: argparse.Namespace) -> dict:
+    size = sum(f.stat().st_size for f in src.parent.iterdir() if f.name.startswith(src.stem)) / 1e6
+    times: dict[str, list[float]] = {t: [] for t in tools}
+    rss: dict[str, list[float]] = {t: [] for t in tools}
+    status: dict[str, str] = {}
+    for rep in range(args.repeats):
+        order = tools[rep % len(tools):] + tools[: rep % len(tools)]  # alternate who goes first
+        for tool in order:
+            if status.get(tool, "ok") != "ok":
+                continue
+            dst = tmpdir / f"{name}_{tool}.onnx"
+            if tool == "copy":
+                t = time.perf_counter()
+                subprocess.run(["cp", "-r", str(src.parent), str(tmpdir / "copy")], check=True)
+                secs, peak, st = time.perf_counter() - t, float("nan"), "ok"
+                subprocess.run(["rm", "-rf", str(tmpdir / "copy")], check=True)
+            else:
+                secs, peak, st = run_tool(tool, src, dst, args.timeout)
+            status[tool] = st
+            times[tool].append(secs)
+            rss[tool].append(peak)
+    row: dict[str, dict] = {}
+    for tool in tools:
+        if not times[tool]:
+            continue
+        row[tool] = {"seconds": statistics.median(times[tool]), "peak_rss_mb": statistics.median(rss[tool]),
+                     "status": status[tool],
+                     "bn_left": count_bn(tmpdir / f"{name}_{tool}.onnx") if tool not in ("floor", "copy") else None}
+    base = row.get("bnfold", {}).get("seconds")
+    print(f"\n{name} ({size:.1f} MB on disk)")
+    print(f"{'tool':<14}{'seconds':>10}{'peak MB':>10}{'BN left':>9}{'bnfold/x':>10}  status")
+    for tool, r in row.items():
+        ratio = base / r["seconds"] if base and r["status"] == "ok" else float("nan")
+        r["bnfold_ratio"] = ratio
+        bn = "-" if r["bn_left"] is None else str(r["bn_left"])
+        print(f"{tool:<14}{r['seconds']:>10.3f}{r['peak_rss_mb']:>10.0f}{bn:>9}{ratio:>10.2f}  {r['status'][:60]}")
+    return {"size_mb": size, "tools": row}
+
+
+if __name__ == "__main__":
+    main()
