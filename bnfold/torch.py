@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from .errors import BadInput, VerificationFailed
 from .fx_pass import _to_numpy, fold_graph_module
-from .report import FoldedPair, FoldReport, OutputCheck, Verification
+from .report import FoldedPair, FoldReport, OutputCheck, SkippedBN, Verification
 from .verification import compare
 
 __all__ = ["fold", "export", "TorchFoldResult", "capture"]
@@ -139,12 +139,15 @@ def fold(
     eval: bool = False,  # noqa: A002
     atol: float | None = None,
     rtol: float | None = None,
+    partial: bool = False,
 ) -> TorchFoldResult:
     """Fold every BatchNorm that follows a Conv/ConvTranspose/Linear node; never mutates ``model``.
 
     Raises BadInput for a model in training mode (unless ``eval=True``) or one that neither
-    ``symbolic_trace`` nor ``torch.export`` can capture. With ``verify`` and ``example_inputs``,
-    the folded module is compared with the original module on those inputs.
+    ``symbolic_trace`` nor ``torch.export`` can capture, unless ``partial=True``: then every
+    submodule that ``symbolic_trace`` can capture is folded on its own, and BNs called directly from
+    an untraceable ``forward`` are kept with reason ``untraceable``. With ``verify`` and
+    ``example_inputs``, the folded module is compared with the original module on those inputs.
     """
     args = _as_tuple(example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
@@ -155,12 +158,18 @@ def fold(
             raise BadInput(f"cannot fold a {type(model).__name__}: pass an nn.Module, GraphModule or ExportedProgram")
         private = prepare(model, eval)
         reference = copy.deepcopy(private)
-        gm, how = capture(private, args)
-        if how == "graph_module":
-            gm = private  # already a private copy
-    if args is not None and how in ("symbolic_trace", "graph_module"):
-        _propagate_shapes(gm, args)
-    report = fold_graph_module(gm)
+        try:
+            gm, how = capture(private, args)
+        except BadInput:
+            if not partial:
+                raise
+            gm, how = private, "partial"
+    if how == "partial":
+        report = _fold_children(gm, args)
+    else:
+        if args is not None and how in ("symbolic_trace", "graph_module"):
+            _propagate_shapes(gm, args)
+        report = fold_graph_module(gm)
     result = TorchFoldResult(gm, report, None, how)
     if verify and args is not None:
         with torch.no_grad():
@@ -170,6 +179,32 @@ def fold(
         shapes = {f"input_{i}": list(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
         result.verification = _verification(_compare_outputs(ref, got, names, atol, rtol), shapes)
     return result
+
+
+def _fold_children(module: nn.Module, args: tuple[Any, ...] | None) -> FoldReport:
+    """Fold inside each traceable child of an untraceable ``module`` (recursively)."""
+    report = FoldReport()
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            report.skipped.append(SkippedBN(name, "untraceable", "called from a forward that neither "
+                                            "symbolic_trace nor torch.export can capture", "fx"))
+            continue
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules()):
+            continue
+        try:
+            gm = fx.symbolic_trace(child)
+        except Exception:
+            sub = _fold_children(child, None)
+        else:
+            sub = fold_graph_module(gm)
+            setattr(module, name, gm)
+        for pair in sub.folded:
+            pair.bn, pair.target = f"{name}.{pair.bn}", f"{name}.{pair.target}"
+        for skip in sub.skipped:
+            skip.bn = f"{name}.{skip.bn}"
+        report.folded.extend(sub.folded)
+        report.skipped.extend(sub.skipped)
+    return report
 
 
 def _propagate_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:

@@ -272,3 +272,27 @@ def test_export_refuses_to_write_a_wrong_model(tmp_path, monkeypatch) -> None:
         bt.export(model, (x,), path)
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_partial_fold_of_an_untraceable_model() -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.backbone(x)
+            return self.bn(self.conv(y)) if y.sum() > 0 else y
+
+    model = randomize_bn(Untraceable(), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(BadInput):
+        bt.fold(model, (x,))
+    result = bt.fold(model, (x,), partial=True)
+    assert result.capture == "partial"
+    assert [(f.bn, f.target) for f in result.report.folded] == [("backbone.1", "backbone.0")]
+    assert [(s.bn, s.code) for s in result.report.skipped] == [("bn", "untraceable")]
+    _close(result.module(x), model(x))
+    assert isinstance(model.backbone, nn.Sequential)  # the caller's model is untouched

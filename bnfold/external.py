@@ -1,0 +1,260 @@
+"""External data (models > 2 GB) in bounded memory.
+
+A model is loaded without its external data. The pass reads only the tensors a fold needs
+(:func:`read_external`), each one on its own; folded tensors are written to a spill file as soon
+as they are made (:class:`Spill`), so they never accumulate in memory. Saving
+(:func:`save_external`) streams every untouched tensor from its source file into the output's
+data file with ``copy_file_range`` (no user-space buffer) and appends the folded ones from the
+spill file. Peak memory tracks the largest folded tensor, not the model.
+
+External data locations must stay inside the model's folder: absolute paths, ``..`` components
+and symlinks that resolve elsewhere are refused (:func:`check_locations`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import BadInput
+
+ALIGN = 4096  # offsets in written data files are page aligned (mmap-friendly)
+EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file when writing external data
+PROTO_LIMIT = 2**31 - 2**20  # protobuf's 2 GiB limit, with a margin
+
+
+def _entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers and Constant/attribute tensors, all graphs."""
+
+    def graph_tensors(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from g.initializer
+        yield from _node_tensors(g.node)
+
+    def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:  # noqa: ANN001
+        for n in nodes:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    yield from a.tensors
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    yield from graph_tensors(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        yield from graph_tensors(g)
+
+    yield from graph_tensors(model.graph)
+    for f in model.functions:
+        yield from _node_tensors(f.node)
+
+
+def resolve_location(base_dir: str, location: str) -> Path:
+    """The file an external location names, refusing anything outside ``base_dir``."""
+    if not location:
+        raise BadInput("external data entry without a location")
+    if os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise BadInput(f"external data location '{location}' is absolute; it must be relative to the model's folder")
+    parts = Path(location.replace("\\", "/")).parts
+    if ".." in parts:
+        raise BadInput(f"external data location '{location}' leaves the model's folder ('..')")
+    base = Path(base_dir).resolve()
+    path = (base / location).resolve()
+    if path != base and base not in path.parents:
+        raise BadInput(f"external data location '{location}' resolves outside the model's folder (symlink)")
+    return path
+
+
+def check_locations(model: onnx.ModelProto, base_dir: str) -> None:
+    """Refuse unsafe or missing external data, and entries pointing past the end of their file."""
+    sizes: dict[Path, int] = {}
+    for t in iter_tensors(model):
+        if not is_external(t):
+            continue
+        e = _entries(t)
+        path = resolve_location(base_dir, e.get("location", ""))
+        if path not in sizes:
+            if not path.is_file():
+                raise BadInput(f"external data file '{e.get('location')}' of tensor '{t.name}' is missing")
+            sizes[path] = path.stat().st_size
+        offset, length = _span(t, e, sizes[path])
+        if offset + length > sizes[path]:
+            raise BadInput(
+                f"external data of tensor '{t.name}' ends at byte {offset + length} but "
+                f"'{e.get('location')}' has {sizes[path]} bytes (truncated file?)"
+            )
+
+
+def _span(t: onnx.TensorProto, e: dict[str, str], file_size: int) -> tuple[int, int]:
+    try:
+        offset = int(e.get("offset", "0"))
+        length = int(e["length"]) if "length" in e else file_size - offset
+    except ValueError:
+        raise BadInput(f"tensor '{t.name}' has a malformed external data offset/length") from None
+    if offset < 0 or length < 0:
+        raise BadInput(f"tensor '{t.name}' has a negative external data offset/length")
+    return offset, length
+
+
+def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    """The tensor's value, reading just its bytes from the external file."""
+    e = _entries(tensor)
+    path = resolve_location(base_dir, e.get("location", ""))
+    try:
+        size = path.stat().st_size
+        offset, length = _span(tensor, e, size)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            raw = f.read(length)
+    except OSError as exc:
+        raise BadInput(f"cannot read external data of tensor '{tensor.name}': {exc.strerror}") from None
+    if len(raw) != length:
+        raise BadInput(f"external data of tensor '{tensor.name}' is truncated")
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = raw
+    return numpy_helper.to_array(inline)
+
+
+class Spill:
+    """A temporary file that holds folded tensors until the model is saved."""
+
+    def __init__(self, folder: str | None = None) -> None:
+        fd, name = tempfile.mkstemp(prefix=".bnfold-spill-", suffix=".data", dir=folder)
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "w+b")
+        self.size = 0
+
+    def store(self, tensor: onnx.TensorProto) -> None:
+        """Move ``tensor``'s raw bytes to the spill file; the tensor then refers to it."""
+        raw = tensor.raw_data
+        pad = (-self.size) % ALIGN
+        self._file.write(b"\0" * pad)
+        offset = self.size + pad
+        self._file.write(raw)
+        self.size = offset + len(raw)
+        tensor.ClearField("raw_data")
+        _set_external(tensor, str(self.path), offset, len(raw))
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = k, v
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view[: 1 << 30])
+        view = view[n:]
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of fd ``src`` to the current end of fd ``dst``."""
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src, dst, length - done, offset + done)
+        except OSError:
+            n = 0
+        if n == 0:  # not supported across these files, or EOF: fall back to a buffered copy
+            os.lseek(src, offset + done, os.SEEK_SET)
+            chunk = os.read(src, min(length - done, 1 << 24))
+            if not chunk:
+                raise BadInput("external data ended early while copying")
+            _write_all(dst, chunk)
+            n = len(chunk)
+        done += n
+
+
+def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spill | None) -> None:
+    """Write ``model`` at ``path`` with its tensors in ``<name>.data`` beside it, atomically.
+
+    Tensors already external are read from ``base_dir`` (or the spill file) and streamed;
+    inline tensors of at least EXTERNAL_THRESHOLD bytes move to the data file too. The data file is
+    renamed into place before the model file, so a reader never sees a model without its data.
+    """
+    folder = path.parent
+    data_name = f"{path.name}.data"
+    fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
+    fd_model, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    sources: dict[str, int] = {}
+    try:
+        if spill is not None:
+            spill._file.flush()
+        pos = 0
+        for t in iter_tensors(model):
+            if is_external(t):
+                e = _entries(t)
+                loc = e.get("location", "")
+                src = loc if spill is not None and loc == str(spill.path) else str(resolve_location(base_dir, loc))
+                if src not in sources:
+                    sources[src] = os.open(src, os.O_RDONLY)
+                offset, length = _span(t, e, os.fstat(sources[src]).st_size)
+                pad = (-pos) % ALIGN
+                if pad:
+                    _write_all(fd, b"\0" * pad)
+                pos += pad
+                _copy_range(sources[src], fd, offset, length)
+                _set_external(t, data_name, pos, length)
+                pos += length
+            elif t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_THRESHOLD:
+                raw = t.raw_data
+                pad = (-pos) % ALIGN
+                _write_all(fd, b"\0" * pad)
+                _write_all(fd, raw)
+                pos += pad
+                t.ClearField("raw_data")
+                _set_external(t, data_name, pos, len(raw))
+                pos += len(raw)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        with os.fdopen(fd_model, "wb") as f:
+            fd_model = -1
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        for tmp in (tmp_data, tmp_model):
+            os.chmod(tmp, 0o644)
+        os.replace(tmp_data, folder / data_name)
+        os.replace(tmp_model, path)
+    except BaseException:
+        for f_ in (fd, fd_model):
+            if f_ >= 0:
+                os.close(f_)
+        for tmp in (tmp_data, tmp_model):
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        raise
+    finally:
+        for src_fd in sources.values():
+            os.close(src_fd)
