@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,11 +45,14 @@ class FoldResult:
         return save_model(self.model, target)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """A JSON-ready dict: non-finite numbers (an infinite relative error) become None."""
+        from .verification import jsonable
+
+        return jsonable({
             "source": str(self.source) if self.source else None,
             "report": self.report.to_dict(),
             "verification": self.verification.to_dict() if self.verification else None,
-        }
+        })
 
 
 def fold(
@@ -64,31 +67,42 @@ def fold(
     atol: float | None = None,
     rtol: float | None = None,
     provider: str = "CPUExecutionProvider",
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization of ``model`` and (by default) verify the result.
 
     ``model`` is a path, ``onnx.ModelProto``, ``onnx_ir.Model`` or ``torch.onnx.ONNXProgram``; it
     is never modified. Verification runs original and folded model in onnxruntime with graph
     optimizations off on seeded random inputs (or ``inputs``); see :func:`bnfold.verify`.
-    Raises :class:`bnfold.BadInput` for unreadable models.
+    ``progress``, if given, is called with the name of each long step as it starts
+    (``"loading"``, ``"folding"``, ``"verifying"``).
+    Raises :class:`bnfold.BadInput` for unreadable models and unusable verification options.
     """
+    step = progress or (lambda _name: None)
+    step("loading")
     folded, base_dir, path = load_model(model)
-    original = folded.SerializeToString()
+    original = folded.SerializeToString() if verify else b""
+    step("folding")
     report = fold_model(folded, base_dir)
     result = FoldResult(folded, report, None, path)
     if verify:
+        from .verification import check_request, normalize_provider
         from .verification import verify as run_verify
 
         if not report.changed:
+            check_request(folded, inputs, shapes, dims)  # bad options are errors even with nothing to do
             result.verification = Verification(
                 passed=True, status="passed", message="nothing folded: the model is unchanged",
-                runs=0, seed=seed, provider=provider,
+                runs=0, seed=seed, provider=normalize_provider(provider),
             )
         else:
+            step("verifying")
             reference = onnx.ModelProto()
             reference.ParseFromString(original)
+            del original
             result.verification = run_verify(
                 reference, folded, inputs=inputs, shapes=shapes, dims=dims, seed=seed, runs=runs,
-                atol=atol, rtol=rtol, provider=provider,
+                atol=atol, rtol=rtol, provider=provider, threads=threads,
             )
     return result

@@ -93,20 +93,44 @@ def _all_tensors(model: onnx.ModelProto):  # noqa: ANN202
     return _get_all_tensors(model)
 
 
+PROTOBUF_LIMIT = 2**31 - 1
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` to ``path`` atomically: a temporary file in the same folder, then rename.
 
-    An interrupted write leaves the previous file (or none), never a partial one.
+    An interrupted write leaves the previous file (or none), never a partial one. Raises BadInput
+    (nothing written) when the folder is missing or not writable, or the model does not fit in a
+    single protobuf file.
     """
     path = Path(path)
+    size = model.ByteSize()
+    if size > PROTOBUF_LIMIT:
+        raise BadInput(
+            f"{path}: the folded model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for a "
+            "single file; writing external data is not supported yet"
+        )
+    return write_atomic(model.SerializeToString(), path)
+
+
+def write_atomic(data: bytes | str, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` (text is UTF-8 encoded) to ``path`` via a temporary file and a rename.
+
+    The temporary file lives in the target folder (so the rename is atomic) and is removed on any
+    failure, including KeyboardInterrupt. An existing file keeps its permission bits.
+    """
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BadInput(f"{path}: folder {folder} does not exist")
-    data = model.SerializeToString()
+    if path.is_dir():
+        raise BadInput(f"{path}: is a directory")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise BadInput(f"{path}: cannot write in {folder} ({exc.strerror})") from None
+        raise BadInput(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

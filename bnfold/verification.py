@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +44,18 @@ Inputs = Mapping[str, np.ndarray] | str | Path | None
 class _Interface:
     inputs: list[tuple[str, onnx.TypeProto]]  # inputs the caller must feed
     outputs: list[tuple[str, int]]  # (name, elem type)
+    optional: list[tuple[str, onnx.TypeProto]] = field(default_factory=list)  # inputs with a default
 
 
 def _interface(model: onnx.ModelProto) -> _Interface:
     inits = {t.name for t in model.graph.initializer}
     inputs = [(v.name, v.type) for v in model.graph.input if v.name not in inits]
+    optional = [(v.name, v.type) for v in model.graph.input if v.name in inits]
     outputs = []
     for v in model.graph.output:
         t = v.type.tensor_type.elem_type if v.type.HasField("tensor_type") else 0
         outputs.append((v.name, t))
-    return _Interface(inputs, outputs)
+    return _Interface(inputs, outputs, optional)
 
 
 def _check_same_interface(a: _Interface, b: _Interface) -> None:
@@ -76,17 +78,122 @@ def _np_dtype(elem_type: int) -> np.dtype:
 
 
 def load_inputs(inputs: Inputs) -> dict[str, np.ndarray]:
-    """User inputs from a mapping or an ``.npz`` file."""
+    """User inputs from a mapping or an ``.npz`` file (BadInput when unreadable)."""
     if inputs is None:
         return {}
     if isinstance(inputs, (str, Path)):
         path = Path(inputs)
+        if not path.is_file():
+            raise BadInput(f"{path}: no such inputs file")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise BadInput(f"{path}: cannot read inputs ({_one_line(exc)})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise BadInput(f"{path}: not an .npz archive of named arrays (write it with numpy.savez)")
+        try:
+            with data:
                 return {k: data[k] for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise BadInput(f"{path}: cannot read inputs ({exc})") from None
-    return {k: np.asarray(v) for k, v in inputs.items()}
+        except (OSError, ValueError, EOFError) as exc:
+            raise BadInput(f"{path}: cannot read inputs ({_one_line(exc)})") from None
+    if not isinstance(inputs, Mapping):
+        raise BadInput(f"inputs must be a mapping of name to array or an .npz path, not {type(inputs).__name__}")
+    out = {}
+    for k, v in inputs.items():
+        try:
+            out[str(k)] = np.asarray(v)
+        except Exception as exc:  # noqa: BLE001 - anything numpy rejects is the caller's input
+            raise BadInput(f"input '{k}': not an array ({_one_line(exc)})") from None
+    return out
+
+
+def _declared(type_proto: onnx.TypeProto) -> list[onnx.TensorShapeProto.Dimension] | None:
+    tt = type_proto.tensor_type
+    return list(tt.shape.dim) if tt.HasField("shape") else None
+
+
+def _dim_key(name: str, axis: int, d: onnx.TensorShapeProto.Dimension) -> str | None:
+    """The name a dynamic dimension is set by (``--dim KEY=VALUE``), None for a static one."""
+    if d.HasField("dim_value") and d.dim_value > 0:
+        return None
+    return d.dim_param or f"{name}[{axis}]"
+
+
+def symbolic_dims(interface: list[tuple[str, onnx.TypeProto]]) -> list[str]:
+    """Every key ``--dim`` accepts for these inputs, in order of appearance."""
+    keys: list[str] = []
+    for name, tp in interface:
+        dims = _declared(tp) if tp.HasField("tensor_type") else None
+        for axis, d in enumerate(dims or []):
+            key = _dim_key(name, axis, d)
+            if key is not None and key not in keys:
+                keys.append(key)
+    return keys
+
+
+def _check_shape(name: str, shape: list[int], declared, what: str) -> None:  # noqa: ANN001
+    if declared is None:
+        return
+    if len(shape) != len(declared):
+        raise BadInput(
+            f"input '{name}': {what} has rank {len(shape)} ({_fmt_shape(shape)}), "
+            f"the model declares rank {len(declared)} ({_fmt_declared(declared)})"
+        )
+    for axis, (got, d) in enumerate(zip(shape, declared)):
+        if d.HasField("dim_value") and d.dim_value > 0 and got != d.dim_value:
+            raise BadInput(
+                f"input '{name}': {what} {_fmt_shape(shape)} does not match the declared shape "
+                f"{_fmt_declared(declared)} at axis {axis}"
+            )
+
+
+def _fmt_shape(shape: list[int] | tuple[int, ...]) -> str:
+    return "x".join(str(int(d)) for d in shape) if len(shape) else "scalar"
+
+
+def _fmt_declared(dims: list[onnx.TensorShapeProto.Dimension]) -> str:
+    if not dims:
+        return "scalar"
+    return "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+
+
+def validate_request(
+    interface: list[tuple[str, onnx.TypeProto]],
+    optional: list[tuple[str, onnx.TypeProto]],
+    shapes: Mapping[str, list[int] | tuple[int, ...]],
+    dims: Mapping[str, int],
+    given: Mapping[str, np.ndarray],
+) -> None:
+    """Reject names that match nothing and values that cannot fit (BadInput, one line)."""
+    names = [n for n, _ in interface]
+    known = set(names) | {n for n, _ in optional}
+    extra = [k for k in given if k not in known]
+    if extra:
+        raise BadInput(
+            f"inputs given for unknown names: {', '.join(sorted(extra))} (model inputs: {', '.join(names) or 'none'})"
+        )
+    unknown_shapes = [k for k in shapes if k not in set(names)]
+    if unknown_shapes:
+        raise BadInput(
+            f"--shape for unknown input(s): {', '.join(sorted(unknown_shapes))} "
+            f"(model inputs: {', '.join(names) or 'none'})"
+        )
+    for k, v in shapes.items():
+        if any(int(d) < 0 for d in v):
+            raise BadInput(f"--shape {k}: dimensions must not be negative")
+    both = sorted(set(shapes) & set(given))
+    if both:
+        raise BadInput(f"input(s) {', '.join(both)} given both as --shape and in --inputs")
+    keys = symbolic_dims(interface)
+    unknown_dims = [k for k in dims if k not in keys]
+    if unknown_dims:
+        raise BadInput(
+            f"--dim for unknown dimension(s): {', '.join(sorted(unknown_dims))} "
+            f"(dynamic dimensions: {', '.join(keys) or 'none'})"
+        )
+    for k, v in dims.items():
+        if int(v) < 0:
+            raise BadInput(f"--dim {k}: value must not be negative")
 
 
 def make_inputs(
@@ -96,41 +203,68 @@ def make_inputs(
     dims: Mapping[str, int],
     given: Mapping[str, np.ndarray],
     assumed: dict[str, int],
+    optional: list[tuple[str, onnx.TypeProto]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Seeded random feeds for every input not in ``given``; record assumed dims in ``assumed``."""
+    """Seeded random feeds for every input not in ``given``; record assumed dims in ``assumed``.
+
+    Given arrays are checked against the declared dtype, rank and static dimensions; their sizes
+    bind the symbolic dimensions they carry, so generated inputs sharing a dimension name agree.
+    """
+    types = dict(interface)
+    types.update(optional or [])
+    bound: dict[str, int] = {k: int(v) for k, v in dims.items()}
     feeds: dict[str, np.ndarray] = {}
+    for name, arr in given.items():
+        type_proto = types.get(name)
+        if type_proto is None:
+            raise BadInput(f"inputs given for unknown names: {name}")
+        if not type_proto.HasField("tensor_type"):
+            feeds[name] = arr
+            continue
+        dtype = _np_dtype(type_proto.tensor_type.elem_type)
+        if arr.dtype != dtype:
+            raise BadInput(f"input '{name}' must have dtype {dtype.name}, got {arr.dtype.name}")
+        declared = _declared(type_proto)
+        _check_shape(name, list(arr.shape), declared, "the given array")
+        for axis, d in enumerate(declared or []):
+            key = _dim_key(name, axis, d)
+            if key is None:
+                continue
+            if key in bound and bound[key] != arr.shape[axis] and key in dims:
+                raise BadInput(
+                    f"input '{name}': axis {axis} ({key}) has size {arr.shape[axis]}, but --dim {key}={dims[key]}"
+                )
+            bound.setdefault(key, int(arr.shape[axis]))
+        feeds[name] = arr
     for name, type_proto in interface:
+        if name in feeds:
+            continue
         if not type_proto.HasField("tensor_type"):
             raise BadInput(f"input '{name}' is not a tensor; pass it with --inputs")
         tt = type_proto.tensor_type
+        if tt.elem_type == onnx.TensorProto.UNDEFINED:
+            raise BadInput(f"input '{name}' has no element type; pass it with --inputs")
         dtype = _np_dtype(tt.elem_type)
-        if name in given:
-            arr = np.asarray(given[name])
-            if arr.dtype != dtype:
-                raise BadInput(f"input '{name}' must have dtype {dtype.name}, got {arr.dtype.name}")
-            feeds[name] = arr
-            continue
+        declared = _declared(type_proto)
         if name in shapes:
             shape = [int(d) for d in shapes[name]]
-        elif not tt.HasField("shape"):
+            _check_shape(name, shape, declared, "--shape")
+        elif declared is None:
             raise BadInput(f"input '{name}' has unknown rank; give its shape (--shape {name}=...)")
         else:
             shape = []
-            for axis, d in enumerate(tt.shape.dim):
-                if d.HasField("dim_value") and d.dim_value > 0:
+            for axis, d in enumerate(declared):
+                key = _dim_key(name, axis, d)
+                if key is None:
                     shape.append(d.dim_value)
                     continue
-                key = d.dim_param or f"{name}[{axis}]"
-                if key in dims:
-                    value = int(dims[key])
+                if key in bound:
+                    value = bound[key]
                 else:
                     value = assumed.get(key, DEFAULT_BATCH if axis == 0 else DEFAULT_DIM)
                     assumed[key] = value
                 shape.append(value)
         feeds[name] = _random(rng, dtype, shape, name)
-    extra = set(given) - {n for n, _ in interface}
-    if extra:
-        raise BadInput(f"inputs given for unknown names: {', '.join(sorted(extra))}")
     return feeds
 
 
@@ -219,20 +353,64 @@ def _worst(a: OutputCheck, b: OutputCheck) -> OutputCheck:
     return a if a.max_abs_err >= b.max_abs_err else b
 
 
-def _session(model: onnx.ModelProto | Path, provider: str) -> Any:
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
+
+
+def normalize_provider(name: str) -> str:
+    """``"cpu"`` -> ``"CPUExecutionProvider"``; full provider names pass through."""
+    return PROVIDER_ALIASES.get(name.strip().lower(), name.strip())
+
+
+def check_provider(provider: str) -> str:
+    """The full name of ``provider``; BadInput when this onnxruntime build does not offer it.
+
+    onnxruntime itself only warns and falls back to CPU for an unavailable provider, which would
+    silently verify on the wrong device.
+    """
+    import onnxruntime as ort
+
+    full = normalize_provider(provider)
+    available = ort.get_available_providers()
+    if full not in available:
+        raise BadInput(
+            f"execution provider '{provider}' is not available in this onnxruntime "
+            f"(available: {', '.join(available)})"
+        )
+    return full
+
+
+def _session(model: onnx.ModelProto | Path, provider: str, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
     return ort.InferenceSession(source, sess_options=opts, providers=[provider])
 
 
 def _run_all(
-    model: onnx.ModelProto | Path, provider: str, feeds: list[dict[str, np.ndarray]], names: list[str]
+    model: onnx.ModelProto | Path,
+    provider: str,
+    feeds: list[dict[str, np.ndarray]],
+    names: list[str],
+    threads: int | None = None,
 ) -> list[list[np.ndarray]]:
-    session = _session(model, provider)
+    session = _session(model, provider, threads)
     try:
         return [[np.asarray(o) for o in session.run(names, f)] for f in feeds]
     finally:
@@ -251,25 +429,39 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     provider: str = "CPUExecutionProvider",
+    threads: int | None = None,
 ) -> Verification:
     """Run ``reference`` and ``candidate`` on the same seeded inputs and compare every output.
 
     Models may be paths, ``onnx.ModelProto`` or anything :func:`bnfold.io.load_model` accepts.
-    Raises BadInput when the models do not share an interface or inputs cannot be built; returns
-    status ``"error"`` when onnxruntime cannot run the reference and ``"failed"`` when it runs the
+    ``provider`` is an onnxruntime execution provider (``"cpu"``/``"cuda"`` are accepted as
+    short names); ``threads`` caps onnxruntime's intra-op threads (default: onnxruntime's choice).
+
+    Raises BadInput when a model cannot be read, the models do not share an interface, the
+    provider is unavailable, or the inputs/shapes/dims given do not fit the model (wrong names,
+    dtypes, ranks or static dimensions). Returns status ``"error"`` when onnxruntime cannot run
+    the reference (nothing can be said about the candidate) and ``"failed"`` when it runs the
     reference but not the candidate, or the outputs differ.
     """
     start = time.perf_counter()
     if runs < 1:
         raise BadInput("runs must be at least 1")
+    for label, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise BadInput(f"{label} must be a finite number >= 0, got {value}")
     ref_model, _, ref_path = load_model(reference)
     cand_model, _, cand_path = load_model(candidate)
     ref_if, cand_if = _interface(ref_model), _interface(cand_model)
     _check_same_interface(ref_if, cand_if)
     given = load_inputs(inputs)
+    validate_request(ref_if.inputs, ref_if.optional, shapes or {}, dims or {}, given)
+    provider = check_provider(provider)
     assumed: dict[str, int] = {}
     feeds = [
-        make_inputs(ref_if.inputs, np.random.default_rng([seed, run]), shapes or {}, dims or {}, given, assumed)
+        make_inputs(
+            ref_if.inputs, np.random.default_rng([seed, run]), shapes or {}, dims or {}, given,
+            assumed, ref_if.optional,
+        )
         for run in range(runs)
     ]
     names = [n for n, _ in ref_if.outputs]
@@ -282,13 +474,13 @@ def verify(
     cand_source = cand_path if cand_path is not None and not _has_external(cand_model) else cand_model
     del ref_model, cand_model
     try:
-        ref_out = _run_all(ref_source, provider, feeds, names)
+        ref_out = _run_all(ref_source, provider, feeds, names, threads)
     except Exception as exc:  # onnxruntime raises its own exception types
         result.message = f"onnxruntime cannot run the reference model: {_one_line(exc)}"
         result.seconds = time.perf_counter() - start
         return result
     try:
-        cand_out = _run_all(cand_source, provider, feeds, names)
+        cand_out = _run_all(cand_source, provider, feeds, names, threads)
     except Exception as exc:
         result.status = "failed"
         result.message = f"onnxruntime cannot run the candidate model: {_one_line(exc)}"
@@ -312,10 +504,46 @@ def verify(
     return result
 
 
+def check_request(
+    model: onnx.ModelProto,
+    inputs: Inputs = None,
+    shapes: Mapping[str, list[int] | tuple[int, ...]] | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> None:
+    """Validate user inputs/shapes/dims against ``model`` without running anything (BadInput)."""
+    interface = _interface(model)
+    given = load_inputs(inputs)
+    validate_request(interface.inputs, interface.optional, shapes or {}, dims or {}, given)
+    make_inputs(
+        interface.inputs, np.random.default_rng(0), shapes or {}, dims or {}, given, {}, interface.optional
+    )
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with every non-finite float (inf, -inf, nan) replaced by None, recursively.
+
+    JSON has no infinities; ``json.dumps(..., allow_nan=False)`` accepts the result.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    return value
+
+
 def _has_external(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without onnxruntime's ``[ONNXRuntimeError] : 10 :``."""
+    import re
+
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    return re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*", "", text[0])
