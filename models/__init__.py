@@ -1,0 +1,1 @@
+"""Bundled test models for bnfold: torch definitions, the ONNX generator and the case registry."""

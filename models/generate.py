@@ -1,0 +1,609 @@
+"""Regenerate every bundled model in ``models/onnx/``: ``python models/generate.py``.
+
+Deterministic: torch models are built by ``models.definitions.build`` (seeded) and hand-built
+cases draw their numbers from a numpy generator seeded with a hash of the case name. Every file
+is checked with ``onnx.checker.check_model(full_check=True)``, must still contain its
+BatchNormalization nodes, and (where ``models.cases`` says so) must run in onnxruntime.
+
+Options: ``--only NAME [NAME ...]`` regenerates a subset; ``--no-torch`` skips the torch exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import warnings
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT.parent) not in sys.path:
+    sys.path.insert(0, str(ROOT.parent))
+
+from models.cases import BY_NAME, CASES, HAND_CASES, ONNX_DIR, TORCH_CASES  # noqa: E402
+
+F32, F16, BF16, F64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers for hand-built cases
+# ------------------------------------------------------------------------------------------------
+def rng_for(name: str) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def np_dtype(elem: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+
+
+def tensor(name: str, array: np.ndarray) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def vi(name: str, elem: int, shape: list[int | str] | tuple[int | str, ...]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def weight(rng: np.random.Generator, shape: tuple[int, ...], elem: int = F32, fan_in: int | None = None) -> np.ndarray:
+    fan = fan_in if fan_in is not None else int(np.prod(shape[1:]))
+    return (rng.standard_normal(shape) / np.sqrt(fan)).astype(np_dtype(elem))
+
+
+def bias(rng: np.random.Generator, n: int, elem: int = F32) -> np.ndarray:
+    return (0.2 * rng.standard_normal(n)).astype(np_dtype(elem))
+
+
+def bn_stats(rng: np.random.Generator, shape: int | tuple[int, ...], elem: int = F32) -> list[np.ndarray]:
+    """[scale, bias, mean, var]: |scale| ~ U(0.5, 1.5) with some negative, var ~ U(0.5, 2)."""
+    shape = (shape,) if isinstance(shape, int) else shape
+    dt = np_dtype(elem)
+    sign = np.where(rng.random(shape) < 0.25, -1.0, 1.0)
+    sign.flat[0] = -1.0
+    scale = rng.uniform(0.5, 1.5, shape) * sign
+    b = 0.3 * rng.standard_normal(shape)
+    mean = 0.5 * rng.standard_normal(shape)
+    var = rng.uniform(0.5, 2.0, shape)
+    return [a.astype(dt) for a in (scale, b, mean, var)]
+
+
+def bn_inits(rng: np.random.Generator, prefix: str, shape: int | tuple[int, ...], elem: int = F32) -> tuple[list[str], list[TensorProto]]:
+    names = [f"{prefix}.{p}" for p in ("scale", "bias", "mean", "var")]
+    return names, [tensor(n, a) for n, a in zip(names, bn_stats(rng, shape, elem))]
+
+
+def bn_node(x: str, params: list[str], y: str | list[str], name: str, **attrs: object) -> onnx.NodeProto:
+    outs = [y] if isinstance(y, str) else y
+    attrs.setdefault("epsilon", 1e-3)
+    return helper.make_node("BatchNormalization", [x, *params], outs, name=name, **attrs)
+
+
+def make_model(
+    graph: onnx.GraphProto,
+    opset: int,
+    *,
+    ir: int | None = None,
+    extra_opsets: list[onnx.OperatorSetIdProto] | None = None,
+    functions: list[onnx.FunctionProto] | None = None,
+    doc: str = "",
+) -> onnx.ModelProto:
+    """A model stamped with ``opset`` and the smallest IR version for it (or ``ir``).
+
+    For IR < 4, every initializer is also listed as a graph input, as that IR requires.
+    """
+    opsets = [helper.make_opsetid("", opset), *(extra_opsets or [])]
+    if ir is None:
+        ir = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    if ir < 4:
+        listed = {v.name for v in graph.input}
+        for t in graph.initializer:
+            if t.name not in listed:
+                graph.input.append(vi(t.name, t.data_type, list(t.dims)))
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=ir, functions=functions or [])
+    model.producer_name = "bnfold models/generate.py"
+    model.doc_string = doc
+    return model
+
+
+def conv_bn_graph(
+    name: str,
+    *,
+    elem: int = F32,
+    param_elem: int | None = None,
+    opset_attrs: dict | None = None,
+    bn_shape: tuple[int, ...] | None = None,
+    bn_outputs: list[str] | None = None,
+) -> onnx.GraphProto:
+    """X[1,3,6,6] -> Conv(4 out, 3x3, pads 1, bias) -> BN -> Relu -> Y."""
+    rng = rng_for(name)
+    params, bn_t = bn_inits(rng, "bn", bn_shape or 4, param_elem or elem)
+    inits = [tensor("W", weight(rng, (4, 3, 3, 3), elem)), tensor("B", bias(rng, 4, elem)), *bn_t]
+    outs = bn_outputs or ["bn_out"]
+    nodes = [
+        helper.make_node("Conv", ["X", "W", "B"], ["conv_out"], name="conv", pads=[1, 1, 1, 1],
+                         kernel_shape=[3, 3]),
+        bn_node("conv_out", params, outs, "bn", **(opset_attrs or {})),
+        helper.make_node("Relu", ["bn_out"], ["Y"], name="relu"),
+    ]
+    outputs = [vi("Y", elem, [1, 4, 6, 6])]
+    outputs += [vi(o, param_elem or elem, [4]) for o in outs[1:]]
+    return helper.make_graph(nodes, name, [vi("X", elem, [1, 3, 6, 6])], outputs, inits)
+
+
+# ------------------------------------------------------------------------------------------------
+# hand-built cases
+# ------------------------------------------------------------------------------------------------
+def case_bn6_is_test(name: str) -> onnx.ModelProto:
+    return make_model(conv_bn_graph(name, opset_attrs={"is_test": 1}), 6)
+
+
+def case_bn6_training(name: str) -> onnx.ModelProto:
+    return make_model(conv_bn_graph(name, opset_attrs={"is_test": 0}), 6)
+
+
+def case_bn7_spatial1(name: str) -> onnx.ModelProto:
+    return make_model(conv_bn_graph(name, opset_attrs={"spatial": 1}), 7)
+
+
+def case_bn7_spatial0(name: str) -> onnx.ModelProto:
+    return make_model(conv_bn_graph(name, opset_attrs={"spatial": 0}, bn_shape=(4, 6, 6)), 7)
+
+
+def case_bn9(name: str) -> onnx.ModelProto:
+    return make_model(conv_bn_graph(name), 9)
+
+
+def case_bn14_training(name: str) -> onnx.ModelProto:
+    g = conv_bn_graph(name, opset_attrs={"training_mode": 1, "momentum": 0.9},
+                      bn_outputs=["bn_out", "running_mean", "running_var"])
+    return make_model(g, 14)
+
+
+def case_bn15_mixed_types(name: str) -> onnx.ModelProto:
+    return make_model(conv_bn_graph(name, elem=F16, param_elem=F32), 15)
+
+
+def case_fp16(name: str) -> onnx.ModelProto:
+    return make_model(conv_bn_graph(name, elem=F16), 15)
+
+
+def case_bf16(name: str) -> onnx.ModelProto:
+    return make_model(conv_bn_graph(name, elem=BF16), 22)
+
+
+def case_fp64_conv(name: str) -> onnx.ModelProto:
+    return make_model(conv_bn_graph(name, elem=F64), 15)
+
+
+def gemm_bn_graph(
+    name: str,
+    *,
+    m: int = 3,
+    k: int = 6,
+    n: int = 5,
+    elem: int = F32,
+    trans_a: int = 0,
+    trans_b: int = 0,
+    alpha: float | None = None,
+    beta: float | None = None,
+    c_shape: tuple[int, ...] | None = (5,),
+) -> onnx.GraphProto:
+    """A -> Gemm -> BN -> Y (no activation: the BN output is the graph output)."""
+    rng = rng_for(name)
+    a_shape = [k, m] if trans_a else [m, k]
+    b_shape = (n, k) if trans_b else (k, n)
+    params, bn_t = bn_inits(rng, "bn", n, elem)
+    inits = [tensor("Bm", weight(rng, b_shape, elem, fan_in=k))]
+    inputs = ["A", "Bm"]
+    if c_shape is not None:
+        inits.append(tensor("C", (0.2 * rng.standard_normal(c_shape)).astype(np_dtype(elem))))
+        inputs.append("C")
+    attrs: dict[str, object] = {}
+    if trans_a:
+        attrs["transA"] = 1
+    if trans_b:
+        attrs["transB"] = 1
+    if alpha is not None:
+        attrs["alpha"] = alpha
+    if beta is not None:
+        attrs["beta"] = beta
+    nodes = [
+        helper.make_node("Gemm", inputs, ["gemm_out"], name="gemm", **attrs),
+        bn_node("gemm_out", params, "Y", "bn"),
+    ]
+    return helper.make_graph(nodes, name, [vi("A", elem, a_shape)], [vi("Y", elem, [m, n])],
+                             [*inits, *bn_t])
+
+
+def case_fp64_gemm(name: str) -> onnx.ModelProto:
+    return make_model(gemm_bn_graph(name, elem=F64, trans_b=1), 15)
+
+
+def case_gemm_transb_alpha_beta_c(name: str) -> onnx.ModelProto:
+    return make_model(gemm_bn_graph(name, trans_b=1, alpha=0.7, beta=1.3), 13)
+
+
+def case_gemm_no_c(name: str) -> onnx.ModelProto:
+    return make_model(gemm_bn_graph(name, c_shape=None), 13)
+
+
+def case_gemm_transa(name: str) -> onnx.ModelProto:
+    return make_model(gemm_bn_graph(name, trans_a=1, c_shape=(1, 5)), 13)
+
+
+def case_constant_nodes(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    values = {"W": weight(rng, (4, 3, 3, 3)), "B": bias(rng, 4)}
+    params = ["bn.scale", "bn.bias", "bn.mean", "bn.var"]
+    values.update(zip(params, bn_stats(rng, 4)))
+    consts = [helper.make_node("Constant", [], [k], name=f"const_{k}", value=tensor(k, v))
+              for k, v in values.items()]
+    nodes = [
+        *consts,
+        helper.make_node("Conv", ["X", "W", "B"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("conv_out", params, "bn_out", "bn"),
+        helper.make_node("Relu", ["bn_out"], ["Y"], name="relu"),
+    ]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6])], [vi("Y", F32, [1, 4, 6, 6])])
+    return make_model(g, 13)
+
+
+def case_ir3_initializer_inputs(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    p1, t1 = bn_inits(rng, "bn1", 4)
+    p2, t2 = bn_inits(rng, "bn2", 5)
+    inits = [tensor("W1", weight(rng, (4, 3, 3, 3))), tensor("W2", weight(rng, (5, 4, 1, 1))),
+             tensor("B2", bias(rng, 5)), *t1, *t2]
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        bn_node("c1", p1, "b1", "bn1", spatial=1),
+        helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2"),
+        bn_node("c2", p2, "Y", "bn2"),
+    ]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6])], [vi("Y", F32, [1, 5, 6, 6])], inits)
+    return make_model(g, 8, ir=3)
+
+
+def case_bn_param_graph_input(name: str) -> onnx.ModelProto:
+    g = conv_bn_graph(name)
+    mean = next(t for t in g.initializer if t.name == "bn.mean")
+    g.input.append(vi(mean.name, mean.data_type, list(mean.dims)))
+    return make_model(g, 13)
+
+
+def case_shared_weight(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    p1, t1 = bn_inits(rng, "bn1", 4)
+    p2, t2 = bn_inits(rng, "bn2", 4)
+    inits = [tensor("W", weight(rng, (4, 3, 3, 3))), tensor("B", bias(rng, 4)), *t1, *t2]
+    nodes = [
+        helper.make_node("Conv", ["X", "W", "B"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        bn_node("c1", p1, "Y1", "bn1"),
+        helper.make_node("Conv", ["X", "W"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        bn_node("c2", p2, "Y2", "bn2"),
+    ]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6])],
+                          [vi("Y1", F32, [1, 4, 6, 6]), vi("Y2", F32, [1, 4, 3, 3])], inits)
+    return make_model(g, 13)
+
+
+def case_dequantize_weight(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    params, bn_t = bn_inits(rng, "bn", 4)
+    inits = [
+        tensor("Wq", rng.integers(-100, 100, (4, 3, 3, 3)).astype(np.int8)),
+        tensor("Wq.scale", np.array(0.004, np.float32)),
+        tensor("Wq.zero", np.array(3, np.int8)),
+        tensor("B", bias(rng, 4)),
+        *bn_t,
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["Wq", "Wq.scale", "Wq.zero"], ["W"], name="dequant"),
+        helper.make_node("Conv", ["X", "W", "B"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("conv_out", params, "Y", "bn"),
+    ]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6])], [vi("Y", F32, [1, 4, 6, 6])], inits)
+    return make_model(g, 13)
+
+
+def case_if_branch(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    params, bn_t = bn_inits(rng, "bn", 4)
+    outer = [tensor("W", weight(rng, (4, 3, 3, 3))), bn_t[0], bn_t[1]]  # scale, bias outside
+    then_g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["X", "W"], ["then_conv"], name="then_conv", pads=[1, 1, 1, 1]),
+            bn_node("then_conv", params, "then_y", "then_bn"),
+        ],
+        "then_branch", [], [vi("then_y", F32, [1, 4, 6, 6])], [bn_t[2], bn_t[3]],  # mean, var inside
+    )
+    else_g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["X", "W"], ["else_conv"], name="else_conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["else_conv"], ["else_y"], name="else_relu"),
+        ],
+        "else_branch", [], [vi("else_y", F32, [1, 4, 6, 6])],
+    )
+    nodes = [helper.make_node("If", ["cond"], ["Y"], name="if", then_branch=then_g, else_branch=else_g)]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6]), vi("cond", TensorProto.BOOL, [])],
+                          [vi("Y", F32, [1, 4, 6, 6])], outer)
+    return make_model(g, 13)
+
+
+def case_if_producer_outside(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    params, bn_t = bn_inits(rng, "bn", 4)
+    then_g = helper.make_graph(
+        [bn_node("conv_out", params, "then_y", "then_bn")],
+        "then_branch", [], [vi("then_y", F32, [1, 4, 6, 6])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Relu", ["conv_out"], ["else_y"], name="else_relu")],
+        "else_branch", [], [vi("else_y", F32, [1, 4, 6, 6])],
+    )
+    nodes = [
+        helper.make_node("Conv", ["X", "W"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("If", ["cond"], ["Y"], name="if", then_branch=then_g, else_branch=else_g),
+    ]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6]), vi("cond", TensorProto.BOOL, [])],
+                          [vi("Y", F32, [1, 4, 6, 6])], [tensor("W", weight(rng, (4, 3, 3, 3))), *bn_t])
+    return make_model(g, 13)
+
+
+def case_loop_body(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    params, bn_t = bn_inits(rng, "bn", 4)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+            helper.make_node("Conv", ["x_in", "W"], ["body_conv"], name="body_conv", pads=[1, 1, 1, 1]),
+            bn_node("body_conv", params, "body_bn", "body_bn"),
+            helper.make_node("Relu", ["body_bn"], ["x_out"], name="body_relu"),
+        ],
+        "loop_body",
+        [vi("iter", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, []), vi("x_in", F32, [1, 4, 5, 5])],
+        [vi("cond_out", TensorProto.BOOL, []), vi("x_out", F32, [1, 4, 5, 5])],
+        bn_t,
+    )
+    outer = [
+        tensor("W", (0.5 * weight(rng, (4, 4, 3, 3))).astype(np.float32)),
+        tensor("trip_count", np.array(3, np.int64)),
+        tensor("cond", np.array(True)),
+    ]
+    nodes = [helper.make_node("Loop", ["trip_count", "cond", "X"], ["Y"], name="loop", body=body)]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 4, 5, 5])], [vi("Y", F32, [1, 4, 5, 5])], outer)
+    return make_model(g, 13)
+
+
+def case_local_function(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    values = {"W": weight(rng, (4, 3, 3, 3)), "B": bias(rng, 4)}
+    params = ["bn_scale", "bn_bias", "bn_mean", "bn_var"]
+    values.update(zip(params, bn_stats(rng, 4)))
+    consts = [helper.make_node("Constant", [], [k], value=tensor(k, v)) for k, v in values.items()]
+    fn = helper.make_function(
+        "local",
+        "ConvBNRelu",
+        ["x"],
+        ["y"],
+        [
+            *consts,
+            helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", *params], ["n"], epsilon=1e-3),
+            helper.make_node("Relu", ["n"], ["y"]),
+        ],
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
+    nodes = [
+        helper.make_node("ConvBNRelu", ["X"], ["h"], name="block", domain="local"),
+        helper.make_node("Sigmoid", ["h"], ["Y"], name="sigmoid"),
+    ]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6])], [vi("Y", F32, [1, 4, 6, 6])])
+    return make_model(g, 13, extra_opsets=[helper.make_opsetid("local", 1)], functions=[fn])
+
+
+def case_conv_two_consumers(name: str) -> onnx.ModelProto:
+    g = conv_bn_graph(name)
+    g.node.append(helper.make_node("Relu", ["conv_out"], ["Z"], name="relu2"))
+    g.output.append(vi("Z", F32, [1, 4, 6, 6]))
+    return make_model(g, 13)
+
+
+def case_conv_graph_output(name: str) -> onnx.ModelProto:
+    g = conv_bn_graph(name)
+    g.output.append(vi("conv_out", F32, [1, 4, 6, 6]))
+    return make_model(g, 13)
+
+
+def case_bn_after_relu(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    params, bn_t = bn_inits(rng, "bn", 4)
+    nodes = [
+        helper.make_node("Conv", ["X", "W"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv_out"], ["relu_out"], name="relu"),
+        bn_node("relu_out", params, "Y", "bn"),
+    ]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6])], [vi("Y", F32, [1, 4, 6, 6])],
+                          [tensor("W", weight(rng, (4, 3, 3, 3))), *bn_t])
+    return make_model(g, 13)
+
+
+def case_bn_on_input(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    params, bn_t = bn_inits(rng, "bn", 3)
+    g = helper.make_graph([bn_node("X", params, "Y", "bn")], name, [vi("X", F32, [1, 3, 6, 6])],
+                          [vi("Y", F32, [1, 3, 6, 6])], bn_t)
+    return make_model(g, 13)
+
+
+def case_conv_transpose1d_grouped(name: str) -> onnx.ModelProto:
+    rng = rng_for(name)
+    group, cin, cout_g = 3, 6, 2
+    params, bn_t = bn_inits(rng, "bn", cout_g * group)
+    inits = [tensor("W", weight(rng, (cin, cout_g, 3))), tensor("B", bias(rng, cout_g * group)), *bn_t]
+    nodes = [
+        helper.make_node("ConvTranspose", ["X", "W", "B"], ["ct_out"], name="convT", group=group,
+                         strides=[2], output_padding=[1], pads=[1, 1]),
+        bn_node("ct_out", params, "Y", "bn"),
+    ]
+    # L_out = (7 - 1) * 2 - 2 + 3 + 1 = 14
+    g = helper.make_graph(nodes, name, [vi("X", F32, [2, cin, 7])], [vi("Y", F32, [2, 6, 14])], inits)
+    return make_model(g, 13)
+
+
+def case_conv3d_same_upper(name: str) -> onnx.ModelProto:
+    # ORT rejects dilation together with SAME_* auto_pad, so the dilated conv uses explicit pads
+    # and the second conv uses auto_pad=SAME_UPPER with an even kernel (asymmetric padding).
+    rng = rng_for(name)
+    p1, t1 = bn_inits(rng, "bn1", 4)
+    p2, t2 = bn_inits(rng, "bn2", 3)
+    inits = [tensor("W1", weight(rng, (4, 2, 3, 3, 3))), tensor("W2", weight(rng, (3, 4, 2, 2, 2))),
+             tensor("B2", bias(rng, 3)), *t1, *t2]
+    nodes = [
+        # out = [(5+2-3)/2+1, (6+4-5)/1+1, (7+2-3)/2+1] = [3, 6, 4]
+        helper.make_node("Conv", ["X", "W1"], ["c1"], name="conv3d_dilated", strides=[2, 1, 2],
+                         dilations=[1, 2, 1], pads=[1, 2, 1, 1, 2, 1]),
+        bn_node("c1", p1, "b1", "bn1"),
+        helper.make_node("Relu", ["b1"], ["r1"], name="relu"),
+        # SAME_UPPER: out = ceil(in / stride) = [3, 3, 2]
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv3d_same_upper",
+                         auto_pad="SAME_UPPER", strides=[1, 2, 2]),
+        bn_node("c2", p2, "Y", "bn2"),
+    ]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 2, 5, 6, 7])], [vi("Y", F32, [1, 3, 3, 3, 2])], inits)
+    return make_model(g, 13)
+
+
+HAND_BUILDERS: dict[str, Callable[[str], onnx.ModelProto]] = {
+    name: fn for name, fn in globals().items() if name.startswith("case_") and callable(fn)
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# torch exports
+# ------------------------------------------------------------------------------------------------
+def _strip_node_metadata(model: onnx.ModelProto) -> None:
+    """Drop per-node metadata (stack traces with local paths): smaller, machine-independent files."""
+    def visit(nodes) -> None:  # noqa: ANN001
+        for n in nodes:
+            del n.metadata_props[:]
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g.node)
+    visit(model.graph.node)
+
+
+def export_torch(case_name: str, model_name: str, legacy: bool) -> onnx.ModelProto:
+    import torch
+
+    from models.definitions import build
+
+    module, x = build(model_name)
+    if legacy:
+        f = io.BytesIO()
+        torch.onnx.export(
+            module, (x,), f, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False, input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17,
+        )
+        model = onnx.load_from_string(f.getvalue())
+    else:
+        program = torch.onnx.export(
+            module, (x,), dynamo=True, optimize=False, verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},),
+        )
+        model = program.model_proto
+    _strip_node_metadata(model)
+    model.doc_string = f"{case_name}: models.definitions.build({model_name!r}) exported by models/generate.py"
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# checks and main
+# ------------------------------------------------------------------------------------------------
+def count_bn(model: onnx.ModelProto) -> int:
+    def in_graph(g: onnx.GraphProto) -> int:
+        total = 0
+        for n in g.node:
+            total += n.op_type == "BatchNormalization"
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    total += in_graph(a.g)
+        return total
+
+    return in_graph(model.graph) + sum(
+        n.op_type == "BatchNormalization" for f in model.functions for n in f.node
+    )
+
+
+def check_runs(model: onnx.ModelProto) -> None:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) else 2 for d in i.shape]
+        if i.type == "tensor(bool)":
+            feeds[i.name] = np.array(True)
+        else:
+            dt = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                  "tensor(double)": np.float64}[i.type]
+            feeds[i.name] = rng.standard_normal(shape).astype(dt)
+    for out in sess.run(None, feeds):
+        assert np.all(np.isfinite(np.asarray(out, dtype=np.float64))), "non-finite output"
+
+
+def generate(names: list[str] | None, with_torch: bool) -> None:
+    assert set(HAND_BUILDERS) == {c.name for c in HAND_CASES}, (
+        "models/cases.py and generate.py disagree: "
+        f"{sorted(set(HAND_BUILDERS) ^ {c.name for c in HAND_CASES})}"
+    )
+    ONNX_DIR.mkdir(exist_ok=True)
+    selected = [c for c in CASES if names is None or c.name in names]
+    if names:
+        unknown = set(names) - set(BY_NAME)
+        if unknown:
+            raise SystemExit(f"unknown case(s): {sorted(unknown)}")
+    warnings.filterwarnings("ignore")
+    for case in selected:
+        if case in TORCH_CASES:
+            if not with_torch:
+                continue
+            model = export_torch(case.name, case.torch_model or "", case.name.endswith("_legacy"))
+        else:
+            model = HAND_BUILDERS[case.name](case.name)
+            model.doc_string = case.description
+        onnx.checker.check_model(model, full_check=True)
+        bns = count_bn(model)
+        assert bns > 0, f"{case.name}: no BatchNormalization left in the exported model"
+        assert bns == case.expected_folded + len(case.expected_skip_codes), (
+            f"{case.name}: {bns} BN nodes, but the registry expects "
+            f"{case.expected_folded} folds + {len(case.expected_skip_codes)} kept"
+        )
+        if case.runs_in_ort:
+            check_runs(model)
+        data = model.SerializeToString(deterministic=True)
+        case.path.write_bytes(data)
+        print(f"{case.file:40s} {len(data):7d} bytes  {bns:2d} BN")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="regenerate only these cases")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch exports")
+    args = parser.parse_args(argv)
+    generate(args.only, not args.no_torch)
+
+
+if __name__ == "__main__":
+    main()
