@@ -33,6 +33,20 @@ EVALUABLE_OPS = frozenset(
 # Inputs of which only the type matters (CastLike's ``target_type``).
 TYPE_ONLY_INPUTS = {("CastLike", 1)}
 MAX_EVALUATED_NODES = 64
+# Ops whose output 0 has the element type of input 0 (used to find CastLike's target type).
+SAME_TYPE_OPS = frozenset(
+    {
+        "Identity", "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
+        "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Relu", "LeakyRelu",
+        "PRelu", "Elu", "Selu", "Celu", "Gelu", "Mish", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+        "Softplus", "Softsign", "Softmax", "LogSoftmax", "Clip", "Add", "Sub", "Mul", "Div", "Pow",
+        "Max", "Min", "Sum", "Mean", "Neg", "Abs", "Sqrt", "Exp", "Log", "Erf", "Reciprocal",
+        "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Pad",
+        "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split",
+        "Expand", "Tile", "Gather", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth",
+        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2",
+    }
+)
 MAX_EVALUATED_ELEMENTS = 1 << 26
 
 
@@ -147,6 +161,12 @@ class NotConstant(Exception):
 def tensor_array(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     """A TensorProto as a numpy array (bfloat16 via ml_dtypes), reading external data if needed."""
     return numpy_helper.to_array(tensor, base_dir)
+
+
+def _np_to_tensor_type(dtype: np.dtype) -> int:
+    if dtype.name == "bfloat16":
+        return onnx.TensorProto.BFLOAT16
+    return onnx.helper.np_dtype_to_tensor_dtype(dtype)
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
@@ -278,23 +298,59 @@ class Scope:
         return c
 
     def elem_type(self, name: str) -> int:
-        """The ONNX element type of ``name`` if known from inputs/value_info/constants, else 0."""
+        """The ONNX element type of ``name``, else 0.
+
+        Declared types (inputs, outputs, value_info of this or an enclosing scope) first; then a
+        cheap local inference through the producer for ops whose output type is fixed by an input
+        or an attribute (no shape inference pass over the model).
+        """
+        for _ in range(MAX_EVALUATED_NODES):
+            t = self._declared_type(name)
+            if t:
+                return t
+            owner = self.owner(name)
+            if owner is None:
+                return 0
+            if name in owner.initializers:
+                return owner.proto.initializer[owner.initializers[name]].data_type
+            node = owner.node_of(name)
+            if node is None or node.domain not in ONNX_DOMAINS:
+                return 0
+            op = node.op_type
+            try:
+                if op == "Constant":
+                    return _np_to_tensor_type(_constant_node_value(node).dtype)
+                if op == "Cast":
+                    return int(attr(node, "to", 0))  # type: ignore[arg-type]
+            except (NotConstant, AttributeRef):
+                return 0
+            if op in ("Shape", "Size"):
+                return onnx.TensorProto.INT64
+            if op == "CastLike" and len(node.input) > 1:
+                name = node.input[1]
+            elif op in SAME_TYPE_OPS and node.input and (node.output[0] == name or op == "Split"):
+                name = node.input[0]
+            else:
+                return 0
+        return 0
+
+    def _declared_type(self, name: str) -> int:
         s: Scope | None = self
         while s is not None:
             if s._types is None:
                 s._types = {}
-                if isinstance(s.proto, onnx.GraphProto):
-                    for v in (*s.proto.input, *s.proto.value_info, *s.proto.output):
-                        if v.type.HasField("tensor_type"):
-                            s._types[v.name] = v.type.tensor_type.elem_type
+                proto = s.proto
+                if isinstance(proto, onnx.GraphProto):
+                    infos = (*proto.input, *proto.value_info, *proto.output)
+                else:
+                    infos = tuple(getattr(proto, "value_info", ()))
+                for v in infos:
+                    if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+                        s._types[v.name] = v.type.tensor_type.elem_type
             if name in s._types:
                 return s._types[name]
             s = s.parent
-        try:
-            value = self.constant(name).value
-        except NotConstant:
-            return 0
-        return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        return 0
 
     def _evaluate(self, name: str) -> np.ndarray:
         """Evaluate the small constant-only subgraph that computes ``name``."""
@@ -397,7 +453,9 @@ class Scope:
 
     def _add_constant(self, name: str, array: np.ndarray) -> None:
         tensor = numpy_helper.from_array(array, name)
-        if self.is_function:
+        if self.is_function or (self.parent is not None and self.ir_version < 4):
+            # Function bodies have no initializers; IR < 4 requires initializers to be listed as
+            # graph inputs, which a subgraph (If branch, Loop/Scan body) cannot take: a Constant.
             self.new_constant_nodes.append(
                 onnx.helper.make_node("Constant", [], [name], value=tensor, name=f"{name}_const")
             )

@@ -437,7 +437,11 @@ def eval_f64(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, absolut
         ins = [vals[i] if i else None for i in node.input]
         op = node.op_type
         if op == "Constant":
-            t = numpy_helper.to_array(a["value"]).astype(np.float64)
+            if "value" in a:
+                t = numpy_helper.to_array(a["value"]).astype(np.float64)
+            else:
+                (key,) = a
+                t = np.asarray(a[key], dtype=np.float64)
             out = torch.from_numpy(t)
             out = out.abs() if absolute else out
         elif op == "Conv":
@@ -535,3 +539,141 @@ def node_named(graph: onnx.GraphProto, name: str) -> onnx.NodeProto:
         if n.name == name:
             return n
     raise KeyError(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# control flow and functions
+# ----------------------------------------------------------------------------------------------
+def _conv_bn_nodes(gb: GraphBuilder, x: str, y: str, w: str, b: str | None, bn_params: Sequence[str],
+                   prefix: str) -> None:
+    gb.node("Conv", [x, w] + ([b] if b else []), [f"{prefix}_conv_out"], name=f"{prefix}_conv",
+            kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    gb.node("BatchNormalization", [f"{prefix}_conv_out", *bn_params], [y], name=f"{prefix}_bn")
+
+
+def _outer_params(gb: GraphBuilder, rng: np.random.Generator, cin: int, cout: int, prefix: str,
+                  form: str = "initializer") -> tuple[str, str, list[str]]:
+    w = gb.const(f"{prefix}W", rng.normal(0, 0.3, (cout, cin, 3, 3)).astype(np.float32), form)
+    b = gb.const(f"{prefix}Bc", rng.normal(0, 1, cout).astype(np.float32), form)
+    st = bn_stats(rng, cout)
+    params = [gb.const(f"{prefix}{k}", st[k].astype(np.float32), form) for k in ("scale", "B", "mean", "var")]
+    return w, b, params
+
+
+def if_model(*, shared_weight: bool = False, seed: int = 0) -> Built:
+    """``If(cond)``: the then branch is Conv->BN on outer-scope weights and BN parameters; the else
+    branch is a plain Conv (on the same outer weight when ``shared_weight``)."""
+    rng = np.random.default_rng(seed)
+    gb = GraphBuilder()
+    x = gb.input("X", F32, [1, 3, 5, 5])
+    cond = gb.input("cond", np.bool_, [])
+    w, b, params = _outer_params(gb, rng, 3, 4, "t_")
+    then = GraphBuilder()
+    _conv_bn_nodes(then, x, "then_y", w, b, params, "then")
+    then.output("then_y", F32, [1, 4, 5, 5])
+    other = GraphBuilder()
+    w2 = w if shared_weight else gb.const("e_W", rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32))
+    other.node("Conv", [x, w2], ["else_y"], name="else_conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    other.output("else_y", F32, [1, 4, 5, 5])
+    gb.node("If", [cond], ["Y"], name="if", then_branch=then.graph("then"), else_branch=other.graph("else"))
+    gb.output("Y", F32, [1, 4, 5, 5])
+    feeds = {"X": rng.normal(0, 1, (1, 3, 5, 5)).astype(np.float32), "cond": np.array(True)}
+    return Built(gb.model(17), feeds, F32, ["then_bn"], ["then_conv"])
+
+
+def loop_model(seed: int = 0) -> Built:
+    """``Loop`` 3 times: v += BN(Conv(X, W)) with X, W and the BN parameters from the outer scope."""
+    rng = np.random.default_rng(seed)
+    gb = GraphBuilder()
+    x = gb.input("X", F32, [1, 3, 5, 5])
+    v0 = gb.input("V0", F32, [1, 4, 5, 5])
+    w, b, params = _outer_params(gb, rng, 3, 4, "l_")
+    trip = gb.const("trip", np.array(3, dtype=np.int64))
+    body = GraphBuilder()
+    body.input("i", np.int64, [])
+    body.input("c_in", np.bool_, [])
+    body.input("v_in", F32, [1, 4, 5, 5])
+    _conv_bn_nodes(body, x, "body_y", w, b, params, "loop")
+    body.node("Add", ["v_in", "body_y"], ["v_out"], name="acc")
+    body.node("Identity", ["c_in"], ["c_out"], name="cond_pass")
+    body.output("c_out", np.bool_, [])
+    body.output("v_out", F32, [1, 4, 5, 5])
+    gb.node("Loop", [trip, "", v0], ["Y"], name="loop", body=body.graph("body"))
+    gb.output("Y", F32, [1, 4, 5, 5])
+    feeds = {"X": rng.normal(0, 1, (1, 3, 5, 5)).astype(np.float32),
+             "V0": rng.normal(0, 1, (1, 4, 5, 5)).astype(np.float32)}
+    return Built(gb.model(17), feeds, F32, ["loop_bn"], ["loop_conv"])
+
+
+def scan_model(seed: int = 0) -> Built:
+    """``Scan`` over the first axis of X: y_t = BN(Conv(x_t, W)), W and BN params from outside."""
+    rng = np.random.default_rng(seed)
+    gb = GraphBuilder()
+    x = gb.input("X", F32, [3, 1, 3, 5, 5])
+    s0 = gb.input("S0", F32, [1])
+    w, b, params = _outer_params(gb, rng, 3, 4, "s_")
+    body = GraphBuilder()
+    body.input("s_in", F32, [1])
+    body.input("x_t", F32, [1, 3, 5, 5])
+    _conv_bn_nodes(body, "x_t", "y_t", w, b, params, "scan")
+    body.node("Identity", ["s_in"], ["s_out"], name="state")
+    body.output("s_out", F32, [1])
+    body.output("y_t", F32, [1, 4, 5, 5])
+    gb.node("Scan", [s0, x], ["S", "Y"], name="scan", body=body.graph("body"), num_scan_inputs=1)
+    gb.output("S", F32, [1])
+    gb.output("Y", F32, [3, 1, 4, 5, 5])
+    feeds = {"X": rng.normal(0, 1, (3, 1, 3, 5, 5)).astype(np.float32), "S0": np.zeros(1, np.float32)}
+    return Built(gb.model(17), feeds, F32, ["scan_bn"], ["scan_conv"])
+
+
+def function_model(*, seed: int = 0, weight_as_input: bool = False, eps_ref: bool = False,
+                   calls: int = 1) -> Built:
+    """A model-local function ``local.ConvBN`` (Conv -> BN with Constant-node parameters in its
+    body) called from the main graph."""
+    rng = np.random.default_rng(seed)
+    fb = GraphBuilder(const_form="constant_node")
+    w = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    f_inputs = ["x"]
+    if weight_as_input:
+        f_inputs.append("w")
+        wname = "w"
+    else:
+        wname = fb.const("fw", w)
+    b = fb.const("fb", rng.normal(0, 1, 4).astype(np.float32))
+    st = bn_stats(rng, 4)
+    params = [fb.const(f"f{k}", st[k].astype(np.float32)) for k in ("scale", "B", "mean", "var")]
+    fb.node("Conv", ["x", wname, b], ["conv_out"], name="f_conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    bn = fb.node("BatchNormalization", ["conv_out", *params], ["y"], name="f_bn")
+    attributes: list[str] = []
+    attribute_protos = []
+    if eps_ref:
+        a = onnx.AttributeProto()
+        a.name = "epsilon"
+        a.ref_attr_name = "eps"
+        a.type = onnx.AttributeProto.FLOAT
+        bn.attribute.append(a)
+        attribute_protos.append(helper.make_attribute("eps", 1e-3))
+    func = helper.make_function(
+        "local", "ConvBN", f_inputs, ["y"], fb.nodes, [helper.make_opsetid("", 17)],
+        attributes=attributes,
+    )
+    if attribute_protos:
+        func.attribute_proto.extend(attribute_protos)
+    gb = GraphBuilder()
+    gb.input("X", F32, [1, 3, 5, 5])
+    ins = ["X"]
+    if weight_as_input:
+        ins.append(gb.const("W", w))
+    prev = "X"
+    for i in range(calls):
+        out = "Y" if i == calls - 1 else f"h{i}"
+        if i:
+            gb.node("Conv", [prev, gb.const(f"adapt{i}", rng.normal(0, 0.3, (3, 4, 1, 1)).astype(np.float32))],
+                    [f"a{i}"], name=f"adapt{i}", kernel_shape=[1, 1])
+            prev = f"a{i}"
+        gb.node("ConvBN", [prev, *ins[1:]], [out], name=f"call{i}", domain="local")
+        prev = out
+    gb.output("Y", F32, [1, 4, 5, 5])
+    model = gb.model(17, functions=[func], extra_opsets=[helper.make_opsetid("local", 1)])
+    feeds = {"X": rng.normal(0, 1, (1, 3, 5, 5)).astype(np.float32)}
+    return Built(model, feeds, F32, ["f_bn"], ["f_conv"])
