@@ -309,11 +309,6 @@ def test_local_function_folded_in_place() -> None:
 
 # ------------------------------------------------------------------------------------------------
 # bnfold's own verifier on the bundled models (everything else in this file avoids it)
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnfold bug: verification draws a rank-0 bool input as a numpy.bool scalar, not an "
-    "ndarray, and onnxruntime rejects it (status 'error' for any model with a scalar bool input)",
-)
 def test_bnfold_verifier_handles_scalar_bool_input() -> None:
     res = bnfold.fold(_case("case_if_branch").path)
     assert res.verification is not None
