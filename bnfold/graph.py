@@ -209,7 +209,9 @@ class Scope:
     removed_nodes: set[int] = field(default_factory=set)
     removed_initializers: set[str] = field(default_factory=set)
     removed_values: set[str] = field(default_factory=set)
-    new_constant_nodes: list[onnx.NodeProto] = field(default_factory=list)
+    # Constant nodes added by the pass (function bodies, IR < 4 subgraphs), inserted at commit;
+    # they are indexed like any other constant so a later fold (a BN chain) can use them.
+    new_constants: dict[str, onnx.NodeProto] = field(default_factory=dict)
     _cache: dict[str, Const] = field(default_factory=dict)
     _types: dict[str, int] | None = None
 
@@ -253,7 +255,8 @@ class Scope:
         return isinstance(self.proto, onnx.FunctionProto)
 
     def defines(self, name: str) -> bool:
-        return name in self.producer or name in self.initializers or name in self.inputs
+        return (name in self.producer or name in self.initializers or name in self.inputs
+                or name in self.new_constants)
 
     def owner(self, name: str) -> Scope | None:
         """The scope (this or an enclosing one) that defines ``name``."""
@@ -266,7 +269,7 @@ class Scope:
 
     def node_of(self, name: str) -> onnx.NodeProto | None:
         i = self.producer.get(name)
-        return None if i is None else self.proto.node[i]
+        return self.new_constants.get(name) if i is None else self.proto.node[i]
 
     def is_overridable(self, name: str) -> bool:
         """An initializer that is also a graph input in an IR >= 4 model: callers may override it."""
@@ -446,7 +449,8 @@ class Scope:
             tensor.CopyFrom(new)
             tensor.doc_string = doc
         else:
-            node = self.proto.node[self.producer[const.name]]
+            node = self.node_of(const.name)
+            assert node is not None
             del node.attribute[:]
             node.attribute.append(onnx.helper.make_attribute("value", new))
         const.value = array
@@ -456,9 +460,10 @@ class Scope:
         if self.is_function or (self.parent is not None and self.ir_version < 4):
             # Function bodies have no initializers; IR < 4 requires initializers to be listed as
             # graph inputs, which a subgraph (If branch, Loop/Scan body) cannot take: a Constant.
-            self.new_constant_nodes.append(
-                onnx.helper.make_node("Constant", [], [name], value=tensor, name=f"{name}_const")
+            self.new_constants[name] = onnx.helper.make_node(
+                "Constant", [], [name], value=tensor, name=f"{name}_const"
             )
+            self._cache[name] = Const(name, self, "constant_node", array)
             return
         graph = self.proto
         self.initializers[name] = len(graph.initializer)
@@ -487,6 +492,9 @@ class Scope:
                 return  # a real graph input: never dropped
             self.removed_initializers.add(name)
             self.removed_values.add(name)
+        elif name in self.new_constants:
+            del self.new_constants[name]
+            self._cache.pop(name, None)
         elif name in self.producer:
             idx = self.producer[name]
             node = self.proto.node[idx]
@@ -510,10 +518,10 @@ class Scope:
     def commit(self) -> None:
         """Apply all removals and additions in one rebuild of each list touched."""
         proto = self.proto
-        if self.removed_nodes or self.new_constant_nodes:
+        if self.removed_nodes or self.new_constants:
             kept = [n for i, n in enumerate(proto.node) if i not in self.removed_nodes]
             del proto.node[:]
-            proto.node.extend(self.new_constant_nodes)
+            proto.node.extend(self.new_constants.values())
             proto.node.extend(kept)
         if isinstance(proto, onnx.GraphProto):
             gone = self.removed_initializers

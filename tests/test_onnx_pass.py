@@ -982,3 +982,41 @@ def test_skip_report_fields() -> None:
     s = report.skipped[0]
     assert (s.bn, s.graph, s.producer, s.producer_op) == ("bn", "main", "conv", "Conv")
     assert report.to_dict()["skipped"][0]["code"] == "training_mode"
+
+
+def _append_second_bn(nodes, initializers_or_consts, y: str, c: int, rng, *, as_constants: bool) -> None:  # noqa: ANN001
+    """Rename the BN output ``y`` to ``y_mid`` and add a second BN ``y_mid -> y``."""
+    bn = next(n for n in nodes if n.op_type == "BatchNormalization" and n.output[0] == y)
+    bn.output[0] = f"{y}_mid"
+    gb = GraphBuilder(const_form="constant_node" if as_constants else "initializer")
+    add_bn(gb, f"{y}_mid", y, bn_stats(rng, c), dtype=F32, bn_opset=15, prefix=f"{y}_bn2")
+    nodes.extend(gb.nodes)
+    initializers_or_consts.extend(gb.initializers)
+
+
+def test_function_shared_weight_bn_chain() -> None:
+    """Copy-on-write inside a function adds a Constant node; a second BN in a chain must see it as
+    a constant (and update it in place)."""
+    b = function_model()
+    f = b.model.functions[0]
+    f.node.append(helper.make_node("Conv", ["x", "fw"], ["y2"], name="f_conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    f.output.append("y2")
+    b.model.graph.node[0].output.append("Y2")
+    b.model.graph.output.append(helper.make_tensor_value_info("Y2", TensorProto.FLOAT, [1, 4, 5, 5]))
+    _append_second_bn(f.node, [], "y", 4, np.random.default_rng(3), as_constants=True)
+    folded = assert_folds(b, 2)
+    consts = [n.output[0] for n in folded.functions[0].node if n.op_type == "Constant"]
+    assert sorted(consts) == ["fb", "fw", "fw_folded"], consts
+
+
+def test_ir3_if_shared_weight_bn_chain() -> None:
+    b = if_model(shared_weight=True)
+    b.model.ir_version = 3
+    b.model.opset_import[0].version = 7
+    then = next(a.g for a in b.model.graph.node[0].attribute if a.name == "then_branch")
+    _append_second_bn(then.node, [], "then_y", 4, np.random.default_rng(4), as_constants=True)
+    for t in b.model.graph.initializer:
+        b.model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    folded = assert_folds(b, 2)
+    then = next(a.g for a in folded.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node] == ["Constant", "Conv"]
