@@ -28,10 +28,12 @@ from typing import Annotated, Any, Iterator, Optional, TextIO
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.2x vendors click as typer._click; older typer depends on click itself
+try:  # recent typer vendors click as typer._click; older typer depends on click itself
     from typer import _click as click
+    from typer._click import exceptions as _click_exceptions  # noqa: F401 - makes click.exceptions available
 except ImportError:  # pragma: no cover
     import click  # type: ignore[no-redef]
+    import click.exceptions  # noqa: F401
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -923,11 +925,14 @@ def _worker_main(job: FoldJob, conn: Any) -> None:  # pragma: no cover - runs in
     conn.close()
 
 
-def run_parallel(jobs: list[FoldJob], workers: int, on_done: Any, on_tick: Any = None) -> list[dict[str, Any]]:
+def run_parallel(
+    jobs: list[FoldJob], workers: int, on_done: Any, on_tick: Any = None, target: Any = None
+) -> list[dict[str, Any]]:
     """Process each job in its own worker process, at most ``workers`` at a time.
 
     A worker that dies (a crash inside onnxruntime, out of memory) yields an error record for
     its model; the others go on. ``on_done(index, record)`` is called as each finishes.
+    ``target(job, connection)`` is the worker function (a test hook; default :func:`_worker_main`).
     """
     import multiprocessing as mp
     from multiprocessing.connection import wait
@@ -941,7 +946,7 @@ def run_parallel(jobs: list[FoldJob], workers: int, on_done: Any, on_tick: Any =
             while pending and len(running) < workers:
                 idx, job = pending.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker_main, args=(job, send), daemon=True, name=f"bnfold-{idx}")
+                proc = ctx.Process(target=target or _worker_main, args=(job, send), daemon=True, name=f"bnfold-{idx}")
                 proc.start()
                 send.close()
                 running[recv] = (idx, proc)
@@ -1002,7 +1007,7 @@ def _guarded(call: Any) -> int:
     except click.exceptions.NoArgsIsHelpError as exc:
         sys.stderr.write(exc.format_message() + "\n")
         return EXIT_BAD_INPUT
-    except click.UsageError as exc:
+    except click.exceptions.UsageError as exc:
         hint = ""
         if exc.ctx is not None:
             hint = f" (see '{exc.ctx.command_path} --help')"
@@ -1014,7 +1019,7 @@ def _guarded(call: Any) -> int:
     except BadInput as exc:
         sys.stderr.write(f"bnfold: error: {exc}\n")
         return EXIT_BAD_INPUT
-    except click.ClickException as exc:
+    except click.exceptions.ClickException as exc:
         sys.stderr.write(f"bnfold: error: {exc.format_message()}\n")
         return exc.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
@@ -1352,7 +1357,8 @@ def inspect_model(path: str, strict: bool = False) -> dict[str, Any]:
     """Every BN of ``path`` in graph order with whether it can be folded (nothing is written)."""
     rec: dict[str, Any] = {
         "input": path, "status": "error", "exit_code": EXIT_BAD_INPUT, "message": "",
-        "batchnorms": [], "foldable": 0, "kept": 0, "kept_after_linear": [],
+        "batchnorms": [], "foldable": 0, "kept": 0, "kept_after_linear": [], "nodes_before": None,
+        "nodes_after": None,
     }
     from .errors import BadInput
 
