@@ -274,7 +274,7 @@ def _random(rng: np.random.Generator, dtype: np.dtype, shape: list[int], name: s
     if dtype.kind in "iu":
         return rng.integers(0, INT_HIGH, size=shape).astype(dtype)
     if dtype.kind == "b":
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)
     raise BadInput(f"input '{name}' has dtype {dtype.name}; pass it with --inputs")
 
 
@@ -325,8 +325,11 @@ def compare(
         diff = np.abs(cand - ref)
     diff = np.where(same_nan | (ref == cand), 0.0, diff)  # equal infinities differ by nan otherwise
     diff = np.where(np.isnan(diff), np.inf, diff)
+    # Non-finite references count as magnitude 0: they pass only by exact match (diff == 0), and
+    # 0 * inf never turns a tolerance into nan.
     mag = np.abs(ref)
-    ok = diff <= atol + rtol * mag
+    mag = np.where(np.isfinite(mag), mag, 0.0)
+    ok = (diff == 0) | (diff <= atol + rtol * mag)
     mismatches = int(ok.size - np.count_nonzero(ok))
     max_abs = float(np.max(diff))
     nonzero = mag > 0
