@@ -11,7 +11,7 @@ subgraphs (``If``/``Loop``/``Scan`` bodies) to names of an enclosing scope.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +62,38 @@ def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
                 raise AttributeRef(f"attribute '{name}' refers to function attribute '{a.ref_attr_name}'")
             return onnx.helper.get_attribute_value(a)
     return default
+
+
+class BadAttribute(Exception):
+    """An attribute has the wrong type for its operator (a malformed model)."""
+
+
+def _typed_attr(node: onnx.NodeProto, name: str, kind: int) -> onnx.AttributeProto | None:
+    for a in node.attribute:
+        if a.name == name:
+            if a.ref_attr_name:
+                raise AttributeRef(f"attribute '{name}' refers to function attribute '{a.ref_attr_name}'")
+            t = a.type
+            if t == onnx.AttributeProto.UNDEFINED:  # very old models: infer from the field set
+                t = onnx.AttributeProto.FLOAT if a.HasField("f") else \
+                    onnx.AttributeProto.INT if a.HasField("i") else t
+            if t != kind:
+                want = "float" if kind == onnx.AttributeProto.FLOAT else "int"
+                raise BadAttribute(f"attribute '{name}' of {node.op_type} must be a single {want}")
+            return a
+    return None
+
+
+def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    """An INT attribute or ``default``; AttributeRef for refs, BadAttribute for another type."""
+    a = _typed_attr(node, name, onnx.AttributeProto.INT)
+    return default if a is None else int(a.i)
+
+
+def attr_float(node: onnx.NodeProto, name: str, default: float) -> float:
+    """A FLOAT attribute or ``default``; AttributeRef for refs, BadAttribute for another type."""
+    a = _typed_attr(node, name, onnx.AttributeProto.FLOAT)
+    return default if a is None else float(a.f)
 
 
 def set_attr(node: onnx.NodeProto, name: str, value: float | int) -> None:
@@ -161,6 +193,19 @@ class NotConstant(Exception):
 def tensor_array(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     """A TensorProto as a numpy array (bfloat16 via ml_dtypes), reading external data if needed."""
     return numpy_helper.to_array(tensor, base_dir)
+
+
+class BadTensor(NotConstant):
+    """A constant whose data cannot be read (corrupt, missing external data, bad type)."""
+
+
+def _read(name: str, load: Callable[[], np.ndarray]) -> np.ndarray:
+    try:
+        return np.asarray(load())
+    except NotConstant:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy/onnx raise many types for corrupt tensors
+        raise BadTensor(f"'{name}' cannot be read: {type(exc).__name__}: {exc}") from None
 
 
 def _np_to_tensor_type(dtype: np.dtype) -> int:
@@ -288,11 +333,11 @@ class Scope:
             if self.is_overridable(name):
                 raise NotConstant(f"'{name}' is a graph input (an initializer callers may override)")
             tensor = self.proto.initializer[self.initializers[name]]
-            c = Const(name, self, "initializer", tensor_array(tensor, self.base_dir))
+            c = Const(name, self, "initializer", _read(name, lambda: tensor_array(tensor, self.base_dir)))
         elif name in self.producer:
             node = self.proto.node[self.producer[name]]
             if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
-                c = Const(name, self, "constant_node", _constant_node_value(node))
+                c = Const(name, self, "constant_node", _read(name, lambda: _constant_node_value(node)))
             else:
                 c = Const(name, self, "computed", self._evaluate(name))
         else:
@@ -324,8 +369,8 @@ class Scope:
                 if op == "Constant":
                     return _np_to_tensor_type(_constant_node_value(node).dtype)
                 if op == "Cast":
-                    return int(attr(node, "to", 0))  # type: ignore[arg-type]
-            except (NotConstant, AttributeRef):
+                    return attr_int(node, "to", 0)
+            except (NotConstant, AttributeRef, BadAttribute):
                 return 0
             if op in ("Shape", "Size"):
                 return onnx.TensorProto.INT64

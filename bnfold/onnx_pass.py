@@ -15,6 +15,7 @@ Reason codes: ``training_mode``, ``spatial_mode``, ``attribute_ref``, ``malforme
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import onnx
 
@@ -22,12 +23,15 @@ from .folding import BNAffine, FoldError, bn_affine, fold_conv, fold_conv_transp
 from .graph import (
     ONNX_DOMAINS,
     AttributeRef,
+    BadAttribute,
+    BadTensor,
     Const,
     NameAllocator,
     NotConstant,
     Scope,
     all_names,
-    attr,
+    attr_float,
+    attr_int,
     set_attr,
     subgraphs,
 )
@@ -105,9 +109,13 @@ class _Pass:
             node = nodes[idx]
             if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
                 try:
-                    self.fold_one(scope, idx, node)
+                    rewrite = self.prepare(scope, idx, node)
                 except FoldError as e:
                     self.skip(scope, node, e.code, e.message)
+                except Exception as e:  # noqa: BLE001 - refuse what we cannot read, never crash
+                    self.skip(scope, node, "malformed", f"cannot be analysed: {type(e).__name__}: {e}")
+                else:
+                    rewrite()
         for idx in range(len(nodes)):
             if idx in scope.removed_nodes:
                 continue
@@ -135,16 +143,22 @@ class _Pass:
         )
 
     # ------------------------------------------------------------------------------------------
-    def fold_one(self, scope: Scope, idx: int, bn: onnx.NodeProto) -> None:
-        """Fold BN node ``idx`` into its producer, or raise FoldError with the reason."""
+    def prepare(self, scope: Scope, idx: int, bn: onnx.NodeProto) -> Callable[[], None]:
+        """Check that BN node ``idx`` folds into its producer and compute the folded tensors.
+
+        Returns the rewrite (which cannot fail) or raises FoldError with the reason. Nothing in
+        the graph changes before the rewrite runs.
+        """
         if len(bn.input) < 5 or not all(bn.input[:5]) or not bn.output or not bn.output[0]:
             raise FoldError("malformed", "BatchNormalization needs inputs X, scale, B, mean, var and output Y")
         version = bn_version(scope.opset.get("", 1))
         try:
             self.check_inference_mode(bn, version)
-            epsilon = float(attr(bn, "epsilon", 1e-5))  # type: ignore[arg-type]
+            epsilon = attr_float(bn, "epsilon", 1e-5)
         except AttributeRef as e:
             raise FoldError("attribute_ref", f"{e}; its value is unknown inside the function") from None
+        except BadAttribute as e:
+            raise FoldError("malformed", str(e)) from None
 
         x = bn.input[0]
         target = self.producer_of(scope, x)
@@ -154,8 +168,13 @@ class _Pass:
             plan = self.plan(scope, target, affine)
         except AttributeRef as e:
             raise FoldError("attribute_ref", f"{target.op_type}: {e}") from None
+        except BadAttribute as e:
+            raise FoldError("malformed", str(e)) from None
+        return lambda: self.rewrite(scope, idx, bn, target, plan)
 
-        # All checks passed and all values computed: rewrite (nothing below can fail).
+    def rewrite(self, scope: Scope, idx: int, bn: onnx.NodeProto, target: onnx.NodeProto,
+                plan: Callable[[], None]) -> None:
+        """Write the folded tensors and drop the BN (all checks passed, nothing here can fail)."""
         plan()
         old = target.output[0]
         target.output[0] = bn.output[0]
@@ -177,9 +196,9 @@ class _Pass:
 
     @staticmethod
     def check_inference_mode(bn: onnx.NodeProto, version: int) -> None:
-        if version in (1, 6) and not attr(bn, "is_test", 0):
+        if version in (1, 6) and not attr_int(bn, "is_test", 0):
             raise FoldError("training_mode", "is_test=0: the BN runs in training mode")
-        if version >= 14 and attr(bn, "training_mode", 0):
+        if version >= 14 and attr_int(bn, "training_mode", 0):
             raise FoldError("training_mode", "training_mode=1: the BN uses batch statistics")
         extra = [o for o in bn.output[1:] if o]
         if extra:
@@ -187,7 +206,7 @@ class _Pass:
                 "training_mode",
                 f"declares training outputs ({', '.join(extra)}): the BN runs in training mode",
             )
-        if version < 9 and attr(bn, "spatial", 1) == 0:
+        if version < 9 and attr_int(bn, "spatial", 1) == 0:
             raise FoldError("spatial_mode", "spatial=0: per-activation statistics, not per channel")
 
     @staticmethod
@@ -204,6 +223,8 @@ class _Pass:
         if target.domain not in ONNX_DOMAINS or target.op_type not in TARGET_OPS:
             op = f"{target.domain}.{target.op_type}" if target.domain not in ONNX_DOMAINS else target.op_type
             raise FoldError("unsupported_producer", f"follows {op}, not Conv/ConvTranspose/Gemm")
+        if len(target.output) != 1:
+            raise FoldError("malformed", f"{target.op_type} must have exactly one output")
         if x in scope.outputs:
             raise FoldError("graph_output", f"'{x}' is also a graph output")
         if scope.uses[x] != 1:
@@ -216,6 +237,8 @@ class _Pass:
     def constant(scope: Scope, name: str, code: str, what: str) -> Const:
         try:
             c = scope.constant(name)
+        except BadTensor as e:
+            raise FoldError("malformed", f"{what}: {e}") from None
         except NotConstant as e:
             raise FoldError(code, f"{what} is not constant: {e}") from None
         if c.value.dtype.name not in FLOAT_DTYPES:
@@ -236,14 +259,14 @@ class _Pass:
         op = target.op_type
         opset = scope.opset.get("", 1)
         if op == "Gemm":
-            trans_b = bool(attr(target, "transB", 0))
-            beta = float(attr(target, "beta", 1.0))  # type: ignore[arg-type]
+            trans_b = bool(attr_int(target, "transB", 0))
+            beta = attr_float(target, "beta", 1.0)
             c = bias.value if bias is not None else None
             if c is not None and beta == 0.0:
                 c = None  # beta * C contributes nothing
             new_w, new_b = fold_gemm(weight.value, c, affine, trans_b, beta)
         else:
-            group = int(attr(target, "group", 1))  # type: ignore[arg-type]
+            group = attr_int(target, "group", 1)
             fold = fold_conv if op == "Conv" else fold_conv_transpose
             new_w, new_b = fold(weight.value, bias.value if bias is not None else None, affine, group)
 

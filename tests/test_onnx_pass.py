@@ -1020,3 +1020,62 @@ def test_ir3_if_shared_weight_bn_chain() -> None:
     folded = assert_folds(b, 2)
     then = next(a.g for a in folded.graph.node[0].attribute if a.name == "then_branch")
     assert [n.op_type for n in then.node] == ["Constant", "Conv"]
+
+
+# ----- malformed models are refused with a code, never an exception -------------------------
+def _set_attr(node_name: str, name: str, value) -> callable:  # noqa: ANN001
+    def mutate(m: onnx.ModelProto) -> None:
+        node_named(m.graph, node_name).attribute.append(helper.make_attribute(name, value))
+    return mutate
+
+
+def _corrupt_tensor(name: str, how: str) -> callable:
+    def mutate(m: onnx.ModelProto) -> None:
+        tensors = [t for t in m.graph.initializer if t.name == name]
+        tensors += [n.attribute[0].t for n in m.graph.node if n.op_type == "Constant" and n.output[0] == name]
+        (t,) = tensors
+        if how == "short":
+            t.raw_data = t.raw_data[:-4]
+        elif how == "odd":
+            t.raw_data = b"123"
+        elif how == "undefined":
+            t.data_type = 0
+        elif how == "external":
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            e = t.external_data.add()
+            e.key, e.value = "location", "missing.bin"
+    return mutate
+
+
+def _two_outputs(m: onnx.ModelProto) -> None:
+    node_named(m.graph, "conv").output.append("extra")
+
+
+MALFORMED = {
+    "epsilon_string": (lambda: conv_bn(), _set_attr("bn", "epsilon", "abc")),
+    "epsilon_list": (lambda: conv_bn(), _set_attr("bn", "epsilon", [1.0, 2.0])),
+    "epsilon_int": (lambda: conv_bn(), _set_attr("bn", "epsilon", 0)),
+    "training_mode_string": (lambda: conv_bn(bn_opset=14), _set_attr("bn", "training_mode", "x")),
+    "is_test_float": (lambda: conv_bn(bn_opset=6), lambda m: [
+        a.CopyFrom(helper.make_attribute("is_test", 1.0)) for a in node_named(m.graph, "bn").attribute
+        if a.name == "is_test"]),
+    "group_list": (lambda: conv_bn(), _set_attr("conv", "group", [1, 2])),
+    "group_float": (lambda: conv_bn(), _set_attr("conv", "group", 1.5)),
+    "transB_string": (lambda: gemm_bn(), _set_attr("gemm", "transB", "x")),
+    "beta_string": (lambda: gemm_bn(), _set_attr("gemm", "beta", "x")),
+    "weight_truncated": (lambda: conv_bn(), _corrupt_tensor("W", "short")),
+    "var_truncated": (lambda: conv_bn(), _corrupt_tensor("bn_var", "short")),
+    "var_undefined_type": (lambda: conv_bn(), _corrupt_tensor("bn_var", "undefined")),
+    "constant_weight_bad_buffer": (lambda: conv_bn(weight_form="constant_node"), _corrupt_tensor("W", "odd")),
+    "weight_external_missing": (lambda: conv_bn(), _corrupt_tensor("W", "external")),
+    "conv_two_outputs": (lambda: conv_bn(bias=False), _two_outputs),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_skip_malformed_never_raises(case: str) -> None:
+    build, mutate = MALFORMED[case]
+    b = build()
+    mutate(b.model)
+    assert_skipped(b.model, "malformed")
