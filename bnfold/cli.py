@@ -682,7 +682,8 @@ class _Progress:
             try:
                 cols = os.get_terminal_size(sys.stderr.fileno()).columns
             except (OSError, ValueError, AttributeError):
-                cols = 80
+                cols = 0
+            cols = cols if cols >= 20 else 80  # a pty without a size reports 0
             text = text[: max(cols - 1, 10)]
             sys.stderr.write("\r" + text + " " * max(self.width - len(text), 0))
             sys.stderr.flush()
@@ -906,7 +907,8 @@ def _write_reports(
 # Running several models in worker processes
 
 
-def _worker_main(job: FoldJob, conn: Any) -> None:  # pragma: no cover - runs in a child process
+def _worker_loop(conn: Any, process: Any = None) -> None:  # pragma: no cover - runs in a child process
+    """A worker process: receive a FoldJob, send back its record, until it receives None."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
@@ -920,55 +922,94 @@ def _worker_main(job: FoldJob, conn: Any) -> None:  # pragma: no cover - runs in
         os.dup2(2, 1)  # stdout may carry --json -: keep anything a library prints off it
     except OSError:
         pass
-    rec = process_model(job)
-    conn.send(rec)
-    conn.close()
+    process = process or process_model
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        conn.send(process(job))
 
 
 def run_parallel(
     jobs: list[FoldJob], workers: int, on_done: Any, on_tick: Any = None, target: Any = None
 ) -> list[dict[str, Any]]:
-    """Process each job in its own worker process, at most ``workers`` at a time.
+    """Process ``jobs`` in at most ``workers`` worker processes (spawned, each reused for
+    several jobs) and return their records in job order.
 
-    A worker that dies (a crash inside onnxruntime, out of memory) yields an error record for
-    its model; the others go on. ``on_done(index, record)`` is called as each finishes.
-    ``target(job, connection)`` is the worker function (a test hook; default :func:`_worker_main`).
+    A worker that dies (a crash inside onnxruntime, out of memory) yields an error record for the
+    model it was processing and is replaced; the other models go on. ``on_done(index, record)`` is
+    called as each finishes; ``target(connection)`` is the worker function (a test hook; default
+    :func:`_worker_loop`).
     """
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")
-    pending = list(enumerate(jobs))
-    running: dict[Any, tuple[int, Any]] = {}
+    pending = list(range(len(jobs)))
     records: list[dict[str, Any] | None] = [None] * len(jobs)
+    active: dict[Any, tuple[Any, int]] = {}  # connection -> (process, job index)
+
+    def finish(idx: int, rec: dict[str, Any]) -> None:
+        records[idx] = rec
+        on_done(idx, rec)
+
+    def crashed(idx: int, proc: Any) -> dict[str, Any]:
+        proc.join(5)
+        rec = _empty_record(jobs[idx])
+        rec["message"] = f"internal error: the worker process died (exit code {proc.exitcode})"
+        return rec
+
+    def start() -> tuple[Any, Any]:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=target or _worker_loop, args=(child,), daemon=True, name="bnfold-worker")
+        proc.start()
+        child.close()
+        return parent, proc
+
+    def assign(conn: Any, proc: Any) -> None:
+        while pending:
+            idx = pending.pop(0)
+            try:
+                conn.send(jobs[idx])
+            except (OSError, EOFError):
+                conn.close()
+                finish(idx, crashed(idx, proc))
+                conn, proc = start()
+                continue
+            active[conn] = (proc, idx)
+            return
+        try:
+            conn.send(None)  # no more work: let it exit
+        except (OSError, EOFError):
+            pass
+        conn.close()
+        proc.join(5)
+
     try:
-        while pending or running:
-            while pending and len(running) < workers:
-                idx, job = pending.pop(0)
-                recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=target or _worker_main, args=(job, send), daemon=True, name=f"bnfold-{idx}")
-                proc.start()
-                send.close()
-                running[recv] = (idx, proc)
-            for conn in wait(list(running), timeout=0.25):
-                idx, proc = running.pop(conn)  # type: ignore[index]
+        for _ in range(min(workers, len(jobs))):
+            assign(*start())
+        while active:
+            for conn in wait(list(active), timeout=0.25):
+                proc, idx = active.pop(conn)  # type: ignore[index]
                 try:
                     rec = conn.recv()
                 except (EOFError, OSError):
-                    proc.join(5)
-                    rec = _empty_record(jobs[idx])
-                    rec["message"] = f"internal error: the worker process died (exit code {proc.exitcode})"
-                finally:
                     conn.close()
-                proc.join(5)
-                records[idx] = rec
-                on_done(idx, rec)
+                    finish(idx, crashed(idx, proc))
+                    if pending:
+                        assign(*start())
+                    continue
+                finish(idx, rec)
+                assign(conn, proc)
             if on_tick is not None:
                 on_tick()
     except BaseException:
-        for _conn, (_idx, proc) in running.items():
+        for proc, _idx in active.values():
             proc.terminate()
-        for _conn, (_idx, proc) in running.items():
+        for proc, _idx in active.values():
             proc.join(5)
         raise
     return [r for r in records if r is not None]

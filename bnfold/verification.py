@@ -204,8 +204,12 @@ def make_inputs(
     given: Mapping[str, np.ndarray],
     assumed: dict[str, int],
     optional: list[tuple[str, onnx.TypeProto]] | None = None,
+    run: int = 0,
 ) -> dict[str, np.ndarray]:
     """Seeded random feeds for every input not in ``given``; record assumed dims in ``assumed``.
+
+    A single-element boolean input (typically an ``If`` condition) is True on even runs and
+    False on odd ones, so ``runs=2`` exercises both branches.
 
     Given arrays are checked against the declared dtype, rank and static dimensions; their sizes
     bind the symbolic dimensions they carry, so generated inputs sharing a dimension name agree.
@@ -264,7 +268,10 @@ def make_inputs(
                     value = assumed.get(key, DEFAULT_BATCH if axis == 0 else DEFAULT_DIM)
                     assumed[key] = value
                 shape.append(value)
-        feeds[name] = _random(rng, dtype, shape, name)
+        if dtype.kind == "b" and int(np.prod(shape)) == 1:
+            feeds[name] = np.full(shape, run % 2 == 0, dtype=bool)
+        else:
+            feeds[name] = _random(rng, dtype, shape, name)
     return feeds
 
 
@@ -463,7 +470,7 @@ def verify(
     feeds = [
         make_inputs(
             ref_if.inputs, np.random.default_rng([seed, run]), shapes or {}, dims or {}, given,
-            assumed, ref_if.optional,
+            assumed, ref_if.optional, run,
         )
         for run in range(runs)
     ]

@@ -614,22 +614,25 @@ def test_parallel_workers_in_process(tmp_path: Path) -> None:
     assert result.stdout.index("a.onnx") < result.stdout.index("junk.onnx")
 
 
-def _crashing_worker(job: cli.FoldJob, conn: Any) -> None:  # runs in a spawned child
+def _crash_on_purpose(job: cli.FoldJob) -> dict[str, Any]:  # runs in a spawned worker
     if job.input.endswith("crash.onnx"):
         os._exit(7)
-    cli._worker_main(job, conn)
+    return cli.process_model(job)
 
 
 def test_a_crashing_worker_fails_only_its_model(tmp_path: Path) -> None:
-    a = save(conv_bn_model(seed=0), tmp_path / "a.onnx")
-    crash = save(conv_bn_model(seed=1), tmp_path / "crash.onnx")
+    import functools
+
+    paths = [save(conv_bn_model(seed=i), tmp_path / name) for i, name in enumerate(("a.onnx", "crash.onnx", "c.onnx", "d.onnx"))]
     check = cli.CheckOptions()
-    jobs = [cli.FoldJob(str(p), str(cli.default_output(p)), check) for p in (crash, a)]
+    jobs = [cli.FoldJob(str(p), str(cli.default_output(p)), check) for p in paths]
     seen: list[int] = []
-    records = cli.run_parallel(jobs, 2, lambda i, r: seen.append(i), target=_crashing_worker)
-    assert sorted(seen) == [0, 1]
-    assert records[0]["status"] == "error" and "worker process died (exit code 7)" in records[0]["message"]
-    assert records[1]["status"] == "passed" and records[1]["written"]
+    target = functools.partial(cli._worker_loop, process=_crash_on_purpose)
+    records = cli.run_parallel(jobs, 2, lambda i, r: seen.append(i), target=target)
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert records[1]["status"] == "error" and "worker process died (exit code 7)" in records[1]["message"]
+    assert [r["status"] for i, r in enumerate(records) if i != 1] == ["passed"] * 3
+    assert all(Path(r["output"]).exists() for i, r in enumerate(records) if i != 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -104,6 +104,13 @@ def test_make_inputs_is_seeded() -> None:
     assert np.array_equal(a["x"], b["x"]) and not np.array_equal(a["x"], c["x"])
 
 
+def test_scalar_boolean_inputs_alternate_between_runs() -> None:
+    interface = [("cond", _vi("cond", TensorProto.BOOL, []).type), ("mask", _vi("mask", TensorProto.BOOL, [64]).type)]
+    runs = [make_inputs(interface, np.random.default_rng([0, r]), {}, {}, {}, {}, None, r) for r in range(3)]
+    assert [bool(f["cond"]) for f in runs] == [True, False, True]
+    assert runs[0]["mask"].dtype == bool and 0 < runs[0]["mask"].sum() < 64
+
+
 def test_unknown_rank_and_non_tensor_inputs_need_help() -> None:
     no_shape = onnx.TypeProto()
     no_shape.tensor_type.elem_type = TensorProto.FLOAT
