@@ -515,8 +515,6 @@ def test_nested_if_inside_loop() -> None:
     del body.node[:]
     body.node.append(helper.make_node("If", ["c_in"], ["body_y"], name="inner_if", then_branch=then, else_branch=els))
     body.node.extend(rest)
-    b.feeds["c"] = None
-    b.feeds.pop("c")
     assert_folds(b)
 
 
@@ -1079,3 +1077,56 @@ def test_skip_malformed_never_raises(case: str) -> None:
     b = build()
     mutate(b.model)
     assert_skipped(b.model, "malformed")
+
+
+def test_if_branch_local_weights_value_info_and_unrelated_kept() -> None:
+    """Weights as branch initializers, BN params as branch Constant nodes; the branch's
+    value_info of the removed conv output goes, the branch's unrelated initializer stays."""
+    b = if_model()
+    g = b.model.graph
+    then = next(a.g for a in g.node[0].attribute if a.name == "then_branch")
+    # move the conv weight into the branch, BN params into branch Constant nodes
+    for name in ("t_W", "t_Bc"):
+        t = next(t for t in g.initializer if t.name == name)
+        then.initializer.append(copy.deepcopy(t))
+        g.initializer.remove(t)
+    consts = []
+    for name in ("t_scale", "t_B", "t_mean", "t_var"):
+        t = next(t for t in g.initializer if t.name == name)
+        consts.append(helper.make_node("Constant", [], [name], name=f"{name}_c", value=copy.deepcopy(t)))
+        g.initializer.remove(t)
+    for i, n in enumerate(consts):
+        then.node.insert(i, n)
+    then.initializer.append(numpy_helper.from_array(np.ones(2, np.float32), "branch_unused"))
+    then.value_info.extend([helper.make_tensor_value_info("then_conv_out", TensorProto.FLOAT, [1, 4, 5, 5])])
+    folded = assert_folds(b)
+    then = next(a.g for a in folded.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node] == ["Conv"]
+    assert not then.value_info
+    assert sorted(t.name for t in then.initializer) == ["branch_unused", "t_Bc", "t_W"]
+    assert_ort_equivalent(b.model, folded, {**b.feeds, "cond": np.array(True)})
+
+
+def test_function_value_info_removed() -> None:
+    b = function_model()
+    f = b.model.functions[0]
+    if not hasattr(f, "value_info"):
+        pytest.skip("FunctionProto.value_info needs onnx >= 1.16")
+    f.value_info.extend([helper.make_tensor_value_info("conv_out", TensorProto.FLOAT, [1, 4, 5, 5]),
+                         helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])])
+    folded = assert_folds(b)
+    assert [v.name for v in folded.functions[0].value_info] == ["y"]
+
+
+def test_every_reason_code_has_a_negative_test() -> None:
+    import re
+
+    import bnfold.onnx_pass as onnx_pass
+
+    doc = onnx_pass.__doc__ or ""
+    codes = set(re.findall(r"``([a-z_]+)``", doc.split("Reason codes:")[1]))
+    assert len(codes) == 21
+    source = Path(__file__).read_text()
+    tested = set(re.findall(r'assert_skipped\([^\n]*"([a-z_]+)"', source))
+    tested |= {"malformed"} if "MALFORMED" in source else set()
+    assert codes <= tested, sorted(codes - tested)
