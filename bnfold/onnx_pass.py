@@ -32,6 +32,7 @@ from .graph import (
     all_names,
     attr_float,
     attr_int,
+    free_uses,
     set_attr,
     subgraphs,
 )
@@ -92,6 +93,13 @@ class _Pass:
             model.graph, "main", _opset_map(model.opset_import), model.ir_version,
             self.base_dir, self.names,
         )
+        # Training info graphs read and update main-graph initializers by name: count those
+        # references as uses, so such tensors are neither removed nor overwritten in place.
+        for info in model.training_info:
+            for g in (info.initialization, info.algorithm):
+                top.uses.update(free_uses(g))
+            for binding in (*info.initialization_binding, *info.update_binding):
+                top.uses.update(n for n in (binding.key, binding.value) if n)
         self.process(top)
         for f in model.functions:
             opset = _opset_map(model.opset_import)

@@ -1130,3 +1130,22 @@ def test_every_reason_code_has_a_negative_test() -> None:
     tested = set(re.findall(r'assert_skipped\([^\n]*"([a-z_]+)"', source))
     tested |= {"malformed"} if "MALFORMED" in source else set()
     assert codes <= tested, sorted(codes - tested)
+
+
+def test_training_info_references_keep_tensors() -> None:
+    """Tensors a TrainingInfoProto reads or updates are neither overwritten nor removed."""
+    b = conv_bn(seed=2)
+    info = b.model.training_info.add()
+    algo = helper.make_graph(
+        [helper.make_node("Mul", ["W", "bn_scale_f"], ["W_new"])], "algo", [],
+        [helper.make_tensor_value_info("W_new", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.float32(0.5), "bn_scale_f")],
+    )
+    info.algorithm.CopyFrom(algo)
+    info.update_binding.add(key="W", value="W_new")
+    info.update_binding.add(key="bn_mean", value="W_new")
+    folded, report = fold(b.model)
+    assert len(report.folded) == 1
+    np.testing.assert_array_equal(initializer(folded, "W"), initializer(b.model, "W"))
+    np.testing.assert_array_equal(initializer(folded, "bn_mean"), initializer(b.model, "bn_mean"))
+    assert_ort_equivalent(b.model, folded, b.feeds)
