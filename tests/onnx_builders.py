@@ -177,6 +177,7 @@ def conv_bn(
     pads: Sequence[int] | None = None,
     auto_pad: str | None = None,
     output_padding: Sequence[int] | None = None,
+    output_shape: Sequence[int] | None = None,
     bias: bool = True,
     dtype: Any = F32,
     bn_opset: int = 15,
@@ -212,7 +213,7 @@ def conv_bn(
         ins.append(gb.const("Bc", cast(rng.normal(0, 1, cout), dtype), weight_form))
     gb.node(op, ins, ["conv_out"], name="conv", kernel_shape=ks, group=group if group != 1 else None,
             strides=strides, dilations=dilations, pads=pads, auto_pad=auto_pad,
-            output_padding=output_padding)
+            output_padding=output_padding, output_shape=output_shape)
     out = "bn_out" if relu else "Y"
     add_bn(gb, "conv_out", out, bn_stats(rng, cout), dtype=dtype, bn_opset=bn_opset, prefix="bn",
            epsilon=epsilon, param_dtype=param_dtype, mean_dtype=mean_dtype, param_form=param_form)

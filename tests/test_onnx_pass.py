@@ -139,6 +139,7 @@ CONV_T_CASES = {
     "dilated": dict(dilations=[2, 2]),
     "same_upper": dict(auto_pad="SAME_UPPER", strides=[2, 2]),
     "valid": dict(auto_pad="VALID", strides=[2, 1]),
+    "output_shape": dict(strides=[2, 2], output_shape=[10, 11]),
 }
 
 
