@@ -418,7 +418,7 @@ def verification_lines(v: dict[str, Any], verbose: bool = False, indent: str = "
         lines.append(f"{indent}  inputs: {inputs}" + (f" (assumed dims: {assumed}; set with --dim)" if assumed else ""))
     outputs = v.get("outputs") or []
     if outputs:
-        rows = [["output", "dtype", "shape", "max abs err", "max rel err", "atol", "rtol", "passes with atol", "result"]]
+        rows = [["output", "dtype", "shape", "max abs err", "max rel err", "atol", "rtol", "min atol", "result"]]
         shown = outputs if verbose or len(outputs) <= MAX_ROWS else outputs[:MAX_ROWS]
         for o in shown:
             rows.append([
@@ -480,7 +480,7 @@ def model_lines(rec: dict[str, Any], verbose: bool = False) -> list[str]:
         timing += f", verify {fmt_seconds(rec['verify_seconds'])})" if rec.get("verify_seconds") is not None else ")"
     lines.append(timing)
     if rec["written"]:
-        lines.append(f"  wrote {rec['output']}" + (" (--force: verification failed)" if rec["exit_code"] else ""))
+        lines.append(f"  wrote {rec['output']}" + (" (--force)" if rec["exit_code"] else ""))
     elif rec["dry_run"]:
         lines.append("  dry run: nothing written")
     elif rec["status"] == "failed":

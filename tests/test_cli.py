@@ -356,6 +356,38 @@ def test_exit_2_cases(folder: Path) -> None:
         assert files(folder) == baseline, (name, files(folder) - baseline)
 
 
+def test_unreadable_external_data_is_bad_input(tmp_path: Path) -> None:
+    model = conv_bn_model(channels=16)
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0)
+    (tmp_path / "ext.data").unlink()
+    result = invoke(tmp_path / "ext.onnx")
+    assert_usage_error(result, result.stderr)
+    assert "external data" in result.stderr
+    assert files(tmp_path) == {"ext.onnx"}
+
+
+def test_read_only_output_folder_is_usage_error(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if Path(p) == folder else real_access(p, mode))
+    result = invoke(folder / "a.onnx")
+    assert_usage_error(result, result.stderr)
+    assert "not writable" in result.stderr
+    assert files(folder) == {"a.onnx", "b.onnx"}
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores folder permissions")
+def test_read_only_output_folder_for_real(folder: Path) -> None:
+    ro = folder / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        result = invoke(folder / "a.onnx", "-o", ro / "x.onnx")
+        assert_usage_error(result, result.stderr)
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
 def test_same_stem_collision_is_usage_error(tmp_path: Path) -> None:
     (tmp_path / "d1").mkdir()
     (tmp_path / "d2").mkdir()
@@ -452,7 +484,8 @@ def test_json_for_several_models_and_failures(tmp_path: Path) -> None:
     mm = save(conv_bn_model(matmul_bn=True), tmp_path / "mm.onnx")
     bf = save(conv_bn_model(dtype="bfloat16"), tmp_path / "bf.onnx")
     report = tmp_path / "r.json"
-    result = invoke(a, mm, bf, tmp_path / "missing.onnx", "--strict", "-j", "1", "--json", report)
+    junit = tmp_path / "j.xml"
+    result = invoke(a, mm, bf, tmp_path / "missing.onnx", "--strict", "-j", "1", "--json", report, "--junit-xml", junit)
     assert result.exit_code == 2, result.output
     doc = json.loads(report.read_text())
     check_schema(doc)
@@ -463,6 +496,10 @@ def test_json_for_several_models_and_failures(tmp_path: Path) -> None:
     assert by_name["missing.onnx"]["status"] == "error" and by_name["missing.onnx"]["exit_code"] == 2
     assert doc["summary"]["models"] == 4 and doc["summary"]["errors"] == 1
     assert last_line(result.stdout).startswith("FAILED 3 of 4 models")
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert (suite.get("errors"), suite.get("failures")) == ("1", "2")
+    error = suite.find("testcase/error")
+    assert error is not None and "no such file" in error.get("message")
 
 
 def test_infinite_errors_become_null(folder: Path) -> None:
@@ -662,8 +699,10 @@ def test_subprocess_exit_codes(tmp_path: Path) -> None:
     assert proc.stderr.startswith("bnfold: error: ") and "Traceback" not in proc.stderr
     proc = run_module(a, "--atol", "0", "--rtol", "0", "-q")
     assert proc.returncode == 1 and proc.stdout.startswith("FAILED ")
-    proc = run_module(a, "-q")
-    assert proc.returncode == 0 and FINAL_PASSED.match(proc.stdout.strip())
+    proc = run_module(a, "--json", "-")  # one model: processed in the main process
+    assert proc.returncode == 0
+    check_schema(json.loads(proc.stdout))
+    assert FINAL_PASSED.match(last_line(proc.stderr))
     theirs = ort_fold(a, tmp_path / "a.ort.onnx")
     proc = run_module("verify", a, theirs, "-q")
     assert proc.returncode == 0, proc.stderr
