@@ -1075,6 +1075,8 @@ def _guarded(call: Any) -> int:
         return EXIT_INTERNAL
     if rv is None:
         return EXIT_OK
+    if rv == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130) itself
+        sys.stderr.write("bnfold: interrupted\n")
     return int(rv)
 
 
@@ -1490,8 +1492,27 @@ def inspect_final_line(rec: dict[str, Any]) -> str:
     return f"PASSED {counts}"
 
 
+def _sigterm_as_interrupt() -> None:
+    """Make SIGTERM (a cancelled CI job, ``kill``) unwind like Ctrl-C, so temporary files are
+    removed and workers stopped, instead of killing the process on the spot."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _handler)
+    except (ValueError, OSError):  # pragma: no cover - not the main thread / not supported
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: ``bnfold ...``; exits with the command's code."""
+    _sigterm_as_interrupt()
     command = typer.main.get_command(app)
     command.main(args=argv, prog_name="bnfold")
 

@@ -449,6 +449,7 @@ def test_interrupted_write_leaves_no_temp_file(folder: Path, monkeypatch: pytest
     monkeypatch.setattr(bnfold.io.os, "fsync", interrupted)
     result = invoke(folder / "a.onnx")
     assert result.exit_code == 130
+    assert result.stderr.strip() == "bnfold: interrupted"
     assert files(folder) == {"a.onnx", "b.onnx"}
 
 
