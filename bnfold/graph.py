@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from .external import EXTERNAL_THRESHOLD, Spill
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -191,8 +194,28 @@ class NotConstant(Exception):
 
 
 def tensor_array(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
-    """A TensorProto as a numpy array (bfloat16 via ml_dtypes), reading external data if needed."""
+    """A TensorProto as a numpy array (bfloat16 via ml_dtypes); external data is read from
+    ``base_dir`` (only this tensor's bytes, refusing locations outside that folder)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        from .errors import BadInput
+        from .external import read_external
+
+        try:
+            return read_external(tensor, base_dir)
+        except BadInput as exc:
+            raise BadTensor(str(exc)) from None
     return numpy_helper.to_array(tensor, base_dir)
+
+
+# Where new initializer data goes while folding a model with external data: a spill file, so
+# folded tensors never pile up in memory (see bnfold.external). None: keep data in the proto.
+SPILL: ContextVar[Spill | None] = ContextVar("bnfold_spill", default=None)
+
+
+def _maybe_spill(tensor: onnx.TensorProto) -> None:
+    spill = SPILL.get()
+    if spill is not None and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+        spill.store(tensor)
 
 
 class BadTensor(NotConstant):
@@ -493,6 +516,7 @@ class Scope:
             doc = tensor.doc_string
             tensor.CopyFrom(new)
             tensor.doc_string = doc
+            _maybe_spill(tensor)
         else:
             node = self.node_of(const.name)
             assert node is not None
@@ -512,6 +536,7 @@ class Scope:
             return
         graph = self.proto
         self.initializers[name] = len(graph.initializer)
+        _maybe_spill(tensor)
         graph.initializer.append(tensor)
         if self.ir_version < 4:
             # IR < 4: every initializer is also listed as a graph input.
