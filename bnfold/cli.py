@@ -762,6 +762,16 @@ def _check_report_path(value: str | None, option: str) -> None:
     _check_writable_folder(p.parent if str(p.parent) else Path("."), f"{option} {value}")
 
 
+def _check_report_clash(reports: list[str | None], models: list[Path]) -> None:
+    """A report path must not be a model the run reads or writes."""
+    for report in reports:
+        if report is None or report == "-":
+            continue
+        for model in models:
+            if _same_file(Path(report), Path(model)):
+                raise UsageProblem(f"{report}: the report would overwrite the model {model}")
+
+
 # ------------------------------------------------------------------------------------------------
 # JUnit XML and GitHub step summary
 
@@ -1176,6 +1186,7 @@ def fold_command(
         raise UsageProblem("--junit-xml needs a file path")
     check = _check_options(not no_verify, atol, rtol, seed, runs, shape, dim, inputs, provider)
     targets = plan_outputs(models, output, output_dir, in_place, dry_run)
+    _check_report_clash([json_out, junit_xml_path], [*models, *targets])
     n_workers = min(jobs or (os.cpu_count() or 1), len(models))
     if n_workers > 1:
         threads = max(1, (os.cpu_count() or 1) // n_workers)
@@ -1284,6 +1295,7 @@ def verify_command(
     console = Console(quiet=quiet, json_stdout=json_out == "-")
     _check_report_path(json_out, "--json")
     _check_report_path(junit_xml_path, "--junit-xml")
+    _check_report_clash([json_out, junit_xml_path], [reference, candidate])
     check = _check_options(True, atol, rtol, seed, runs, shape, dim, inputs, provider)
     from .errors import BadInput
 
@@ -1368,6 +1380,7 @@ def inspect_command(
     """
     console = Console(quiet=quiet, json_stdout=json_out == "-")
     _check_report_path(json_out, "--json")
+    _check_report_clash([json_out], list(models))
     start = time.perf_counter()
     records = []
     with _stdout_to_stderr(console.json_stdout):

@@ -342,6 +342,10 @@ def _bad_inputs(folder: Path) -> dict[str, list[Any]]:
         "unknown provider": [a, "--provider", "NoSuchExecutionProvider"],
         "json folder missing": [a, "--json", folder / "nope" / "r.json"],
         "jobs zero": [a, "-j", "0"],
+        "json over the input": [a, "--json", a],
+        "junit over the output": [a, "--junit-xml", folder / "a.folded.onnx"],
+        "verify json over a model": ["verify", a, a, "--json", a],
+        "inspect json over the model": ["inspect", a, "--json", a],
     }
 
 
