@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import tempfile
+import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from .errors import BadInput, VerificationFailed
-from .io import load_model, save_model
+from .external import Spill
+from .graph import SPILL
+from .io import has_external_data, load_model, save_model
 from .onnx_pass import fold_model
 from .report import FoldReport, Verification
 from .verification import Inputs
@@ -25,6 +29,8 @@ class FoldResult:
     report: FoldReport
     verification: Verification | None = None
     source: Path | None = None
+    base_dir: str = ""  # where the model's external data files are
+    spill: Spill | None = field(default=None, repr=False)  # folded tensors of an external-data model
 
     @property
     def passed(self) -> bool:
@@ -42,7 +48,10 @@ class FoldResult:
         if self.source is not None and target.exists() and target.resolve() == self.source.resolve() \
                 and not force:
             raise BadInput(f"{target}: refusing to overwrite the input model (pass force=True)")
-        return save_model(self.model, target)
+        saved = save_model(self.model, target, self.base_dir, self.spill)
+        if has_external_data(self.model):  # its tensors now live beside the written file
+            self.base_dir = str(saved.resolve().parent)
+        return saved
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: non-finite numbers (an infinite relative error) become None."""
@@ -69,6 +78,7 @@ def fold(
     provider: str = "CPUExecutionProvider",
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
+    stream_external: bool | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization of ``model`` and (by default) verify the result.
 
@@ -76,16 +86,27 @@ def fold(
     is never modified. Verification runs original and folded model in onnxruntime with graph
     optimizations off on seeded random inputs (or ``inputs``); see :func:`bnfold.verify`.
     ``progress``, if given, is called with the name of each long step as it starts
-    (``"loading"``, ``"folding"``, ``"verifying"``).
+    (``"loading"``, ``"folding"``, ``"verifying"``). ``stream_external`` forces (True) or
+    forbids (False) keeping external data on disk; by default only large data stays there.
     Raises :class:`bnfold.BadInput` for unreadable models and unusable verification options.
     """
     step = progress or (lambda _name: None)
     step("loading")
-    folded, base_dir, path = load_model(model)
-    original = folded.SerializeToString() if verify else b""
+    folded, base_dir, path = load_model(model, stream_external)
+    external = has_external_data(folded)
+    # The reference for verification: the file itself when there is one (onnxruntime resolves its
+    # external data), else a snapshot of the proto taken before folding.
+    original: Path | bytes = path if path is not None else (folded.SerializeToString() if verify else b"")
     step("folding")
-    report = fold_model(folded, base_dir)
-    result = FoldResult(folded, report, None, path)
+    spill = Spill() if external else None
+    token = SPILL.set(spill)
+    try:
+        report = fold_model(folded, base_dir)
+    finally:
+        SPILL.reset(token)
+    result = FoldResult(folded, report, None, path, base_dir, spill)
+    if spill is not None:
+        weakref.finalize(result, spill.close)
     if verify:
         from .verification import check_request, normalize_provider
         from .verification import verify as run_verify
@@ -98,11 +119,25 @@ def fold(
             )
         else:
             step("verifying")
-            reference = onnx.ModelProto()
-            reference.ParseFromString(original)
-            del original
-            result.verification = run_verify(
-                reference, folded, inputs=inputs, shapes=shapes, dims=dims, seed=seed, runs=runs,
-                atol=atol, rtol=rtol, provider=provider, threads=threads,
+            if isinstance(original, bytes):
+                reference: Any = onnx.ModelProto()
+                reference.ParseFromString(original)
+                del original
+            else:
+                reference = original
+            kwargs: dict[str, Any] = dict(
+                inputs=inputs, shapes=shapes, dims=dims, seed=seed, runs=runs, atol=atol,
+                rtol=rtol, provider=provider, threads=threads,
             )
+            if external:
+                # onnxruntime needs the candidate's data on disk: write a copy to a scratch folder.
+                with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
+                    candidate = onnx.ModelProto()
+                    candidate.CopyFrom(folded)
+                    target = Path(scratch) / "candidate.onnx"
+                    save_model(candidate, target, base_dir, spill)
+                    del candidate
+                    result.verification = run_verify(reference, target, **kwargs)
+            else:
+                result.verification = run_verify(reference, folded, **kwargs)
     return result

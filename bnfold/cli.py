@@ -284,7 +284,6 @@ def process_model(job: FoldJob, progress: Any = None) -> dict[str, Any]:
 
 def _process(job: FoldJob, rec: dict[str, Any], progress: Any) -> None:
     from .api import fold
-    from .io import save_model
     from .verification import jsonable
 
     src = Path(job.input)
@@ -340,9 +339,10 @@ def _process(job: FoldJob, rec: dict[str, Any], progress: Any) -> None:
     if write:
         if progress is not None:
             progress("writing")
-        save_model(result.model, job.output)
+        result.save(job.output, force=True)  # the checks above decided; force skips re-checking
         rec["written"] = True
-        rec["size_after"] = Path(job.output).stat().st_size
+        data = Path(f"{job.output}.data")
+        rec["size_after"] = Path(job.output).stat().st_size + (data.stat().st_size if data.exists() else 0)
     else:
         rec["size_after"] = result.model.ByteSize() if report.changed else rec["size_before"]
     rec["exit_code"] = code

@@ -62,6 +62,16 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield from _node_tensors(f.node)
 
 
+def external_bytes(model: onnx.ModelProto) -> int:
+    """Total bytes the model's tensors keep in external files (from their recorded lengths)."""
+    total = 0
+    for t in iter_tensors(model):
+        if is_external(t):
+            length = _entries(t).get("length")
+            total += int(length) if length and length.isdigit() else 0
+    return total
+
+
 def resolve_location(base_dir: str, location: str) -> Path:
     """The file an external location names, refusing anything outside ``base_dir``."""
     if not location:

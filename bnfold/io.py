@@ -12,9 +12,6 @@ from google.protobuf.message import DecodeError
 
 from .errors import BadInput
 
-ModelSource = "str | os.PathLike[str] | bytes | onnx.ModelProto | Any"
-
-
 def to_model_proto(obj: Any) -> onnx.ModelProto | None:
     """Convert in-memory models (ModelProto, onnx_ir.Model, torch.onnx.ONNXProgram, bytes)."""
     if isinstance(obj, onnx.ModelProto):
@@ -43,8 +40,15 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
     return model
 
 
-def load_model(source: Any) -> tuple[onnx.ModelProto, str, Path | None]:
+STREAM_THRESHOLD = 512 * 2**20  # external data at least this large stays on disk while folding
+
+
+def load_model(source: Any, stream_external: bool | None = None) -> tuple[onnx.ModelProto, str, Path | None]:
     """Return ``(model, base_dir, path)`` for a path or an in-memory model.
+
+    External data is loaded into the model when it is smaller than STREAM_THRESHOLD (or
+    ``stream_external`` is False); otherwise (or when True) it stays on disk, is read tensor by
+    tensor by the pass and streamed when saving.
 
     The returned model is always a fresh copy the caller may modify. Raises BadInput with a
     one-line message for anything that is not a readable ONNX model.
@@ -63,7 +67,16 @@ def load_model(source: Any) -> tuple[onnx.ModelProto, str, Path | None]:
             raise BadInput(f"{path}: empty file")
         model = _parse(data, str(path))
         base_dir = str(path.resolve().parent)
-        _load_external(model, base_dir, path)
+        if has_external_data(model):
+            from .external import check_locations, external_bytes
+
+            try:
+                check_locations(model, base_dir)
+            except BadInput as exc:
+                raise BadInput(f"{path}: {exc}") from None
+            if not stream_external and (stream_external is not None or external_bytes(model) < STREAM_THRESHOLD):
+                _load_external(model, base_dir, path)
+            # else external data stays on disk: the pass reads only the tensors it folds.
         return model, base_dir, path
     proto = to_model_proto(source)
     if proto is None:
@@ -77,39 +90,47 @@ def load_model(source: Any) -> tuple[onnx.ModelProto, str, Path | None]:
 
 
 def _load_external(model: onnx.ModelProto, base_dir: str, path: Path) -> None:
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+    from onnx.external_data_helper import load_external_data_for_model
 
-    if not any(uses_external_data(t) for t in _all_tensors(model)):
-        return
     try:
         load_external_data_for_model(model, base_dir)
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise BadInput(f"{path}: cannot read external data ({exc})") from None
 
 
-def _all_tensors(model: onnx.ModelProto):  # noqa: ANN202
-    from onnx.external_data_helper import _get_all_tensors
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """True if any tensor of the model keeps its data in an external file."""
+    from .external import is_external, iter_tensors
 
-    return _get_all_tensors(model)
+    return any(is_external(t) for t in iter_tensors(model))
 
 
 PROTOBUF_LIMIT = 2**31 - 1
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike[str], base_dir: str = "", spill: Any = None
+) -> Path:
     """Write ``model`` to ``path`` atomically: a temporary file in the same folder, then rename.
 
-    An interrupted write leaves the previous file (or none), never a partial one. Raises BadInput
-    (nothing written) when the folder is missing or not writable, or the model does not fit in a
-    single protobuf file.
+    A model with external data (read from ``base_dir``, or from ``spill`` for folded tensors), or
+    one over protobuf's 2 GiB limit, is written as ``path`` plus ``<name>.data`` beside it, with
+    the data streamed rather than loaded. An interrupted write leaves the previous file (or none),
+    never a partial one. Raises BadInput (nothing written) when the folder is missing or not
+    writable.
     """
     path = Path(path)
-    size = model.ByteSize()
-    if size > PROTOBUF_LIMIT:
-        raise BadInput(
-            f"{path}: the folded model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for a "
-            "single file; writing external data is not supported yet"
-        )
+    if has_external_data(model) or model.ByteSize() > PROTOBUF_LIMIT:
+        from .external import save_external
+
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise BadInput(f"{path}: folder {folder} does not exist")
+        try:
+            save_external(model, path, base_dir, spill)
+        except OSError as exc:
+            raise BadInput(f"{path}: write failed ({exc.strerror or exc})") from None
+        return path
     return write_atomic(model.SerializeToString(), path)
 
 
