@@ -57,7 +57,11 @@ class _Builder:
         graph = helper.make_graph(
             self.nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
             [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], self.inits)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bnfold-bench")
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bnfold-bench")
+        # give the output its inferred shape (some peers require it), without keeping value_info
+        inferred = onnx.shape_inference.infer_shapes(model)
+        model.graph.output[0].CopyFrom(inferred.graph.output[0])
+        return model
 
 
 def chain(n: int, channels: int = 8, with_bn: bool = True) -> onnx.ModelProto:

@@ -8,7 +8,20 @@ environment; nothing in bnfold depends on them.
 
 from __future__ import annotations
 
+import os
 import sys
+
+
+def _report_peak() -> None:
+    """Write this process's peak RSS (VmHWM: this program only, not the launcher) to $BENCH_RSS_FILE."""
+    target = os.environ.get("BENCH_RSS_FILE")
+    if not target:
+        return
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                with open(target, "w") as out:
+                    out.write(str(int(line.split()[1]) / 1024))
 
 
 def main(tool: str, src: str, dst: str) -> None:
@@ -16,7 +29,11 @@ def main(tool: str, src: str, dst: str) -> None:
         from bnfold.cli import main as cli
 
         sys.argv = ["bnfold", src, "-o", dst, "--no-verify", "--quiet"]
-        cli()
+        try:
+            cli()
+        except SystemExit as exc:
+            if exc.code:
+                raise
         return
     import onnx
 
@@ -58,4 +75,7 @@ def main(tool: str, src: str, dst: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    try:
+        main(*sys.argv[1:4])
+    finally:
+        _report_peak()

@@ -5,7 +5,7 @@
 Builds its inputs in a temporary folder (ResNet-50 and MobileNet shapes, chains of 500 and 5000
 Conv->BN->ReLU blocks, and with ``--big`` a model above 2 GB with external data), runs every tool
 as its own process, alternating tools within each repetition, and reports the median wall time
-and the peak RSS of each (from ``wait4``). Prints a table with ratios bnfold/peer and
+and the peak RSS of each (VmHWM of the tool process). Prints a table with ratios bnfold/peer and
 bnfold/floor, writes it as JSON, and measures onnxruntime latency of original vs folded vs a
 model built without BN. Tools that are not installed are reported as such.
 """
@@ -34,12 +34,14 @@ TOOLS = ["floor", "bnfold", "ort", "onnxscript", "onnxslim", "onnxsim", "onnxopt
 
 def run_tool(tool: str, src: Path, dst: Path, timeout: float) -> tuple[float, float, str]:
     """(seconds, peak RSS in MB, status) of one whole-process run."""
+    rss_file = dst.with_suffix(".rss")
+    env = dict(os.environ, BENCH_RSS_FILE=str(rss_file))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(HERE / "peers.py"), tool, str(src), str(dst)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = start + timeout
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         if time.perf_counter() > deadline:
@@ -50,7 +52,8 @@ def run_tool(tool: str, src: Path, dst: Path, timeout: float) -> tuple[float, fl
     seconds = time.perf_counter() - start
     err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
     code = os.waitstatus_to_exitcode(status)
-    return seconds, usage.ru_maxrss / 1024, "ok" if code == 0 else f"exit {code}: {err[-1] if err else ''}"
+    peak = float(rss_file.read_text()) if rss_file.exists() else float("nan")
+    return seconds, peak, "ok" if code == 0 else f"exit {code}: {err[-1] if err else ''}"
 
 
 def count_bn(path: Path) -> int | None:
@@ -122,7 +125,8 @@ def main() -> None:
 
 
 def bench(name: str, src: Path, tmpdir: Path, tools: list[str], args: argparse.Namespace) -> dict:
-    size = sum(f.stat().st_size for f in src.parent.iterdir() if f.name.startswith(src.stem)) / 1e6
+    data = src.parent / f"{src.name}.data"
+    size = (src.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
     times: dict[str, list[float]] = {t: [] for t in tools}
     rss: dict[str, list[float]] = {t: [] for t in tools}
     status: dict[str, str] = {}
