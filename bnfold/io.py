@@ -66,6 +66,10 @@ def load_model(source: Any, stream_external: bool | None = None) -> tuple[onnx.M
         if not data:
             raise BadInput(f"{path}: empty file")
         model = _parse(data, str(path))
+        try:
+            check_structure(model)
+        except BadInput as exc:
+            raise BadInput(f"{path}: {exc}") from None
         base_dir = str(path.resolve().parent)
         if has_external_data(model):
             from .external import check_locations, external_bytes
@@ -84,9 +88,158 @@ def load_model(source: Any, stream_external: bool | None = None) -> tuple[onnx.M
             f"cannot fold a {type(source).__name__}: pass a path, onnx.ModelProto, "
             "onnx_ir.Model or torch.onnx.ONNXProgram"
         )
+    check_structure(proto)
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     return copy, "", None
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """Refuse a model no runtime can load and no pass can reason about (BadInput, one line).
+
+    Checked in one scan of every graph, subgraph and function: an IR version or default-domain
+    opset newer than the installed onnx knows (the semantics of BatchNormalization there are
+    unknown); a value defined twice (graph inputs, initializers, node outputs); a node input or
+    graph output that nothing defines (in its graph or an enclosing one); a cycle. Nodes need not
+    be in topological order (onnxruntime sorts them itself).
+    """
+    known_ir = onnx.IR_VERSION
+    if model.ir_version > known_ir:
+        raise BadInput(
+            f"IR version {model.ir_version} is newer than the installed onnx {onnx.__version__} knows "
+            f"(up to {known_ir}); upgrade onnx"
+        )
+    known_opset = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version > known_opset:
+            raise BadInput(
+                f"opset {imp.version} is newer than the installed onnx {onnx.__version__} knows "
+                f"(up to {known_opset}), so the meaning of its operators is unknown; upgrade onnx"
+            )
+    domains = {("" if imp.domain == "ai.onnx" else imp.domain) for imp in model.opset_import}
+    domains.update(f.domain for f in model.functions)
+    _check_domains(model.graph.node, domains)
+    _check_graph(model.graph, frozenset(), "")
+    for f in model.functions:
+        where = f" in function '{f.domain}:{f.name}'" if f.domain else f" in function '{f.name}'"
+        _check_body(list(f.input), [], f.node, list(f.output), frozenset(), where, "function input")
+
+
+def _check_domains(nodes: Any, domains: set[str]) -> None:
+    """Every node's domain must be imported (or be a model-local function's)."""
+    for node in nodes:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if domain not in domains:
+            label = f"'{domain}'" if domain else "'' (ai.onnx)"
+            raise BadInput(
+                f"{_node(node)} uses the operator domain {label}, which the model's opset_import does "
+                "not list; the model is invalid (add the opset import or re-export it)"
+            )
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _check_domains(attr.g.node, domains)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _check_domains(g.node, domains)
+
+
+def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], where: str) -> frozenset[str]:
+    """Check one graph (recursively); returns the names it uses from enclosing scopes."""
+    inits = [t.name for t in graph.initializer] + [t.values.name for t in graph.sparse_initializer]
+    seen: set[str] = set()
+    for name in inits:
+        if name in seen:
+            raise BadInput(f"initializer '{name}' is defined twice{where}; every value needs exactly one definition")
+        seen.add(name)
+    return _check_body(
+        [v.name for v in graph.input], inits, graph.node, [v.name for v in graph.output], outer, where,
+        "graph input",
+    )
+
+
+def _check_body(
+    inputs: list[str], inits: list[str], nodes: Any, outputs: list[str], outer: frozenset[str], where: str,
+    input_kind: str,
+) -> frozenset[str]:
+    defined: dict[str, str] = {}
+    for name in inputs:
+        if name in defined:
+            raise BadInput(f"{input_kind} '{name}' is declared twice{where}")
+        defined[name] = input_kind
+    for name in inits:
+        defined.setdefault(name, "initializer")  # an initializer may also be listed as an input
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node.output:
+            if not name:
+                continue
+            if name in defined:
+                raise BadInput(
+                    f"'{name}' is defined twice{where}: output of {_node(node)} and {defined[name]}; "
+                    "every value needs exactly one definition"
+                )
+            defined[name] = f"output of {_node(node)}"
+            producer[name] = i
+    inner_scope = outer | frozenset(defined)
+    free: set[str] = set()
+    deps: list[set[int]] = []
+    for node in nodes:
+        uses = [n for n in node.input if n]
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else (
+                list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
+            for g in subs:
+                uses.extend(_check_graph(g, inner_scope, f"{where} in subgraph '{attr.name}' of {_node(node)}"))
+        mine: set[int] = set()
+        for name in uses:
+            if name in producer:
+                mine.add(producer[name])
+            elif name not in defined:
+                if name not in outer:
+                    raise BadInput(
+                        f"{_node(node)}{where} reads '{name}', which no {input_kind}, initializer or node "
+                        "defines; the model is incomplete"
+                    )
+                free.add(name)
+        deps.append(mine)
+    for name in outputs:
+        if name not in defined:
+            if name not in outer:
+                raise BadInput(f"output '{name}'{where} is not produced by anything")
+            free.add(name)
+    _check_acyclic(nodes, deps, where)
+    return frozenset(free)
+
+
+def _node(node: onnx.NodeProto) -> str:
+    return f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
+
+
+def _check_acyclic(nodes: Any, deps: list[set[int]], where: str) -> None:
+    """Kahn's algorithm over producer -> consumer edges; BadInput naming a node on a cycle."""
+    n = len(deps)
+    users: list[list[int]] = [[] for _ in range(n)]
+    missing = [0] * n
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+        missing[i] = len(d)
+    ready = [i for i in range(n) if missing[i] == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for u in users[i]:
+            missing[u] -= 1
+            if missing[u] == 0:
+                ready.append(u)
+    if done < n:
+        stuck = next(i for i in range(n) if missing[i] > 0)
+        visited: set[int] = set()
+        while stuck not in visited:  # walk back along unresolved inputs until a node repeats
+            visited.add(stuck)
+            stuck = next(j for j in deps[stuck] if missing[j] > 0)
+        raise BadInput(f"the graph{where} has a cycle through {_node(nodes[stuck])}; ONNX graphs must be acyclic")
 
 
 def _load_external(model: onnx.ModelProto, base_dir: str, path: Path) -> None:

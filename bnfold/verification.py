@@ -69,12 +69,15 @@ def _check_same_interface(a: _Interface, b: _Interface) -> None:
         raise BadInput(f"the models have different outputs: {out_a} vs {out_b}")
 
 
-def _np_dtype(elem_type: int) -> np.dtype:
+def _np_dtype(elem_type: int, what: str = "a tensor") -> np.dtype:
     if elem_type == onnx.TensorProto.BFLOAT16:
         import ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, TypeError):
+        raise BadInput(f"{what} has element type {elem_type}, which onnx {onnx.__version__} does not know") from None
 
 
 def load_inputs(inputs: Inputs) -> dict[str, np.ndarray]:
@@ -225,7 +228,7 @@ def make_inputs(
         if not type_proto.HasField("tensor_type"):
             feeds[name] = arr
             continue
-        dtype = _np_dtype(type_proto.tensor_type.elem_type)
+        dtype = _np_dtype(type_proto.tensor_type.elem_type, f"input '{name}'")
         if arr.dtype != dtype:
             raise BadInput(f"input '{name}' must have dtype {dtype.name}, got {arr.dtype.name}")
         declared = _declared(type_proto)
@@ -248,7 +251,7 @@ def make_inputs(
         tt = type_proto.tensor_type
         if tt.elem_type == onnx.TensorProto.UNDEFINED:
             raise BadInput(f"input '{name}' has no element type; pass it with --inputs")
-        dtype = _np_dtype(tt.elem_type)
+        dtype = _np_dtype(tt.elem_type, f"input '{name}'")
         declared = _declared(type_proto)
         if name in shapes:
             shape = [int(d) for d in shapes[name]]
@@ -553,4 +556,12 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     if not text:
         return type(exc).__name__
-    return re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*", "", text[0])
+    line = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*", "", text[0])
+    # onnxruntime's "Load model from <path> failed:" and "<source file>:<line> <C++ signature>" add
+    # nothing for a user; keep the sentence after them.
+    line = re.sub(r"Load model from .*? failed:\s*", "", line)
+    line = re.sub(r"\S*onnxruntime\S*\.(?:cc|h|cpp):\d+ .*?\)\s+(?=[A-Z])", "", line)
+    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 3].rstrip() + "..."
+
+
+MAX_MESSAGE = 400  # characters of a third-party error message kept in bnfold's one-line messages
