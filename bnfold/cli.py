@@ -28,6 +28,8 @@ from typing import Annotated, Any, Iterator, Optional, TextIO
 import typer
 from typer.core import TyperGroup
 
+from .errors import printable  # standard library only
+
 try:  # recent typer vendors click as typer._click; older typer depends on click itself
     from typer import _click as click
     from typer._click import exceptions as _click_exceptions  # noqa: F401 - makes click.exceptions available
@@ -590,14 +592,16 @@ class Console:
             self.progress.draw()
 
     def lines(self, lines: list[str]) -> None:
-        """Body text: suppressed by --quiet."""
+        """Body text: suppressed by --quiet. Names from a model cannot break lines or send
+        terminal escapes: control characters are escaped."""
         if not self.quiet and lines:
-            self._emit(self.out, "\n".join(lines))
+            self._emit(self.out, "\n".join(printable(line) for line in lines))
 
     def final(self, line: str) -> None:
         """The greppable PASSED/FAILED line: kept by --quiet unless --json - owns stdout."""
         if self.quiet and self.json_stdout:
             return
+        line = printable(line)
         stream = self.out
         if self._color(stream):
             word, _, rest = line.partition(" ")
@@ -608,11 +612,11 @@ class Console:
 
     def warn(self, text: str) -> None:
         if not self.quiet:
-            self._emit(sys.stderr, f"bnfold: warning: {text}")
+            self._emit(sys.stderr, f"bnfold: warning: {printable(text)}")
 
     def error(self, text: str) -> None:
         """One line on stderr, always (even with --quiet)."""
-        self._emit(sys.stderr, f"bnfold: error: {text}")
+        self._emit(sys.stderr, f"bnfold: error: {printable(text)}")
 
 
 def _isatty(stream: Any) -> bool:
@@ -1062,13 +1066,13 @@ def _guarded(call: Any) -> int:
         hint = ""
         if exc.ctx is not None:
             hint = f" (see '{exc.ctx.command_path} --help')"
-        sys.stderr.write(f"bnfold: error: {exc.format_message()}{hint}\n")
+        sys.stderr.write(f"bnfold: error: {printable(exc.format_message())}{hint}\n")
         return EXIT_BAD_INPUT
     except UsageProblem as exc:
-        sys.stderr.write(f"bnfold: error: {exc}\n")
+        sys.stderr.write(f"bnfold: error: {printable(str(exc))}\n")
         return EXIT_BAD_INPUT
     except BadInput as exc:
-        sys.stderr.write(f"bnfold: error: {exc}\n")
+        sys.stderr.write(f"bnfold: error: {printable(str(exc))}\n")
         return EXIT_BAD_INPUT
     except click.exceptions.ClickException as exc:
         sys.stderr.write(f"bnfold: error: {exc.format_message()}\n")
@@ -1080,7 +1084,7 @@ def _guarded(call: Any) -> int:
         if os.environ.get("BNFOLD_DEBUG"):
             traceback.print_exc()
         sys.stderr.write(
-            f"bnfold: internal error: {type(exc).__name__}: {exc} (set BNFOLD_DEBUG=1 for the traceback)\n"
+            f"bnfold: internal error: {type(exc).__name__}: {printable(str(exc))} (set BNFOLD_DEBUG=1 for the traceback)\n"
         )
         return EXIT_INTERNAL
     if rv is None:

@@ -408,7 +408,7 @@ def _session(model: onnx.ModelProto | Path, provider: str, threads: int | None =
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures come back as exceptions; keep its log off stderr
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1

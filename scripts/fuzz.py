@@ -1,0 +1,76 @@
+"""Long fuzz run of bnfold outside CI: the property of tests/test_fuzz.py on many more cases.
+
+    python scripts/fuzz.py --examples 5000 [--seed 1] [--max-failures 20]
+
+Unlike the pytest form (which stops and shrinks at the first failure), this keeps going, counts
+each outcome (refused as BadInput, unchanged, folded and checked in onnxruntime, ...) and prints
+every failure with a reproducer: the mutated model is saved under ``--save DIR`` (default
+``fuzz-failures/``) as ``<n>.onnx`` with its traceback in ``<n>.txt``. Exit code 1 if any case failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-failures", type=int, default=50, help="stop after this many failures")
+    parser.add_argument("--save", type=Path, default=Path("fuzz-failures"))
+    args = parser.parse_args(argv)
+
+    from hypothesis import HealthCheck, Phase, given, seed, settings
+    from hypothesis import strategies as st
+
+    import test_fuzz
+
+    outcomes: collections.Counter[str] = collections.Counter()
+    failures: list[tuple[bytes, str]] = []
+    start = time.perf_counter()
+
+    @seed(args.seed)
+    @settings(max_examples=args.examples, deadline=None, phases=[Phase.generate], database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def run(data: object) -> None:
+        raw = test_fuzz.mutate(data)
+        try:
+            outcomes[test_fuzz.check_case(raw)] += 1
+        except Exception:  # noqa: BLE001 - a property violation or a crash: record and go on
+            outcomes["FAILED"] += 1
+            failures.append((raw, traceback.format_exc()))
+            if len(failures) >= args.max_failures:
+                raise SystemExit("too many failures") from None
+
+    try:
+        run()
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+    seconds = time.perf_counter() - start
+    total = sum(outcomes.values())
+    print(f"{total} cases in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f}/s), {len(failures)} failures")
+    for name, n in outcomes.most_common():
+        print(f"  {n:6d}  {name}")
+    if failures:
+        args.save.mkdir(parents=True, exist_ok=True)
+        for i, (raw, tb) in enumerate(failures):
+            (args.save / f"{i}.onnx").write_bytes(raw)
+            (args.save / f"{i}.txt").write_text(tb)
+            last = [ln for ln in tb.strip().splitlines() if ln.strip()][-1]
+            print(f"failure {i}: {last[:300]}  ({args.save / f'{i}.onnx'})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
