@@ -12,6 +12,22 @@ absorbs it exactly::
 All arithmetic runs in float64 and every result is rounded once into the dtype of the tensor it
 replaces (round to nearest, ties to even), so a folded model never changes a tensor's dtype.
 Nothing here knows about ONNX or torch: inputs and outputs are numpy arrays.
+
+Other exact affine folds built on the same map:
+
+* a per-channel constant ``a`` added between the layer and the BN (``Conv -> Add -> BN``) or a
+  decomposed BN (``Conv -> Mul(m) -> Add(a)``) compose into one affine map first
+  (:func:`compose_add`, :func:`affine_of`), so the layer is still rounded once;
+* a BN *before* a layer with no padding (:func:`fold_conv_input`, :func:`fold_gemm_input`)::
+
+      W'[o, i, k] = W[o, i, k] * s[g*Cin_g + i],   b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[g*Cin_g + i]
+
+  (``g`` the group of output channel ``o``); for a Gemm after ``Flatten(axis=1)`` each channel
+  covers ``HW`` consecutive features: ``B'[k, n] = s[k // HW] * B[k, n]``,
+  ``C' = beta * C + alpha * sum_k t[k // HW] * B[k, n]``;
+* a dequantized weight ``W = (q - zp) * scale`` with a per-output-channel scale:
+  ``scale' = s * scale`` (:func:`fold_dequantized_scale`), the integers ``q`` untouched;
+* a standalone BN as ``y = s * x + t`` with ``s``, ``t`` rounded once (:func:`affine_constants`).
 """
 
 from __future__ import annotations
@@ -29,6 +45,14 @@ __all__ = [
     "fold_conv_transpose",
     "fold_gemm",
     "scale_output_channels",
+    "channel_vector",
+    "compose_add",
+    "affine_of",
+    "fold_conv_input",
+    "fold_gemm_input",
+    "fold_dequantized_scale",
+    "affine_constants",
+    "fold_bias",
 ]
 
 
@@ -139,6 +163,14 @@ def _folded_bias(bias: np.ndarray | None, affine: BNAffine) -> np.ndarray:
     return _as_f64(bias) * affine.scale + affine.shift
 
 
+def fold_bias(bias: np.ndarray | None, affine: BNAffine, dtype: np.dtype) -> np.ndarray:
+    """``s * b + t`` (just ``t`` without a bias) rounded once to ``dtype``."""
+    _check_finite("bias", bias)
+    if bias is not None:
+        _check_bias(bias, affine.scale.shape[0])
+    return round_to_dtype(_folded_bias(bias, affine), dtype)
+
+
 def _check_finite(label: str, arr: np.ndarray | None) -> None:
     if arr is not None and arr.size and not np.all(np.isfinite(_as_f64(arr))):
         raise FoldError("non_finite", f"{label} contains NaN or Inf")
@@ -241,3 +273,149 @@ def _check_bias(bias: np.ndarray | None, channels: int) -> None:
         raise FoldError(
             "bias_shape", f"bias has shape {list(bias.shape)}, expected [{channels}]"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# per-channel constants, composition, folds before a layer, dequantized weights
+# ----------------------------------------------------------------------------------------------
+def channel_vector(value: np.ndarray, channels: int, out_rank: int, axis: int = 1) -> np.ndarray:
+    """The ``[channels]`` float64 vector of a constant that broadcasts exactly along ``axis`` of a
+    rank-``out_rank`` tensor with ``channels`` channels there.
+
+    Accepted: a scalar, or a tensor of rank <= ``out_rank`` that, right-aligned, is 1 on every axis
+    but ``axis`` (where it is ``channels`` or 1): ``[C, 1, 1]`` or ``[1, C, 1, 1]`` for a 2-D conv
+    output, ``[C]`` / ``[1, C]`` for ``[M, C]``. Anything else (a bigger rank, a spatial or batch
+    extent) changes the output shape or is not per-channel: FoldError ``broadcast``.
+    """
+    v = np.asarray(value)
+    shape = list(v.shape)
+    if len(shape) > out_rank:
+        raise FoldError(
+            "broadcast", f"constant of shape {shape} has a higher rank than the output ({out_rank})"
+        )
+    padded = [1] * (out_rank - len(shape)) + shape
+    for ax, d in enumerate(padded):
+        if d != 1 and (ax != axis or d != channels):
+            raise FoldError(
+                "broadcast",
+                f"constant of shape {shape} does not broadcast along the channel axis only "
+                f"(expected 1s and {channels} at axis {axis} of a rank-{out_rank} output)",
+            )
+    _check_finite("constant", v)
+    return np.broadcast_to(_as_f64(v).reshape(-1), (channels,)).copy() if v.size == 1 else \
+        _as_f64(v).reshape(channels)
+
+
+def compose_add(add: np.ndarray, affine: BNAffine) -> BNAffine:
+    """``BN(z + a)`` as one affine map of ``z``: ``s * z + (s * a + t)`` (``a`` per channel)."""
+    return BNAffine(scale=affine.scale, shift=affine.scale * _as_f64(add) + affine.shift)
+
+
+def affine_of(mul: np.ndarray | None, add: np.ndarray | None, channels: int) -> BNAffine:
+    """``z * m + a`` as a :class:`BNAffine` (per-channel float64 vectors; missing parts neutral)."""
+    m = np.ones(channels) if mul is None else _as_f64(mul)
+    a = np.zeros(channels) if add is None else _as_f64(add)
+    return BNAffine(scale=m, shift=a)
+
+
+def fold_conv_input(
+    weight: np.ndarray, bias: np.ndarray | None, affine: BNAffine, group: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold a BN on the *input* of an unpadded Conv (weight ``[Cout, Cin/group, *k]``).
+
+    ``W'[o, i, k] = W[o, i, k] * s[c]``, ``b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[c]`` with
+    ``c = g * Cin/group + i`` the input channel read by output channel ``o`` of group ``g``.
+    Exact only when no output reads padding (the padded zeros would not get the shift ``t``);
+    the caller checks that.
+    """
+    if weight.ndim < 3:
+        raise FoldError("weight_shape", f"Conv weight must have rank >= 3, got {weight.ndim}")
+    cout, cin_g = weight.shape[0], weight.shape[1]
+    if group < 1 or cout % group:
+        raise FoldError("invalid_group", f"Conv output channels {cout} not divisible by group {group}")
+    _check_channels(cin_g * group, affine)
+    _check_bias(bias, cout)
+    _check_finite("weight", weight)
+    _check_finite("bias", bias)
+    cout_g = cout // group
+    # per output channel o: the scale/shift of the input channels of its group, [Cout, Cin/group]
+    grp = np.arange(cout) // cout_g
+    cols = grp[:, None] * cin_g + np.arange(cin_g)[None, :]
+    s = affine.scale[cols]
+    t = affine.shift[cols]
+    w64 = _as_f64(weight)
+    extra = (1,) * (weight.ndim - 2)
+    new_w = w64 * s.reshape(s.shape + extra)
+    shift = np.sum(w64 * t.reshape(t.shape + extra), axis=tuple(range(1, weight.ndim)))
+    b64 = shift if bias is None else _as_f64(bias) + shift
+    w = round_to_dtype(new_w, weight.dtype)
+    b = round_to_dtype(b64, (bias if bias is not None else weight).dtype)
+    return w, b
+
+
+def fold_gemm_input(
+    b_matrix: np.ndarray,
+    c: np.ndarray | None,
+    affine: BNAffine,
+    trans_b: bool,
+    alpha: float,
+    beta: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold a BN on ``[N, C, *spatial]`` followed by ``Flatten(axis=1)`` into the Gemm after it
+    (``transA = 0``). Returns ``(B', C')`` for the same ``alpha`` and ``beta = 1``.
+
+    Feature ``k`` of the flattened input is channel ``k // HW`` with ``HW = K / C``.
+    """
+    if b_matrix.ndim != 2:
+        raise FoldError("weight_shape", f"Gemm B must be 2-D, got rank {b_matrix.ndim}")
+    k_dim = b_matrix.shape[1] if trans_b else b_matrix.shape[0]
+    n = b_matrix.shape[0] if trans_b else b_matrix.shape[1]
+    channels = affine.scale.shape[0]
+    if channels == 0 or k_dim % channels:
+        raise FoldError(
+            "channel_mismatch", f"Gemm has {k_dim} input features, not a multiple of the BN's {channels} channels"
+        )
+    _check_finite("weight", b_matrix)
+    _check_finite("bias", c)
+    if c is not None and (c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, n))):
+        raise FoldError("bias_shape", f"Gemm C of shape {list(c.shape)} does not broadcast to [M, {n}]")
+    hw = k_dim // channels
+    s = np.repeat(affine.scale, hw)
+    t = np.repeat(affine.shift, hw)
+    b64 = _as_f64(b_matrix)
+    bkn = b64.T if trans_b else b64
+    new_b = scale_output_channels(b_matrix, s, 1 if trans_b else 0)
+    shift = float(alpha) * (t @ bkn)  # [N]
+    if c is None:
+        c64 = shift
+        c_dtype = b_matrix.dtype
+    else:
+        c64 = float(beta) * _as_f64(c) + shift
+        c_dtype = c.dtype
+    return round_to_dtype(new_b, b_matrix.dtype), round_to_dtype(c64, c_dtype)
+
+
+def fold_dequantized_scale(scale: np.ndarray, affine: BNAffine) -> np.ndarray:
+    """``scale' = scale * s`` for a weight ``(q - zp) * scale`` whose scale is per output channel
+    (``[C]``) or per tensor (a scalar, returned as ``[C]``); rounded once to the scale's dtype.
+    A negative ``s`` is fine: the integers are untouched, the sign moves into the scale."""
+    channels = affine.scale.shape[0]
+    sc = np.asarray(scale)
+    if sc.ndim == 0:
+        sc64 = np.full(channels, float(_as_f64(sc)))
+    elif sc.shape == (channels,):
+        sc64 = _as_f64(sc)
+    else:
+        raise FoldError("channel_mismatch", f"scale of shape {list(sc.shape)} for {channels} BN channels")
+    _check_finite("scale", sc)
+    return round_to_dtype(sc64 * affine.scale, sc.dtype)
+
+
+def affine_constants(affine: BNAffine, rank: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(s, t)`` shaped ``[C, 1, ..., 1]`` for an input of ``rank`` (channel axis 1), rounded once
+    to ``dtype``: the BN as ``Mul`` + ``Add``."""
+    if rank < 2:
+        raise FoldError("unknown_rank", f"BN input must have rank >= 2, got {rank}")
+    shape = (affine.scale.shape[0],) + (1,) * (rank - 2)
+    return (round_to_dtype(affine.scale.reshape(shape), dtype),
+            round_to_dtype(affine.shift.reshape(shape), dtype))

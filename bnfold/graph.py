@@ -51,6 +51,18 @@ SAME_TYPE_OPS = frozenset(
     }
 )
 MAX_EVALUATED_ELEMENTS = 1 << 26
+# Ops whose output 0 has the rank of input 0 (used to prove a MatMul's activations are 2-D).
+RANK_PRESERVING_OPS = frozenset(
+    {
+        "Identity", "Cast", "CastLike", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Mish",
+        "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus", "Softsign", "Softmax",
+        "LogSoftmax", "Clip", "Neg", "Abs", "Sqrt", "Exp", "Log", "Erf", "Reciprocal", "Dropout",
+        "BatchNormalization", "InstanceNormalization", "LayerNormalization", "Conv",
+        "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+    }
+)
+# Elementwise ops with multidirectional broadcasting: the output rank is the largest input rank.
+BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum", "Mean"})
 
 
 class AttributeRef(Exception):
@@ -280,6 +292,13 @@ class Scope:
     # Constant nodes added by the pass (function bodies, IR < 4 subgraphs), inserted at commit;
     # they are indexed like any other constant so a later fold (a BN chain) can use them.
     new_constants: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    # index of the last node of this scope that reads a name (meaningful when its use count is 1);
+    # kept up to date by the pass when it rewires an input
+    consumer: dict[str, int] = field(default_factory=dict)
+    # nodes added by the pass, inserted before the node of the given index at commit
+    inserted: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)
+    _ranks: dict[str, int] = field(default_factory=dict)
+    _shapes: dict[str, int] | None = None
     _cache: dict[str, Const] = field(default_factory=dict)
     _types: dict[str, int] | None = None
 
@@ -307,14 +326,18 @@ class Scope:
             s.outputs = set(proto.output)
             uses.update(proto.output)
         producer = s.producer
+        consumer = s.consumer
         for i, node in enumerate(proto.node):
             for out in node.output:
                 if out:
                     producer[out] = i
             uses.update(n for n in node.input if n)
+            for n in node.input:
+                consumer[n] = i
             for _, g in subgraphs(node):
                 uses.update(free_uses(g))
         uses.pop("", None)
+        consumer.pop("", None)
         return s
 
     # ----- lookups -------------------------------------------------------------------------
@@ -404,6 +427,95 @@ class Scope:
             else:
                 return 0
         return 0
+
+    def consumer_of(self, name: str) -> tuple[int, onnx.NodeProto] | None:
+        """The only node of this scope reading ``name`` (``None`` unless there is exactly one use,
+        by a node of this scope, and ``name`` is not a graph output)."""
+        if self.uses[name] != 1 or name in self.outputs:
+            return None
+        i = self.consumer.get(name)
+        if i is None or i in self.removed_nodes:
+            return None
+        node = self.proto.node[i]
+        return (i, node) if name in node.input else None
+
+    def rank(self, name: str) -> int | None:
+        """The rank of ``name`` if it is provable, else None.
+
+        Declared shapes (inputs, outputs, value_info of this or an enclosing scope) first, then a
+        short walk up the producers (at most MAX_EVALUATED_NODES steps; rank-preserving ops,
+        broadcasting elementwise ops, Gemm/Flatten (2), Reshape to a constant shape, MatMul of
+        known ranks >= 2, constants). No shape inference pass over the model.
+        """
+        steps = [0]
+
+        def walk(n: str) -> int | None:
+            if n in self._ranks:
+                return self._ranks[n]
+            steps[0] += 1
+            if steps[0] > MAX_EVALUATED_NODES:
+                return None
+            r = self._rank_step(n, walk)
+            if r is not None:
+                self._ranks[n] = r
+            return r
+
+        return walk(name)
+
+    def _rank_step(self, name: str, walk: Callable[[str], int | None]) -> int | None:
+        r = self._declared_rank(name)
+        if r is not None:
+            return r
+        owner = self.owner(name)
+        if owner is None:
+            return None
+        if name in owner.initializers:
+            return len(owner.proto.initializer[owner.initializers[name]].dims)
+        node = owner.node_of(name)
+        if node is None or node.domain not in ONNX_DOMAINS or not node.output or node.output[0] != name:
+            return None
+        op = node.op_type
+        try:
+            if op == "Constant":
+                return int(owner.constant(name).value.ndim)
+            if op in ("Gemm", "Flatten"):
+                return 2
+            if op == "Reshape" and len(node.input) > 1:
+                return int(owner.constant(node.input[1]).value.size)
+        except NotConstant:
+            return None
+        ins = [i for i in node.input if i]
+        if op in RANK_PRESERVING_OPS and ins:
+            return walk(ins[0]) if owner is self else owner.rank(ins[0])
+        look = walk if owner is self else owner.rank
+        if op in BROADCAST_OPS and ins:
+            ranks = [look(i) for i in ins]
+            return None if any(x is None for x in ranks) else max(ranks)  # type: ignore[type-var]
+        if op == "MatMul" and len(ins) == 2:
+            ra, rb = look(ins[0]), look(ins[1])
+            if ra is not None and rb is not None and ra >= 2 and rb >= 2:
+                return max(ra, rb)
+        return None
+
+    def _declared_rank(self, name: str) -> int | None:
+        s: Scope | None = self
+        while s is not None:
+            if s._shapes is None:
+                s._shapes = {}
+                proto = s.proto
+                if isinstance(proto, onnx.GraphProto):
+                    infos = (*proto.input, *proto.value_info, *proto.output)
+                else:
+                    infos = tuple(getattr(proto, "value_info", ()))
+                for v in infos:
+                    if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                        s._shapes[v.name] = len(v.type.tensor_type.shape.dim)
+            if name in s._shapes:
+                return s._shapes[name]
+            if s.defines(name):
+                return None
+            s = s.parent
+        return None
 
     def _declared_type(self, name: str) -> int:
         s: Scope | None = self
@@ -588,8 +700,12 @@ class Scope:
     def commit(self) -> None:
         """Apply all removals and additions in one rebuild of each list touched."""
         proto = self.proto
-        if self.removed_nodes or self.new_constants:
-            kept = [n for i, n in enumerate(proto.node) if i not in self.removed_nodes]
+        if self.removed_nodes or self.new_constants or self.inserted:
+            kept = []
+            for i, n in enumerate(proto.node):
+                kept.extend(self.inserted.get(i, ()))
+                if i not in self.removed_nodes:
+                    kept.append(n)
             del proto.node[:]
             proto.node.extend(self.new_constants.values())
             proto.node.extend(kept)

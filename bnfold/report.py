@@ -8,11 +8,15 @@ from typing import Any
 
 @dataclass
 class FoldedPair:
-    """A BatchNormalization absorbed into the node before it."""
+    """A BatchNormalization (or a decomposed BN's Mul) absorbed into a layer, or rewritten.
+
+    ``pattern``: ``bn_after``, ``bn_after_chain``, ``matmul``, ``decomposed_affine``,
+    ``bn_before``, ``dequantized_weight``, ``bn_to_affine`` (see :mod:`bnfold.onnx_pass`).
+    """
 
     bn: str
     target: str
-    kind: str  # op type of the target: Conv, ConvTranspose, Gemm
+    kind: str  # op type of the target before the fold: Conv, ConvTranspose, Gemm, MatMul (Mul for bn_to_affine)
     graph: str  # "main", a subgraph path like "main/If_0.then_branch", or "function domain:name"
     pattern: str = "bn_after"  # the pattern kind that matched
 
@@ -27,6 +31,7 @@ class SkippedBN:
     graph: str
     producer: str | None = None
     producer_op: str | None = None
+    op: str = "BatchNormalization"  # the node kept: a BN, or a Mul candidate (decomposed BN)
 
 
 @dataclass

@@ -78,10 +78,11 @@ TORCH_CASES: list[Case] = [
            "AudioCNN1d, legacy exporter"),
     _torch("conv3d_block_legacy", "conv3d_block", 3,
            "Conv3dBlock, legacy exporter"),
-    # The legacy exporter turns the bias-less Linear (fc2) into MatMul, not Gemm: that BN stays.
-    _torch("mlp_bn_legacy", "mlp_bn", 1,
+    # The legacy exporter turns the bias-less Linear (fc2) into MatMul, not Gemm: that BN folds
+    # too (pattern "matmul": its input is provably 2-D, Gemm -> BN -> Relu).
+    _torch("mlp_bn_legacy", "mlp_bn", 2,
            "MLPBN, legacy exporter: fc1 is Gemm+BN (folds); the bias-less fc2 exports as MatMul "
-           "and its BN is kept", skips=["unsupported_producer"]),
+           "(2-D input) and its BN folds too (the MatMul becomes a Gemm)"),
 ]
 
 HAND_CASES: list[Case] = [
@@ -116,8 +117,9 @@ HAND_CASES: list[Case] = [
     _case("case_shared_weight", 2, [],
           "one weight initializer used by two Convs followed by different BNs: both fold "
           "(copy-on-write)"),
-    _case("case_dequantize_weight", 0, ["weight_not_constant"],
-          "Conv weight computed by DequantizeLinear: kept"),
+    _case("case_dequantize_weight", 1, [],
+          "Conv weight computed by DequantizeLinear (int8, per-tensor scale, opset 13): folds "
+          "into a per-channel scale and the bias, the int8 weight untouched"),
     # --- subgraphs and functions -------------------------------------------------------------
     _case("case_if_branch", 1, [],
           "If: then-branch Conv+BN whose weight is an outer-scope initializer, also used by the "

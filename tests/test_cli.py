@@ -273,7 +273,7 @@ def test_strict_fails_on_kept_bn_after_matmul(tmp_path: Path) -> None:
     result = invoke(src)
     assert result.exit_code == 0, result.output
     assert last_line(result.stdout).startswith("PASSED 1 folded, 1 kept")
-    assert "bn_mm" in result.stdout and "unsupported_producer" in result.stdout
+    assert "bn_mm" in result.stdout and "channel_axis" in result.stdout
     (tmp_path / "mm.folded.onnx").unlink()
     result = invoke(src, "--strict")
     assert result.exit_code == 1, result.output
@@ -625,7 +625,7 @@ def test_inspect_lists_every_bn_and_writes_nothing(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     rows = [ln.split()[0] for ln in lines if ln.strip().startswith("bn")]
     assert rows == ["bn0", "bn1", "bn_mm"]  # graph order
-    assert "unsupported_producer" in result.stdout
+    assert "channel_axis" in result.stdout
     assert files(tmp_path) == {"m.onnx"}
     result = invoke("inspect", src, "--strict", "--json", "-")
     assert result.exit_code == 1
@@ -633,7 +633,7 @@ def test_inspect_lists_every_bn_and_writes_nothing(tmp_path: Path) -> None:
     check_schema(doc)
     bns = doc["models"][0]["batchnorms"]
     assert [b["foldable"] for b in bns] == [True, True, False]
-    assert bns[2]["follows_op"] == "MatMul" and bns[2]["code"] == "unsupported_producer"
+    assert bns[2]["follows_op"] == "MatMul" and bns[2]["code"] == "channel_axis"
     result = invoke("inspect", tmp_path / "nope.onnx")
     assert_usage_error(result, result.stderr)
 
