@@ -98,10 +98,26 @@ def fold(
     # external data), else a snapshot of the proto taken before folding.
     original: Path | bytes = path if path is not None else (folded.SerializeToString() if verify else b"")
     step("folding")
-    spill = Spill() if external else None
+    where = f"{path}: " if path is not None else ""
+    try:
+        spill = Spill() if external else None
+    except OSError as exc:
+        raise BadInput(
+            f"{where}cannot create a temporary file for folded tensors in {tempfile.gettempdir()} "
+            f"({exc.strerror or exc}); set TMPDIR to a folder with space"
+        ) from None
     token = SPILL.set(spill)
     try:
         report = fold_model(folded, base_dir)
+    except OSError as exc:  # the spill file's disk is full, or external data became unreadable
+        if spill is not None:
+            spill.close()
+        hint = f" (folded tensors go to {tempfile.gettempdir()}; set TMPDIR to a folder with space)" if spill else ""
+        raise BadInput(f"{where}folding failed: {exc.strerror or exc}{hint}") from None
+    except BaseException:
+        if spill is not None:
+            spill.close()  # no temporary file outlives a failed fold
+        raise
     finally:
         SPILL.reset(token)
     result = FoldResult(folded, report, None, path, base_dir, spill)

@@ -14,9 +14,13 @@ and symlinks that resolve elsewhere are refused (:func:`check_locations`).
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -203,6 +207,55 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
         done += n
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM (delivered to Python handlers) until the block ends, then act on them.
+
+    Python runs signal handlers in the main thread between bytecodes, so the handlers are
+    swapped for recorders (main thread only: elsewhere no handler can interrupt the block).
+    SIGKILL cannot be held: a kill between the two renames of :func:`save_external` would leave
+    the previous model file beside the new data file.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is None:
+            continue
+        try:
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
+        except (ValueError, OSError):  # pragma: no cover
+            continue
+        saved[sig] = handler
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in pending:
+            handler = saved[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
+
+
+def _restore(undo: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, bytes | None]]) -> None:
+    for t, entries, raw in reversed(undo):
+        del t.external_data[:]
+        if raw is not None:
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = raw
+        else:
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in entries or []:
+                e = t.external_data.add()
+                e.key, e.value = k, v
+
+
 def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spill | None) -> None:
     """Write ``model`` at ``path`` with its tensors in ``<name>.data`` beside it, atomically.
 
@@ -213,9 +266,12 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
     folder = path.parent
     data_name = f"{path.name}.data"
     fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
-    fd_model, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    fd_model, tmp_model = -1, ""
     sources: dict[str, int] = {}
+    undo: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, bytes | None]] = []
+    written = False
     try:
+        fd_model, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         if spill is not None:
             spill._file.flush()
         pos = 0
@@ -232,6 +288,7 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
                     _write_all(fd, b"\0" * pad)
                 pos += pad
                 _copy_range(sources[src], fd, offset, length)
+                undo.append((t, [(x.key, x.value) for x in t.external_data], None))
                 _set_external(t, data_name, pos, length)
                 pos += length
             elif t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_THRESHOLD:
@@ -240,6 +297,7 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
                 _write_all(fd, b"\0" * pad)
                 _write_all(fd, raw)
                 pos += pad
+                undo.append((t, None, raw))
                 t.ClearField("raw_data")
                 _set_external(t, data_name, pos, len(raw))
                 pos += len(raw)
@@ -253,15 +311,20 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
             os.fsync(f.fileno())
         for tmp in (tmp_data, tmp_model):
             os.chmod(tmp, 0o644)
-        os.replace(tmp_data, folder / data_name)
-        os.replace(tmp_model, path)
+        with _signals_deferred():  # Ctrl-C/SIGTERM cannot split the pair: old pair or new pair
+            os.replace(tmp_data, folder / data_name)
+            os.replace(tmp_model, path)
+            written = True
     except BaseException:
+        if not written:
+            _restore(undo)  # not written: the model in memory keeps referring to its old data
         for f_ in (fd, fd_model):
             if f_ >= 0:
                 os.close(f_)
         for tmp in (tmp_data, tmp_model):
             try:
-                os.unlink(tmp)
+                if tmp:
+                    os.unlink(tmp)
             except FileNotFoundError:
                 pass
         raise
