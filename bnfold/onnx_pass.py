@@ -316,28 +316,24 @@ class _Pass:
 
     def producer_chain(self, scope: Scope, x: str) -> tuple[onnx.NodeProto, tuple[int, onnx.NodeProto, Const] | None]:
         """The layer producing ``x``, directly or through ``Add(layer, constant)``."""
-        node = self.producer_of(scope, x, allow_add=True)
-        if node.op_type != "Add":
-            return node, None
-        if len(node.input) != 2 or len(node.output) != 1:
-            raise FoldError("malformed", "Add must have two inputs and one output")
-        if scope.opset.get("", 1) < 7:
-            raise FoldError("unsupported_producer", "follows an Add with legacy (opset < 7) broadcasting")
-        for k in (0, 1):
-            layer = scope.node_of(node.input[k])
-            if layer is None or layer.domain not in ONNX_DOMAINS or layer.op_type not in TARGET_OPS:
-                continue
-            try:
-                const = scope.constant(node.input[1 - k])
-            except NotConstant:
-                continue
-            if const.value.dtype.name not in FLOAT_DTYPES:
-                continue
-            target = self.producer_of(scope, node.input[k])
-            return target, (scope.producer[x], node, const)
-        raise FoldError(
-            "unsupported_producer", "follows an Add that is not a layer plus a constant"
-        )
+        node = scope.node_of(x)
+        if node is None or node.op_type != "Add" or node.domain not in ONNX_DOMAINS:
+            return self.producer_of(scope, x), None
+        if len(node.input) == 2 and len(node.output) == 1 and scope.opset.get("", 1) >= 7:
+            for k in (0, 1):
+                layer = scope.node_of(node.input[k])
+                if layer is None or layer.domain not in ONNX_DOMAINS or layer.op_type not in TARGET_OPS:
+                    continue
+                try:
+                    const = scope.constant(node.input[1 - k])
+                except NotConstant:
+                    continue
+                if const.value.dtype.name not in FLOAT_DTYPES:
+                    continue
+                self.producer_of(scope, x, allow_add=True)  # the Add's output: BN is its only use
+                target = self.producer_of(scope, node.input[k])
+                return target, (scope.producer[x], node, const)
+        raise FoldError("unsupported_producer", "follows an Add that is not a layer plus a constant")
 
     @staticmethod
     def producer_of(scope: Scope, x: str, allow_add: bool = False) -> onnx.NodeProto:

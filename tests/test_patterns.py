@@ -522,3 +522,40 @@ def test_skip_dequantized_int32() -> None:
         if t.name == "Wq":
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.int32), "Wq"))
     assert_skipped(model, "unsupported_dtype")
+
+
+def test_skip_bn_after_residual_add_keeps_unsupported_producer() -> None:
+    # pre-activation ResNet: Conv -> Add(residual) -> BN, the Add's output also used elsewhere
+    model, _ = conv_chain(ops=[("add", (4, 1, 1)), ("bn", None)], cin=4)
+    add = [n for n in model.graph.node if n.op_type == "Add"][0]
+    add.input[1] = "X"
+    model.graph.node.append(helper.make_node("Relu", [add.output[0]], ["side"], name="side"))
+    model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, [None] * 4))
+    assert_skipped(model, "unsupported_producer")
+
+
+def test_skip_conv_add_bn_conv_output_shared() -> None:
+    model, _ = conv_chain(ops=[("add", (4, 1, 1)), ("bn", None)])
+    model.graph.node.append(helper.make_node("Relu", ["c0"], ["side"], name="side"))
+    model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, [None] * 4))
+    assert_skipped(model, "multiple_consumers")
+
+
+def test_patterns_inside_if_branch_and_function_bn_to_affine() -> None:
+    """bn_to_affine inside a subgraph: the inserted Mul and its constants stay inside the branch."""
+    rng = np.random.default_rng(7)
+    outer = GraphBuilder()
+    outer.input("X", F32, [1, 3, 4, 4])
+    outer.input("cond", np.bool_, [])
+    then = GraphBuilder()
+    then.node("Relu", ["X"], ["r"])
+    bn(then, "r", "ty", 3, rng)
+    then.value_info.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 3, 4, 4]))
+    then.output("ty", F32, [1, 3, 4, 4])
+    other = GraphBuilder()
+    other.node("Identity", ["X"], ["ey"])
+    other.output("ey", F32, [1, 3, 4, 4])
+    outer.node("If", ["cond"], ["Y"], name="if", then_branch=then.graph("then"), else_branch=other.graph("else"))
+    outer.output("Y", F32, [1, 3, 4, 4])
+    feeds = {"X": rnd(rng, (1, 3, 4, 4)), "cond": np.array(True)}
+    assert_pattern(outer.model(17), feeds, ["bn_to_affine"], gone=["BatchNormalization"], bn_to_affine=True)
