@@ -142,3 +142,70 @@ def test_random_layer_bn_folds_exactly(case: tuple[str, dict]) -> None:
     again = copy.deepcopy(folded)
     assert not fold_model(again).folded
     assert again.SerializeToString() == folded.SerializeToString()
+
+
+# ----------------------------------------------------------------------------------------------
+# the affine patterns beyond layer -> BN (issue 6): MatMul, chains, decomposed BNs, BN before a
+# layer, dequantized weights; checked in onnxruntime with optimizations off by assert_pattern
+# ----------------------------------------------------------------------------------------------
+@st.composite
+def pattern_cases(draw: st.DrawFn) -> tuple[str, dict, list[str]]:
+    kind = draw(st.sampled_from(["matmul", "conv_add_bn", "decomposed", "bn_conv", "bn_flatten_gemm", "dq"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    if kind == "matmul":
+        m, k, n = draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 5))
+        pre = draw(st.sampled_from(["", "flatten", "gemm_relu"]))
+        feed = (m, k) if pre != "flatten" else (m, k, draw(st.integers(1, 3)))
+        add = draw(st.sampled_from([None, (n,), (1, n), ()]))
+        return kind, dict(pre=pre, x_shape=feed if not pre else None, feed_shape=feed, n=n, add=add,
+                          seed=seed), ["matmul"]
+    if kind in ("conv_add_bn", "decomposed"):
+        op = draw(st.sampled_from(["Conv", "ConvTranspose"]))
+        group = draw(st.integers(1, 3))
+        cin, cout = group * draw(st.integers(1, 3)), group * draw(st.integers(1, 3))
+        shape = st.sampled_from([(cout, 1, 1), (1, cout, 1, 1), (), (1,)])
+        if kind == "conv_add_bn":
+            ops, expect = [("add", draw(shape)), ("bn", None)], ["bn_after_chain"]
+        else:
+            ops, expect = [("mul", draw(shape)), ("add", draw(shape))], ["decomposed_affine"]
+            if draw(st.booleans()):
+                ops.append(("bn", None))
+                expect.append("bn_after_chain")
+        return kind, dict(ops=ops, cin=cin, cout=cout, op=op, group=group, bias=draw(st.booleans()),
+                          size=draw(st.integers(2, 5)), seed=seed), expect
+    if kind == "bn_conv":
+        group = draw(st.integers(1, 3))
+        cin, cout = group * draw(st.integers(1, 3)), group * draw(st.integers(1, 3))
+        kernel = draw(st.integers(1, 3))
+        size = draw(st.integers(kernel, 6))
+        return kind, dict(cin=cin, cout=cout, group=group, kernel=kernel, size=size, seed=seed,
+                          strides=[draw(st.integers(1, 2))] * 2, bias=draw(st.booleans()),
+                          auto_pad=draw(st.sampled_from([None, "VALID"])),
+                          relu_before=draw(st.booleans())), ["bn_before"]
+    if kind == "bn_flatten_gemm":
+        return kind, dict(c=draw(st.integers(1, 4)), hw=draw(st.sampled_from([(), (2,), (2, 3), (1, 1)])),
+                          n=draw(st.integers(1, 4)), trans_b=draw(st.integers(0, 1)),
+                          alpha=draw(st.sampled_from([None, 0.5, -2.0])), beta=draw(st.sampled_from([None, 0.0, 1.5])),
+                          c_shape=draw(st.sampled_from([None, "n", "1n", "scalar"])), seed=seed), ["bn_before"]
+    return kind, dict(per_channel=draw(st.booleans()), dtype=draw(st.sampled_from([np.int8, np.uint8])),
+                      zero_point=draw(st.booleans()), bias=draw(st.booleans()),
+                      opset=draw(st.sampled_from([13, 17, 21])), seed=seed), ["dequantized_weight"]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(pattern_cases())
+def test_random_affine_patterns_fold_exactly(case: tuple[str, dict, list[str]]) -> None:
+    import test_patterns as tp
+
+    kind, kw, expect = case
+    event(kind)
+    if kind == "bn_flatten_gemm":
+        n = kw["n"]
+        kw["c_shape"] = {None: None, "n": (n,), "1n": (1, n), "scalar": ()}[kw["c_shape"]]
+    if kind == "dq" and not kw["per_channel"]:
+        kw["axis"] = None
+    build = {"matmul": tp.matmul_model, "conv_add_bn": tp.conv_chain, "decomposed": tp.conv_chain,
+             "bn_conv": tp.bn_conv_model, "bn_flatten_gemm": tp.bn_flatten_gemm, "dq": tp.dq_model}[kind]
+    model, feeds = build(**kw)
+    tp.assert_pattern(model, feeds, expect)
