@@ -15,7 +15,7 @@ import onnx
 from .errors import BadInput, VerificationFailed
 from .external import Spill
 from .graph import SPILL
-from .io import has_external_data, load_model, save_model
+from .io import PROTOBUF_LIMIT, has_external_data, load_model, same_file, save_model
 from .onnx_pass import fold_model
 from .report import FoldReport, Verification
 from .verification import Inputs
@@ -31,6 +31,7 @@ class FoldResult:
     source: Path | None = None
     base_dir: str = ""  # where the model's external data files are
     spill: Spill | None = field(default=None, repr=False)  # folded tensors of an external-data model
+    input_files: tuple[Path, ...] = field(default=(), repr=False)  # the source's external data files
 
     @property
     def passed(self) -> bool:
@@ -48,10 +49,32 @@ class FoldResult:
         if self.source is not None and target.exists() and target.resolve() == self.source.resolve() \
                 and not force:
             raise BadInput(f"{target}: refusing to overwrite the input model (pass force=True)")
+        self._check_not_input_data(target)
         saved = save_model(self.model, target, self.base_dir, self.spill)
         if has_external_data(self.model):  # its tensors now live beside the written file
             self.base_dir = str(saved.resolve().parent)
         return saved
+
+    def _check_not_input_data(self, target: Path) -> None:
+        """Never write over the input's external data file (its model would point into the new
+        data): as the output model, or as the output's ``<name>.data`` unless the input model
+        itself is replaced (in place)."""
+        if not self.input_files:
+            return
+        in_place = self.source is not None and same_file(target, self.source)
+        data_target = target.with_name(f"{target.name}.data")
+        writes_data = has_external_data(self.model) or self.model.ByteSize() > PROTOBUF_LIMIT
+        for f in self.input_files:
+            if same_file(target, f):
+                raise BadInput(
+                    f"{target} holds the external data of the input model {self.source}; choose another "
+                    "output name"
+                )
+            if writes_data and not in_place and same_file(data_target, f):
+                raise BadInput(
+                    f"{target}: its data file {data_target} would replace the external data of the input "
+                    f"model {self.source}; choose another output name"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: non-finite numbers (an infinite relative error) become None."""
@@ -92,7 +115,8 @@ def fold(
     """
     step = progress or (lambda _name: None)
     step("loading")
-    folded, base_dir, path = load_model(model, stream_external)
+    input_files: list[Path] = []
+    folded, base_dir, path = load_model(model, stream_external, input_files)
     external = has_external_data(folded)
     # The reference for verification: the file itself when there is one (onnxruntime resolves its
     # external data), else a snapshot of the proto taken before folding.
@@ -120,7 +144,7 @@ def fold(
         raise
     finally:
         SPILL.reset(token)
-    result = FoldResult(folded, report, None, path, base_dir, spill)
+    result = FoldResult(folded, report, None, path, base_dir, spill, tuple(input_files))
     if spill is not None:
         weakref.finalize(result, spill.close)
     if verify:

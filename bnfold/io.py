@@ -43,7 +43,9 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
 STREAM_THRESHOLD = 512 * 2**20  # external data at least this large stays on disk while folding
 
 
-def load_model(source: Any, stream_external: bool | None = None) -> tuple[onnx.ModelProto, str, Path | None]:
+def load_model(
+    source: Any, stream_external: bool | None = None, external_files: list[Path] | None = None
+) -> tuple[onnx.ModelProto, str, Path | None]:
     """Return ``(model, base_dir, path)`` for a path or an in-memory model.
 
     External data is loaded into the model when it is smaller than STREAM_THRESHOLD (or
@@ -51,7 +53,9 @@ def load_model(source: Any, stream_external: bool | None = None) -> tuple[onnx.M
     tensor by the pass and streamed when saving.
 
     The returned model is always a fresh copy the caller may modify. Raises BadInput with a
-    one-line message for anything that is not a readable ONNX model.
+    one-line message for anything that is not a readable ONNX model. ``external_files``, if
+    given, receives the external data files the model on disk refers to (a save must not
+    overwrite them).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -78,6 +82,8 @@ def load_model(source: Any, stream_external: bool | None = None) -> tuple[onnx.M
                 check_locations(model, base_dir)
             except BadInput as exc:
                 raise BadInput(f"{path}: {exc}") from None
+            if external_files is not None:
+                external_files.extend(data_files(model, base_dir))
             if not stream_external and (stream_external is not None or external_bytes(model) < STREAM_THRESHOLD):
                 _load_external(model, base_dir, path)
             # else external data stays on disk: the pass reads only the tensors it folds.
@@ -249,6 +255,25 @@ def _load_external(model: onnx.ModelProto, base_dir: str, path: Path) -> None:
         load_external_data_for_model(model, base_dir)
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise BadInput(f"{path}: cannot read external data ({exc})") from None
+
+
+def data_files(model: onnx.ModelProto, base_dir: str) -> list[Path]:
+    """The distinct files (resolved) that hold the model's external data."""
+    from .external import _entries, is_external, iter_tensors, resolve_location
+
+    files: dict[Path, None] = {}
+    for t in iter_tensors(model):
+        if is_external(t):
+            files.setdefault(resolve_location(base_dir, _entries(t).get("location", "")))
+    return list(files)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True if both paths name one existing file (symlinks and hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
