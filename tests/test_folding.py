@@ -20,6 +20,12 @@ from bnfold.folding import (
     fold_conv,
     fold_conv_transpose,
     fold_gemm,
+    affine_constants,
+    channel_vector,
+    compose_add,
+    fold_conv_input,
+    fold_dequantized_scale,
+    fold_gemm_input,
     round_to_dtype,
     scale_output_channels,
 )
@@ -365,3 +371,97 @@ def test_scale_output_channels_axis() -> None:
     w = np.ones((2, 3))
     np.testing.assert_array_equal(scale_output_channels(w, np.array([1.0, 2.0, 3.0]), 1),
                                   [[1, 2, 3], [1, 2, 3]])
+
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 6: per-channel constants, BN before a layer, dequantized scales, BN as Mul + Add
+# ----------------------------------------------------------------------------------------------
+def _affine(rng: np.random.Generator, c: int) -> BNAffine:
+    return BNAffine(scale=rng.normal(1, 0.5, c), shift=rng.normal(0, 1, c))
+
+
+@pytest.mark.parametrize("shape,ok", [((), True), ((1,), True), ((4, 1, 1), True), ((1, 4, 1, 1), True),
+                                      ((1, 1, 1), True), ((4,), False), ((1, 4, 2, 2), False),
+                                      ((2, 4, 1, 1), False), ((1, 1, 4, 1, 1), False), ((4, 1), False)])
+def test_channel_vector(shape: tuple[int, ...], ok: bool) -> None:
+    v = np.arange(1, 1 + int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    if not ok:
+        with pytest.raises(FoldError) as e:
+            channel_vector(v, 4, 4, 1)
+        assert e.value.code == "broadcast"
+        return
+    out = channel_vector(v, 4, 4, 1)
+    # the same numbers as numpy broadcasting over a [2, 4, 3, 3] tensor, per channel
+    ref = np.broadcast_to(v.astype(np.float64), (2, 4, 3, 3))[0, :, 0, 0]
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_compose_add_is_bn_of_sum() -> None:
+    rng = np.random.default_rng(0)
+    aff = _affine(rng, 3)
+    a = rng.normal(0, 1, 3)
+    z = rng.normal(0, 1, (5, 3))
+    got = compose_add(a, aff)
+    np.testing.assert_allclose(z * got.scale + got.shift, (z + a) * aff.scale + aff.shift, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("cin,cout,group,kernel", [(4, 6, 1, 3), (4, 6, 2, 3), (4, 4, 4, 1), (3, 6, 3, 2)])
+def test_fold_conv_input_matches_torch(cin: int, cout: int, group: int, kernel: int) -> None:
+    rng = np.random.default_rng(cin * 100 + group)
+    w = rng.normal(0, 0.5, (cout, cin // group, kernel, kernel))
+    b = rng.normal(0, 1, cout)
+    aff = _affine(rng, cin)
+    x = torch.from_numpy(rng.normal(0, 1, (2, cin, 5, 5)))
+    xbn = x * torch.from_numpy(aff.scale).reshape(1, -1, 1, 1) + torch.from_numpy(aff.shift).reshape(1, -1, 1, 1)
+    ref = F.conv2d(xbn, torch.from_numpy(w), torch.from_numpy(b), groups=group)
+    nw, nb = fold_conv_input(w, b, aff, group)
+    got = F.conv2d(x, torch.from_numpy(nw), torch.from_numpy(nb), groups=group)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(FoldError) as e:
+        fold_conv_input(w, b, _affine(rng, cin + 1), group)
+    assert e.value.code == "channel_mismatch"
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("c_shape", [None, (3,), (2, 3), ()])
+def test_fold_gemm_input_matches_flattened_bn(trans_b: bool, c_shape: tuple[int, ...] | None) -> None:
+    rng = np.random.default_rng(1)
+    ch, hw, n = 4, 6, 3
+    b = rng.normal(0, 1, (n, ch * hw) if trans_b else (ch * hw, n))
+    c = None if c_shape is None else rng.normal(0, 1, c_shape)
+    aff = _affine(rng, ch)
+    alpha, beta = 0.7, -1.3
+    x = rng.normal(0, 1, (2, ch, 2, 3))
+    xbn = x * aff.scale.reshape(1, -1, 1, 1) + aff.shift.reshape(1, -1, 1, 1)
+    bkn = b.T if trans_b else b
+    ref = alpha * xbn.reshape(2, -1) @ bkn + (0 if c is None else beta * c)
+    nb, nc = fold_gemm_input(b, c, aff, trans_b, alpha, beta)
+    got = alpha * x.reshape(2, -1) @ (nb.T if trans_b else nb) + nc
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(FoldError) as e:
+        fold_gemm_input(b, c, _affine(rng, 5), trans_b, alpha, beta)
+    assert e.value.code == "channel_mismatch"
+
+
+def test_fold_dequantized_scale_rounds_once() -> None:
+    rng = np.random.default_rng(2)
+    aff = _affine(rng, 5)
+    per_channel = rng.uniform(0.001, 0.01, 5).astype(np.float32)
+    got = fold_dequantized_scale(per_channel, aff)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, (per_channel.astype(np.float64) * aff.scale).astype(np.float32))
+    scalar = np.float32(0.004)
+    got = fold_dequantized_scale(np.asarray(scalar), aff)
+    np.testing.assert_array_equal(got, (np.float64(scalar) * aff.scale).astype(np.float32))
+    with pytest.raises(FoldError):
+        fold_dequantized_scale(np.ones(3, np.float32), aff)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_affine_constants_shapes(rank: int) -> None:
+    aff = _affine(np.random.default_rng(3), 3)
+    s, t = affine_constants(aff, rank, np.dtype(np.float16))
+    assert s.shape == t.shape == (3,) + (1,) * (rank - 2) and s.dtype == np.float16
+    with pytest.raises(FoldError):
+        affine_constants(aff, 1, np.dtype(np.float32))
