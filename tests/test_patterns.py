@@ -181,16 +181,17 @@ def test_matmul_two_consumers_kept() -> None:
 # ==============================================================================================
 def conv_chain(*, ops: Sequence[tuple[str, Sequence[int] | None]], cin: int = 3, cout: int = 4,
                bias: bool = True, op: str = "Conv", group: int = 1, seed: int = 0,
-               size: int = 5) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+               size: int = 5, rank: int = 2) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """X -> Conv -> ops... -> Y, each op ``("bn", None)``, ``("add", shape)`` or ``("mul", shape)``."""
     rng = np.random.default_rng(seed)
     gb = GraphBuilder()
-    gb.input("X", F32, [2, cin, size, size])
-    wshape = [cout, cin // group, 3, 3] if op == "Conv" else [cin, cout // group, 3, 3]
-    ins = ["X", gb.const("W", rnd(rng, wshape, 0.3))]
+    xshape = [2, cin] + [size] * rank
+    gb.input("X", F32, xshape)
+    wshape = [cout, cin // group] if op == "Conv" else [cin, cout // group]
+    ins = ["X", gb.const("W", rnd(rng, wshape + [3] * rank, 0.3))]
     if bias:
         ins.append(gb.const("Bc", rnd(rng, [cout])))
-    gb.node(op, ins, ["c0"], name="conv", pads=[1, 1, 1, 1], group=group if group > 1 else None)
+    gb.node(op, ins, ["c0"], name="conv", pads=[1] * (2 * rank), group=group if group > 1 else None)
     prev = "c0"
     for i, (kind, shape) in enumerate(ops):
         out = "Y" if i == len(ops) - 1 else f"c{i + 1}"
@@ -201,8 +202,8 @@ def conv_chain(*, ops: Sequence[tuple[str, Sequence[int] | None]], cin: int = 3,
             gb.const(f"k{i}", np.asarray(vals, np.float32))
             gb.node(kind.capitalize(), [prev, f"k{i}"], [out], name=f"{kind}{i}")
         prev = out
-    gb.output("Y", F32, [None] * 4)
-    return gb.model(17), {"X": rnd(rng, [2, cin, size, size])}
+    gb.output("Y", F32, [None] * (rank + 2))
+    return gb.model(17), {"X": rnd(rng, xshape)}
 
 
 def test_conv_bn_bn() -> None:
@@ -215,6 +216,23 @@ def test_conv_bn_bn() -> None:
 def test_conv_add_bn(shape: tuple[int, ...], bias: bool) -> None:
     model, feeds = conv_chain(ops=[("add", shape), ("bn", None)], bias=bias)
     assert_pattern(model, feeds, ["bn_after_chain"], gone=["BatchNormalization", "Add"])
+
+
+@pytest.mark.parametrize("rank,shape", [(1, (4, 1)), (1, (1, 4, 1)), (3, (4, 1, 1, 1)), (3, (1, 4, 1, 1, 1))])
+def test_conv_1d_3d_add_bn_and_decomposed(rank: int, shape: tuple[int, ...]) -> None:
+    model, feeds = conv_chain(ops=[("add", shape), ("bn", None)], rank=rank, size=4)
+    assert_pattern(model, feeds, ["bn_after_chain"], gone=["BatchNormalization", "Add"])
+    model, feeds = conv_chain(ops=[("mul", shape), ("add", shape)], rank=rank, size=4)
+    assert_pattern(model, feeds, ["decomposed_affine"], gone=["Mul", "Add"])
+
+
+def test_skip_conv1d_add_with_2d_conv_shape_broadcast() -> None:
+    # [4, 1, 1] on a 1-D conv output [2, 4, L] lines the 4 up with the batch axis
+    model, _ = conv_chain(ops=[("add", (1, 1, 1)), ("bn", None)], rank=1)
+    for t in model.graph.initializer:
+        if t.name == "k0":
+            t.CopyFrom(numpy_helper.from_array(np.ones((2, 1, 1), np.float32), "k0"))
+    assert_skipped(model, "broadcast")
 
 
 def test_conv_transpose_grouped_add_bn() -> None:
