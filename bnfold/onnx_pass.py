@@ -29,8 +29,9 @@ Patterns (``FoldedPair.pattern``):
 Every BN that stays gets a :class:`~bnfold.report.SkippedBN` with a stable reason code; the pass
 never raises for a model it can read. Dropping a BN gives the layer the BN's output name, so no
 consumer is rewired and graph output names are kept. A Mul candidate (a layer times a constant)
-that does not fold is reported (``SkippedBN.op == "Mul"``) only when its constant is not
-per-channel (``broadcast``) or the fold would not be finite; otherwise it is left alone silently.
+that does not fold is reported in ``FoldReport.skipped_affine`` (``SkippedBN.op == "Mul"``; not in
+``skipped``, which lists BNs only) when its constant is not per-channel (``broadcast``) or the
+fold would not be finite; otherwise it is left alone silently (it is not a decomposed BN).
 
 Reason codes: ``training_mode``, ``spatial_mode``, ``attribute_ref``, ``malformed``,
 ``no_producer``, ``producer_outside_scope``, ``unsupported_producer``, ``graph_output``,
@@ -203,7 +204,8 @@ class _Pass:
                 raise FoldError("malformed", str(e)) from None
         except FoldError as e:
             if reported is None or e.code in reported:
-                self.skip(scope, node, e.code, e.message)
+                self.skip(scope, node, e.code, e.message, self.report.skipped if reported is None
+                          else self.report.skipped_affine)
         except Exception as e:  # noqa: BLE001 - refuse what we cannot read, never crash
             if reported is None:
                 self.skip(scope, node, "malformed", f"cannot be analysed: {type(e).__name__}: {e}")
@@ -211,10 +213,13 @@ class _Pass:
             if rewrite is not None:
                 rewrite()
 
-    def skip(self, scope: Scope, bn: onnx.NodeProto, code: str, message: str) -> None:
+    def skip(self, scope: Scope, bn: onnx.NodeProto, code: str, message: str,
+             into: list[SkippedBN] | None = None) -> None:
         x = bn.input[0] if bn.input else ""
         prod = scope.node_of(x) if x else None
-        self.report.skipped.append(
+        if bn.op_type == "Mul" and prod is not None and prod.op_type not in TARGET_OPS and len(bn.input) > 1:
+            prod = scope.node_of(bn.input[1]) or prod  # the layer may be the Mul's second input
+        (self.report.skipped if into is None else into).append(
             SkippedBN(
                 bn=bn.name or (bn.output[0] if bn.output else ""),
                 code=code,

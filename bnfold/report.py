@@ -40,6 +40,9 @@ class FoldReport:
 
     folded: list[FoldedPair] = field(default_factory=list)
     skipped: list[SkippedBN] = field(default_factory=list)
+    # decomposed-BN candidates (layer -> Mul(constant)) left in place, with the reason (op "Mul");
+    # kept apart from ``skipped``, which lists BatchNormalization nodes only
+    skipped_affine: list[SkippedBN] = field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
     initializers_before: int = 0

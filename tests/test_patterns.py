@@ -67,8 +67,11 @@ def assert_skipped(model: onnx.ModelProto, code: str, *, op: str = "BatchNormali
     original = model.SerializeToString()
     folded, report = fold(model, **kw)
     assert not report.folded, report.folded
-    assert [(s.code, s.op) for s in report.skipped] == [(code, op)], report.skipped
-    assert report.skipped[0].message
+    skipped = report.skipped if op == "BatchNormalization" else report.skipped_affine
+    other = report.skipped_affine if op == "BatchNormalization" else report.skipped
+    assert [(s.code, s.op) for s in skipped] == [(code, op)], (report.skipped, report.skipped_affine)
+    assert not other
+    assert skipped[0].message
     assert folded.SerializeToString() == original
     return report
 
@@ -291,7 +294,7 @@ def test_decomposed_mul_shared_conv_output_untouched() -> None:
     model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, [None] * 4))
     check_model(model)
     folded, report = fold(model)
-    assert not report.folded and not report.skipped  # not a decomposed BN: silently left alone
+    assert not report.folded and not report.skipped and not report.skipped_affine  # not a decomposed BN
     assert folded.SerializeToString() == model.SerializeToString()
 
 
@@ -299,7 +302,7 @@ def test_mul_of_activations_ignored() -> None:
     model, _ = conv_chain(ops=[("mul", (4, 1, 1))])
     model.graph.node[-1].input[1] = "c0"  # x * x: not a constant scale
     folded, report = fold(model)
-    assert not report.folded and not report.skipped
+    assert not report.folded and not report.skipped and not report.skipped_affine
 
 
 # ==============================================================================================
