@@ -90,14 +90,14 @@ def load_inputs(inputs: Inputs) -> dict[str, np.ndarray]:
             raise BadInput(f"{path}: no such inputs file")
         try:
             data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to parse the user's file is bad input
             raise BadInput(f"{path}: cannot read inputs ({_one_line(exc)})") from None
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise BadInput(f"{path}: not an .npz archive of named arrays (write it with numpy.savez)")
         try:
             with data:
                 return {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - corrupt members, pickled objects, bad headers
             raise BadInput(f"{path}: cannot read inputs ({_one_line(exc)})") from None
     if not isinstance(inputs, Mapping):
         raise BadInput(f"inputs must be a mapping of name to array or an .npz path, not {type(inputs).__name__}")
