@@ -63,6 +63,17 @@ def load_model(
             raise BadInput(f"{path}: no such file")
         if path.is_dir():
             raise BadInput(f"{path}: is a directory, not an ONNX file")
+        if not path.is_file():
+            raise BadInput(f"{path}: not a regular file (a device, pipe or socket); save the model to a file first")
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise BadInput(f"{path}: cannot read ({exc.strerror})") from None
+        if size > PROTOBUF_LIMIT:
+            raise BadInput(
+                f"{path}: {size} bytes is over protobuf's 2 GiB limit, so it is not an ONNX model file "
+                "(larger models keep their weights in external data files)"
+            )
         try:
             data = path.read_bytes()
         except OSError as exc:

@@ -36,6 +36,7 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 32
 INT_HIGH = 4  # integers are drawn from [0, INT_HIGH)
+MAX_INPUT_ELEMENTS = 2**30  # a generated input larger than this is refused (a declared shape gone wrong)
 
 Inputs = Mapping[str, np.ndarray] | str | Path | None
 
@@ -271,7 +272,13 @@ def make_inputs(
                     value = assumed.get(key, DEFAULT_BATCH if axis == 0 else DEFAULT_DIM)
                     assumed[key] = value
                 shape.append(value)
-        if dtype.kind == "b" and int(np.prod(shape)) == 1:
+        elements = math.prod(shape)
+        if elements > MAX_INPUT_ELEMENTS:
+            raise BadInput(
+                f"input '{name}' would have shape {_fmt_shape(shape)} ({elements:.3g} elements); give a smaller "
+                f"one with --shape {name}=... or --dim"
+            )
+        if dtype.kind == "b" and elements == 1:
             feeds[name] = np.full(shape, run % 2 == 0, dtype=bool)
         else:
             feeds[name] = _random(rng, dtype, shape, name)

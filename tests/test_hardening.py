@@ -210,6 +210,43 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     assert snapshot(tmp_path) == before
 
 
+def test_devices_pipes_and_huge_inputs(tmp_path: Path) -> None:
+    """Nothing that would hang (a pipe), never end (/dev/zero) or exhaust memory (a declared
+    input of 10^12 elements) is read or allocated."""
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.onnx"
+    model = base_model()
+    for d in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_value = 10**6
+    huge.write_bytes(model.SerializeToString())
+    before = snapshot(tmp_path)
+    for path, expect in ((Path("/dev/zero"), "not a regular file"), (fifo, "not a regular file"),
+                         (huge, "give a smaller one with --shape x=")):
+        result = invoke(path)
+        assert_one_line_error(result.exit_code, result.stdout, result.stderr, expect)
+        with pytest.raises(BadInput, match=expect.replace("(", r"\(")):
+            bnfold.fold(path)
+    assert snapshot(tmp_path) == before
+    result = invoke(huge, "--shape", "x=1x3x8x8", "--dry-run")
+    assert result.exit_code == 2 and "does not match the declared shape" in result.stderr  # static dims stay
+
+
+def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(base_model(), str(src))
+    real = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if self == src:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    result = invoke(src)
+    assert_one_line_error(result.exit_code, result.stdout, result.stderr, "cannot read (Permission denied)")
+
+
 def test_bad_input_as_a_real_process(tmp_path: Path) -> None:
     """The same guarantees end to end: exit status, one stderr line, nothing written."""
     cases = {

@@ -580,3 +580,38 @@ def test_patterns_inside_if_branch_and_function_bn_to_affine() -> None:
     outer.output("Y", F32, [1, 3, 4, 4])
     feeds = {"X": rnd(rng, (1, 3, 4, 4)), "cond": np.array(True)}
     assert_pattern(outer.model(17), feeds, ["bn_to_affine"], gone=["BatchNormalization"], bn_to_affine=True)
+
+
+def test_bn_before_conv_shared_weight_copy_on_write() -> None:
+    model, feeds = bn_conv_model(bias=False)
+    # a second Conv on the same weight, without a BN before it: its weight must not change
+    model.graph.node.append(helper.make_node("Conv", ["X", "W"], ["Y2"], name="conv2"))
+    model.graph.output.append(helper.make_tensor_value_info("Y2", TensorProto.FLOAT, [None] * 4))
+    folded = assert_pattern(model, feeds, ["bn_before"], gone=["BatchNormalization"])
+    np.testing.assert_array_equal(initializer(folded, "W"), initializer(model, "W"))
+    conv = [n for n in folded.graph.node if n.name == "conv"][0]
+    assert conv.input[1] != "W" and conv.input[0] == "X"
+
+
+def test_bn_to_affine_legacy_opset6_explicit_broadcast() -> None:
+    """Opset < 7 has no numpy broadcasting: the constants are [C] with broadcast=1, axis=1.
+    (onnxruntime cannot run opset 6, and onnx's version converter rejects this legal form, so
+    only the structure and the checker are verified here.)"""
+    rng = np.random.default_rng(0)
+    gb = GraphBuilder()
+    gb.input("X", F32, [2, 3, 4, 4])
+    gb.node("Relu", ["X"], ["r"])
+    add_bn(gb, "r", "Y", bn_stats(rng, 3), dtype=F32, bn_opset=6, prefix="bn")
+    gb.output("Y", F32, [2, 3, 4, 4])
+    model = gb.model(6)
+    check_model(model)
+    folded, report = fold(model, bn_to_affine=True)
+    assert [f.pattern for f in report.folded] == ["bn_to_affine"]
+    check_model(folded)
+    for n in folded.graph.node:
+        if n.op_type in ("Mul", "Add"):
+            attrs = {a.name: a.i for a in n.attribute}
+            assert attrs == {"broadcast": 1, "axis": 1}
+            assert initializer(folded, n.input[1]).shape == (3,)
+    # the IR 3 rule: every initializer is also a graph input
+    assert {t.name for t in folded.graph.initializer} <= {v.name for v in folded.graph.input}
