@@ -12,6 +12,8 @@ reference output, so deep networks with large activations are judged relative to
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import time
 from collections.abc import Mapping
@@ -420,7 +422,10 @@ def _session(model: onnx.ModelProto | Path, provider: str, threads: int | None =
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(source, sess_options=opts, providers=[provider])
+    # onnxruntime's Python wrapper print()s an "EP Error ... Falling back" banner to stdout when
+    # creating a session fails with a ValueError (e.g. a message it cannot decode): keep stdout ours.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return ort.InferenceSession(source, sess_options=opts, providers=[provider])
 
 
 def _run_all(
@@ -567,7 +572,8 @@ def _one_line(exc: BaseException) -> str:
     # onnxruntime's "Load model from <path> failed:" and "<source file>:<line> <C++ signature>" add
     # nothing for a user; keep the sentence after them.
     line = re.sub(r"Load model from .*? failed:\s*", "", line)
-    line = re.sub(r"\S*onnxruntime\S*\.(?:cc|h|cpp):\d+ .*?\)\s+(?=[A-Z])", "", line)
+    line = re.sub(r"\S*onnxruntime\S*\.(?:cc|h|cpp):\d+ .*?\)\s+", "", line)
+    line = re.sub(r"^(.*?: )?\S+ was false\.\s*", r"\1", line)
     return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 3].rstrip() + "..."
 
 

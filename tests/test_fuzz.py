@@ -23,6 +23,8 @@ CI runs 150 examples (about 15 s). A long run, outside CI::
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import tempfile
@@ -347,7 +349,8 @@ def _ort_session(model: onnx.ModelProto) -> Any:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 4
     opts.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with contextlib.redirect_stdout(io.StringIO()):  # its "EP Error ... falling back" banner
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:

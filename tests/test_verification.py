@@ -290,3 +290,25 @@ def test_provider_names_and_one_line_messages() -> None:
     exc = RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : bad\nmore")
     assert _one_line(exc) == "INVALID_GRAPH : bad"
     assert _one_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_onnxruntime_banner_and_source_paths_stay_out_of_messages(monkeypatch, capsys) -> None:  # noqa: ANN001
+    """onnxruntime's Python wrapper prints an 'EP Error' banner to stdout when a session fails
+    with a ValueError; its messages carry C++ source paths and signatures. Neither reaches the user."""
+    import onnxruntime as ort
+
+    class Failing:
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            print("*************** EP Error ***************")
+            raise RuntimeError(
+                "[ONNXRuntimeError] : 1 : FAIL : Load model from /x/m.onnx failed:/onnxruntime_src/onnxruntime/"
+                "core/providers/common.h:81 onnxruntime::AutoPadType onnxruntime::StringToAutoPadType(const "
+                "std::string&) false was false. Unknown AutoPadType String"
+            )
+
+    model = conv_bn_model()
+    monkeypatch.setattr(ort, "InferenceSession", Failing)
+    v = verify(model, model)
+    assert v.status == "error"
+    assert v.message == "onnxruntime cannot run the reference model: FAIL : Unknown AutoPadType String"
+    assert capsys.readouterr().out == ""
