@@ -38,7 +38,12 @@ def main(tool: str, src: str, dst: str) -> None:
     import onnx
 
     if tool == "floor":
-        onnx.save(onnx.load(src), dst)
+        model = onnx.load(src)
+        big = any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(src, load_external_data=False).graph.initializer)
+        if big:
+            onnx.save(model, dst, save_as_external_data=True, location=os.path.basename(dst) + ".data")
+        else:
+            onnx.save(model, dst)
     elif tool == "ort":
         import onnxruntime as ort
 

@@ -119,9 +119,15 @@ def main() -> None:
                 f.unlink()
         if args.big:
             src = big_external(tmpdir / "big")
-            results["big_external"] = bench("big_external", src, tmpdir / "big", ["floor", "bnfold", "copy"], args)
+            results["big_external"] = bench("big_external", src, tmpdir, ["floor", "bnfold", "copy"], args)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")
+
+
+def _remove_outputs(dst: Path) -> None:
+    for f in (dst, Path(f"{dst}.data"), dst.with_suffix(".rss")):
+        if f.exists():
+            f.unlink()
 
 
 def bench(name: str, src: Path, tmpdir: Path, tools: list[str], args: argparse.Namespace) -> dict:
@@ -146,6 +152,8 @@ def bench(name: str, src: Path, tmpdir: Path, tools: list[str], args: argparse.N
             status[tool] = st
             times[tool].append(secs)
             rss[tool].append(peak)
+            if rep < args.repeats - 1 or name == "big_external":
+                _remove_outputs(dst)
     row: dict[str, dict] = {}
     for tool in tools:
         if not times[tool]:

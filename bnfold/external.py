@@ -165,6 +165,24 @@ class Spill:
         tensor.ClearField("raw_data")
         _set_external(tensor, str(self.path), offset, len(raw))
 
+    def holds(self, tensor: onnx.TensorProto) -> bool:
+        """True if ``tensor``'s data was moved to this spill file."""
+        return is_external(tensor) and _entries(tensor).get("location") == str(self.path)
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The value of a tensor stored here."""
+        e = _entries(tensor)
+        self._file.flush()
+        with open(self.path, "rb") as f:
+            f.seek(int(e["offset"]))
+            raw = f.read(int(e["length"]))
+        inline = onnx.TensorProto()
+        inline.CopyFrom(tensor)
+        del inline.external_data[:]
+        inline.data_location = onnx.TensorProto.DEFAULT
+        inline.raw_data = raw
+        return numpy_helper.to_array(inline)
+
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()

@@ -172,8 +172,30 @@ def fold_bias(bias: np.ndarray | None, affine: BNAffine, dtype: np.dtype) -> np.
 
 
 def _check_finite(label: str, arr: np.ndarray | None) -> None:
-    if arr is not None and arr.size and not np.all(np.isfinite(_as_f64(arr))):
+    if arr is None or not arr.size:
+        return
+    native = arr.dtype.kind == "f" or _is_bfloat16(arr.dtype)
+    if not np.all(np.isfinite(arr if native else _as_f64(arr))):
         raise FoldError("non_finite", f"{label} contains NaN or Inf")
+
+
+def scale_and_round(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    """``weight * scale`` along ``axis``, computed in float64 and rounded once to weight's dtype.
+
+    For float16/32/64 the product is formed in float64 and cast in one pass (numpy's ufunc
+    buffering), without a full float64 copy of the weight; bfloat16 takes the exact two-step path
+    of :func:`round_to_dtype`. Raises FoldError ``overflow`` like round_to_dtype.
+    """
+    if _is_bfloat16(weight.dtype) or weight.dtype.kind != "f":
+        return round_to_dtype(scale_output_channels(weight, scale, axis), weight.dtype)
+    shape = [1] * weight.ndim
+    shape[axis] = scale.shape[0]
+    out = np.empty(weight.shape, dtype=weight.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.multiply(weight, scale.reshape(shape), out=out, dtype=np.float64, casting="same_kind")
+    if out.size and not np.all(np.isfinite(out)):
+        raise FoldError("overflow", f"a folded value does not fit in {weight.dtype.name}")
+    return out
 
 
 def fold_conv(
@@ -193,7 +215,7 @@ def fold_conv(
     _check_bias(bias, cout)
     _check_finite("weight", weight)
     _check_finite("bias", bias)
-    w = round_to_dtype(scale_output_channels(weight, affine.scale, 0), weight.dtype)
+    w = scale_and_round(weight, affine.scale, 0)
     b = round_to_dtype(_folded_bias(bias, affine), (bias if bias is not None else weight).dtype)
     return w, b
 
@@ -250,7 +272,7 @@ def fold_gemm(
             raise FoldError(
                 "bias_shape", f"Gemm C of shape {list(c.shape)} does not broadcast to [M, {n}]"
             )
-    w = round_to_dtype(scale_output_channels(b_matrix, affine.scale, 0 if trans_b else 1), b_matrix.dtype)
+    w = scale_and_round(b_matrix, affine.scale, 0 if trans_b else 1)
     if c is None:
         c64 = affine.shift.copy()
         c_dtype = b_matrix.dtype

@@ -212,12 +212,17 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
         from .errors import BadInput
         from .external import read_external
 
+        spill = SPILL.get()
         try:
+            if spill is not None and spill.holds(tensor):
+                return spill.read(tensor)
             return read_external(tensor, base_dir)
         except BadInput as exc:
             raise BadTensor(str(exc)) from None
     return numpy_helper.to_array(tensor, base_dir)
 
+
+CACHE_LIMIT = 1 << 20  # constants up to this many bytes stay cached for repeated lookups
 
 # Where new initializer data goes while folding a model with external data: a spill file, so
 # folded tensors never pile up in memory (see bnfold.external). None: keep data in the proto.
@@ -388,7 +393,8 @@ class Scope:
                 c = Const(name, self, "computed", self._evaluate(name))
         else:
             raise NotConstant(f"'{name}' is a graph input")
-        self._cache[name] = c
+        if c.value.nbytes <= CACHE_LIMIT:  # large weights are read once per fold, not retained
+            self._cache[name] = c
         return c
 
     def elem_type(self, name: str) -> int:
