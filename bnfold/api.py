@@ -15,7 +15,7 @@ import onnx
 from .errors import BadInput, VerificationFailed
 from .external import Spill
 from .graph import SPILL
-from .io import PROTOBUF_LIMIT, has_external_data, load_model, same_file, save_model
+from .io import PROTOBUF_LIMIT, has_external_data, load_model, same_file, save_model, save_model_located
 from .onnx_pass import fold_model
 from .report import FoldReport, Verification
 from .verification import Inputs
@@ -50,8 +50,8 @@ class FoldResult:
                 and not force:
             raise BadInput(f"{target}: refusing to overwrite the input model (pass force=True)")
         self._check_not_input_data(target)
-        saved = save_model(self.model, target, self.base_dir, self.spill)
-        if has_external_data(self.model):  # its tensors now live beside the written file
+        saved, moved = save_model_located(self.model, target, self.base_dir, self.spill)
+        if moved:  # saved over a data file it read from: its tensors now live beside the output
             self.base_dir = str(saved.resolve().parent)
         return saved
 

@@ -261,6 +261,20 @@ def _signals_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), sig)
 
 
+def _is_open_source(target: Path, sources: dict[str, int], spill: Spill | None) -> bool:
+    """True if ``target`` exists and is one of the files (open as ``sources``) data is read from."""
+    try:
+        st = os.stat(target)
+    except OSError:
+        return False
+    for name, fd in sources.items():
+        if spill is not None and name == str(spill.path):
+            continue
+        if os.path.samestat(st, os.fstat(fd)):
+            return True
+    return False
+
+
 def _restore(undo: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, bytes | None]]) -> None:
     for t, entries, raw in reversed(undo):
         del t.external_data[:]
@@ -274,12 +288,16 @@ def _restore(undo: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, by
                 e.key, e.value = k, v
 
 
-def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spill | None) -> None:
+def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spill | None) -> bool:
     """Write ``model`` at ``path`` with its tensors in ``<name>.data`` beside it, atomically.
 
     Tensors already external are read from ``base_dir`` (or the spill file) and streamed;
     inline tensors of at least EXTERNAL_THRESHOLD bytes move to the data file too. The data file is
     renamed into place before the model file, so a reader never sees a model without its data.
+
+    ``model`` keeps referring to where its data was (its sources stay valid, whatever later
+    happens to the written files), unless the new data file replaced one of those sources
+    (saving in place): then it refers to the new data file, and True is returned.
     """
     folder = path.parent
     data_name = f"{path.name}.data"
@@ -287,7 +305,7 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
     fd_model, tmp_model = -1, ""
     sources: dict[str, int] = {}
     undo: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, bytes | None]] = []
-    written = False
+    written = replaces_source = False
     try:
         fd_model, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         if spill is not None:
@@ -329,13 +347,17 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
             os.fsync(f.fileno())
         for tmp in (tmp_data, tmp_model):
             os.chmod(tmp, 0o644)
+        replaces_source = _is_open_source(folder / data_name, sources, spill)
         with _signals_deferred():  # Ctrl-C/SIGTERM cannot split the pair: old pair or new pair
             os.replace(tmp_data, folder / data_name)
             os.replace(tmp_model, path)
             written = True
+        if not replaces_source:
+            _restore(undo)
+        return replaces_source
     except BaseException:
-        if not written:
-            _restore(undo)  # not written: the model in memory keeps referring to its old data
+        if not (written and replaces_source):
+            _restore(undo)  # the model in memory keeps referring to its old (still valid) data
         for f_ in (fd, fd_model):
             if f_ >= 0:
                 os.close(f_)

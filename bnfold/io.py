@@ -306,8 +306,16 @@ def save_model(
     one over protobuf's 2 GiB limit, is written as ``path`` plus ``<name>.data`` beside it, with
     the data streamed rather than loaded. An interrupted write leaves the previous file (or none),
     never a partial one. Raises BadInput (nothing written) when the folder is missing or not
-    writable.
+    writable. ``model`` is left as it was, unless the write replaced a data file it reads from
+    (saving in place): then its tensors refer to the new ``<name>.data`` beside ``path``.
     """
+    return save_model_located(model, path, base_dir, spill)[0]
+
+
+def save_model_located(
+    model: onnx.ModelProto, path: str | os.PathLike[str], base_dir: str = "", spill: Any = None
+) -> tuple[Path, bool]:
+    """:func:`save_model`, also saying whether ``model`` now reads its data from beside ``path``."""
     path = Path(path)
     if has_external_data(model) or model.ByteSize() > PROTOBUF_LIMIT:
         from .external import save_external
@@ -316,11 +324,11 @@ def save_model(
         if not folder.is_dir():
             raise BadInput(f"{path}: folder {folder} does not exist")
         try:
-            save_external(model, path, base_dir, spill)
+            moved = save_external(model, path, base_dir, spill)
         except OSError as exc:
             raise BadInput(f"{path}: write failed ({exc.strerror or exc})") from None
-        return path
-    return write_atomic(model.SerializeToString(), path)
+        return path, moved
+    return write_atomic(model.SerializeToString(), path), False
 
 
 def write_atomic(data: bytes | str, path: str | os.PathLike[str]) -> Path:

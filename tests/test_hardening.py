@@ -624,6 +624,29 @@ def test_failed_external_save_can_be_retried(tmp_path: Path, monkeypatch: pytest
     bnfold.testing.assert_models_close(src, tmp_path / "f.onnx")
 
 
+def test_a_saved_result_does_not_depend_on_what_it_wrote(tmp_path: Path) -> None:
+    """After ``save``, overwriting or deleting the written files must not change what the next
+    ``save`` of the same result writes (found with the kill test: saves of two results to one
+    path alternated, and the third save copied the second's data)."""
+    results = []
+    for i in range(2):
+        folder = tmp_path / f"src{i}"
+        folder.mkdir()
+        path = folder / "m.onnx"
+        onnx.save(conv_bn_model(blocks=2, channels=32, seed=i), str(path), save_as_external_data=True,
+                  location="m.data", size_threshold=0)
+        results.append((path, bnfold.fold(path, stream_external=True, verify=False)))
+    out = tmp_path / "out.onnx"
+    (a_src, a), (b_src, b) = results
+    a.save(out)
+    b.save(out)
+    a.save(out)
+    bnfold.testing.assert_models_close(a_src, out)
+    (tmp_path / "out.onnx.data").unlink()
+    a.save(tmp_path / "again.onnx")
+    bnfold.testing.assert_models_close(a_src, tmp_path / "again.onnx")
+
+
 def test_full_temp_folder_while_folding_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Folded tensors of a large model spill to a temporary file; a full disk there is a clear error."""
     import bnfold.external
@@ -701,6 +724,60 @@ def test_killed_while_writing_leaves_old_or_new_file(tmp_path: Path, sig: int) -
             p.unlink()
 
     _kill_loop(tmp_path, sig, 6, check, start, (0.05, 0.4))
+
+
+_PAIR_WRITER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import bnfold
+folds = [bnfold.fold(p, stream_external=True, verify=False) for p in sys.argv[2:4]]
+print("ready", flush=True)
+i = 0
+try:
+    while True:
+        folds[i % 2].save(sys.argv[4])
+        i += 1
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_external_data_save_keeps_model_and_data_paired(tmp_path: Path, sig: int) -> None:
+    """A model with external data is two files renamed one after the other; Ctrl-C or SIGTERM at any
+    moment leaves both old or both new (the signal waits until the pair is in place)."""
+    sources = []
+    for i in range(2):
+        folder = tmp_path / f"src{i}"
+        folder.mkdir()
+        path = folder / "m.onnx"
+        onnx.save(conv_bn_model(blocks=2, channels=192, in_channels=192, size=4, seed=i), str(path),
+                  save_as_external_data=True, location="m.data", size_threshold=0)
+        sources.append(path)
+    pairs = set()
+    for i, path in enumerate(sources):
+        ref = tmp_path / f"ref{i}"
+        ref.mkdir()
+        bnfold.fold(path, stream_external=True, verify=False).save(ref / "out.onnx")
+        pairs.add(((ref / "out.onnx").read_bytes(), (ref / "out.onnx.data").read_bytes()))
+    assert len(pairs) == 2
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "out.onnx"
+    script = _PAIR_WRITER if sig == signal.SIGINT else _PAIR_WRITER.replace(
+        "import bnfold\n", "import bnfold, signal\nfrom bnfold.cli import _sigterm_as_interrupt\n_sigterm_as_interrupt()\n")
+
+    def start() -> Any:
+        return subprocess.Popen([sys.executable, "-c", script, str(REPO), *map(str, sources), str(out)],
+                                stdout=subprocess.PIPE, text=True)
+
+    def check() -> None:
+        names = sorted(p.name for p in out_dir.iterdir())
+        assert names in ([], ["out.onnx", "out.onnx.data"]), names  # no temporary file either
+        if names:
+            assert (out.read_bytes(), (out_dir / "out.onnx.data").read_bytes()) in pairs
+
+    _kill_loop(tmp_path, sig, 6, check, start, (0.05, 0.3))
 
 
 def _big_model(path: Path) -> None:
