@@ -14,19 +14,17 @@ and symlinks that resolve elsewhere are refused (:func:`check_locations`).
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
-import threading
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .errors import BadInput
+from .io import signals_deferred
 
 ALIGN = 4096  # offsets in written data files are page aligned (mmap-friendly)
 EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file when writing external data
@@ -137,6 +135,18 @@ def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
         raise BadInput(f"cannot read external data of tensor '{tensor.name}': {exc.strerror}") from None
     if len(raw) != length:
         raise BadInput(f"external data of tensor '{tensor.name}' is truncated")
+    return raw_to_array(tensor, raw)
+
+
+def raw_to_array(tensor: onnx.TensorProto, raw: bytes) -> np.ndarray:
+    """The value of ``tensor`` whose data bytes are ``raw`` (little-endian, as ONNX stores them).
+
+    Fixed-size numeric types are viewed in place (no copy); other types go through numpy_helper.
+    """
+    dtype = _NATIVE.get(tensor.data_type)
+    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    if dtype is not None and len(raw) == count * np.dtype(dtype).itemsize:
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
     inline = onnx.TensorProto()
     inline.CopyFrom(tensor)
     del inline.external_data[:]
@@ -145,25 +155,41 @@ def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     return numpy_helper.to_array(inline)
 
 
+def _native_types() -> dict[int, object]:
+    import ml_dtypes
+
+    t = onnx.TensorProto
+    return {t.FLOAT: np.float32, t.FLOAT16: np.float16, t.DOUBLE: np.float64, t.BFLOAT16: ml_dtypes.bfloat16,
+            t.INT8: np.int8, t.UINT8: np.uint8, t.INT16: np.int16, t.UINT16: np.uint16, t.INT32: np.int32,
+            t.UINT32: np.uint32, t.INT64: np.int64, t.UINT64: np.uint64}
+
+
+_NATIVE = _native_types()
+
+
 class Spill:
     """A temporary file that holds folded tensors until the model is saved."""
 
     def __init__(self, folder: str | None = None) -> None:
-        fd, name = tempfile.mkstemp(prefix=".bnfold-spill-", suffix=".data", dir=folder)
-        self.path = Path(name)
-        self._file = os.fdopen(fd, "w+b")
+        with signals_deferred():  # the file is removed when this object goes away, whatever happens
+            fd, name = tempfile.mkstemp(prefix=".bnfold-spill-", suffix=".data", dir=folder)
+            self.path = Path(name)
+            self._file = os.fdopen(fd, "w+b")
+            self._cleanup = weakref.finalize(self, _remove, self._file, self.path)
         self.size = 0
 
-    def store(self, tensor: onnx.TensorProto) -> None:
-        """Move ``tensor``'s raw bytes to the spill file; the tensor then refers to it."""
-        raw = tensor.raw_data
+    def store_array(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """A tensor named ``name`` whose value ``array`` is written here, never into a proto."""
+        tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  dims=list(array.shape))
+        data = memoryview(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)).cast("B")
         pad = (-self.size) % ALIGN
         self._file.write(b"\0" * pad)
         offset = self.size + pad
-        self._file.write(raw)
-        self.size = offset + len(raw)
-        tensor.ClearField("raw_data")
-        _set_external(tensor, str(self.path), offset, len(raw))
+        self._file.write(data)
+        self.size = offset + len(data)
+        _set_external(tensor, str(self.path), offset, len(data))
+        return tensor
 
     def holds(self, tensor: onnx.TensorProto) -> bool:
         """True if ``tensor``'s data was moved to this spill file."""
@@ -176,20 +202,19 @@ class Spill:
         with open(self.path, "rb") as f:
             f.seek(int(e["offset"]))
             raw = f.read(int(e["length"]))
-        inline = onnx.TensorProto()
-        inline.CopyFrom(tensor)
-        del inline.external_data[:]
-        inline.data_location = onnx.TensorProto.DEFAULT
-        inline.raw_data = raw
-        return numpy_helper.to_array(inline)
+        return raw_to_array(tensor, raw)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        self._cleanup()
+
+
+def _remove(file: object, path: Path) -> None:
+    if not file.closed:  # type: ignore[attr-defined]
+        file.close()  # type: ignore[attr-defined]
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -223,42 +248,6 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
             _write_all(dst, chunk)
             n = len(chunk)
         done += n
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM (delivered to Python handlers) until the block ends, then act on them.
-
-    Python runs signal handlers in the main thread between bytecodes, so the handlers are
-    swapped for recorders (main thread only: elsewhere no handler can interrupt the block).
-    SIGKILL cannot be held: a kill between the two renames of :func:`save_external` would leave
-    the previous model file beside the new data file.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    saved: dict[int, Any] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler is None:
-            continue
-        try:
-            signal.signal(sig, lambda signum, frame: pending.append(signum))
-        except (ValueError, OSError):  # pragma: no cover
-            continue
-        saved[sig] = handler
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        for sig in pending:
-            handler = saved[sig]
-            if callable(handler):
-                handler(sig, None)
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), sig)
 
 
 def _is_open_source(target: Path, sources: dict[str, int], spill: Spill | None) -> bool:
@@ -301,13 +290,16 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
     """
     folder = path.parent
     data_name = f"{path.name}.data"
-    fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
+    fd, tmp_data = -1, ""
     fd_model, tmp_model = -1, ""
     sources: dict[str, int] = {}
     undo: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, bytes | None]] = []
     written = replaces_source = False
     try:
-        fd_model, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        with signals_deferred():  # a Ctrl-C cannot land between creating a temp file and noting its name
+            fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
+        with signals_deferred():
+            fd_model, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         if spill is not None:
             spill._file.flush()
         pos = 0
@@ -348,7 +340,7 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
         for tmp in (tmp_data, tmp_model):
             os.chmod(tmp, 0o644)
         replaces_source = _is_open_source(folder / data_name, sources, spill)
-        with _signals_deferred():  # Ctrl-C/SIGTERM cannot split the pair: old pair or new pair
+        with signals_deferred():  # Ctrl-C/SIGTERM cannot split the pair: old pair or new pair
             os.replace(tmp_data, folder / data_name)
             os.replace(tmp_model, path)
             written = True

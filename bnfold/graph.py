@@ -229,10 +229,13 @@ CACHE_LIMIT = 1 << 20  # constants up to this many bytes stay cached for repeate
 SPILL: ContextVar[Spill | None] = ContextVar("bnfold_spill", default=None)
 
 
-def _maybe_spill(tensor: onnx.TensorProto) -> None:
+def make_tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
+    """A TensorProto for ``array``; while spilling, a large one refers to the spill file instead
+    of holding its bytes (bytes put into a model's protobuf arena stay until the model dies)."""
     spill = SPILL.get()
-    if spill is not None and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
-        spill.store(tensor)
+    if spill is not None and array.nbytes >= EXTERNAL_THRESHOLD:
+        return spill.store_array(name, array)
+    return numpy_helper.from_array(array, name)
 
 
 class BadTensor(NotConstant):
@@ -628,13 +631,12 @@ class Scope:
         self.uses[name] += 1
 
     def _overwrite(self, const: Const, array: np.ndarray) -> None:
-        new = numpy_helper.from_array(array, const.name)
+        new = make_tensor(array, const.name)
         if const.kind == "initializer":
             tensor = self.proto.initializer[self.initializers[const.name]]
             doc = tensor.doc_string
             tensor.CopyFrom(new)
             tensor.doc_string = doc
-            _maybe_spill(tensor)
         else:
             node = self.node_of(const.name)
             assert node is not None
@@ -643,8 +645,8 @@ class Scope:
         const.value = array
 
     def _add_constant(self, name: str, array: np.ndarray) -> None:
-        tensor = numpy_helper.from_array(array, name)
         if self.is_function or (self.parent is not None and self.ir_version < 4):
+            tensor = numpy_helper.from_array(array, name)
             # Function bodies have no initializers; IR < 4 requires initializers to be listed as
             # graph inputs, which a subgraph (If branch, Loop/Scan body) cannot take: a Constant.
             self.new_constants[name] = onnx.helper.make_node(
@@ -653,8 +655,8 @@ class Scope:
             self._cache[name] = Const(name, self, "constant_node", array)
             return
         graph = self.proto
+        tensor = make_tensor(array, name)
         self.initializers[name] = len(graph.initializer)
-        _maybe_spill(tensor)
         graph.initializer.append(tensor)
         if self.ir_version < 4:
             # IR < 4: every initializer is also listed as a graph input.

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,32 +139,16 @@ def check_structure(model: onnx.ModelProto) -> None:
             )
     domains = {("" if imp.domain == "ai.onnx" else imp.domain) for imp in model.opset_import}
     domains.update(f.domain for f in model.functions)
-    _check_domains(model.graph.node, domains)
-    _check_graph(model.graph, frozenset(), "")
+    _check_graph(model.graph, frozenset(), "", domains)
     for f in model.functions:
         where = f" in function '{f.domain}:{f.name}'" if f.domain else f" in function '{f.name}'"
-        _check_body(list(f.input), [], f.node, list(f.output), frozenset(), where, "function input")
+        _check_body(list(f.input), [], f.node, list(f.output), frozenset(), where, "function input", None)
 
 
-def _check_domains(nodes: Any, domains: set[str]) -> None:
-    """Every node's domain must be imported (or be a model-local function's)."""
-    for node in nodes:
-        domain = "" if node.domain == "ai.onnx" else node.domain
-        if domain not in domains:
-            label = f"'{domain}'" if domain else "'' (ai.onnx)"
-            raise BadInput(
-                f"{_node(node)} uses the operator domain {label}, which the model's opset_import does "
-                "not list; the model is invalid (add the opset import or re-export it)"
-            )
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _check_domains(attr.g.node, domains)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    _check_domains(g.node, domains)
+_GRAPH, _GRAPHS = onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS
 
 
-def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], where: str) -> frozenset[str]:
+def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], where: str, domains: set[str] | None) -> set[str]:
     """Check one graph (recursively); returns the names it uses from enclosing scopes."""
     inits = [t.name for t in graph.initializer] + [t.values.name for t in graph.sparse_initializer]
     seen: set[str] = set()
@@ -170,48 +158,68 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], where: str) -> f
         seen.add(name)
     return _check_body(
         [v.name for v in graph.input], inits, graph.node, [v.name for v in graph.output], outer, where,
-        "graph input",
+        "graph input", domains,
     )
 
 
 def _check_body(
     inputs: list[str], inits: list[str], nodes: Any, outputs: list[str], outer: frozenset[str], where: str,
-    input_kind: str,
-) -> frozenset[str]:
-    defined: dict[str, str] = {}
+    input_kind: str, domains: set[str] | None,
+) -> set[str]:
+    """Definitions, references, domains (``None``: not checked, as in functions) and cycles of
+    one graph or function body."""
+    defined: dict[str, int] = {}  # name -> producing node index, or -1 (input), -2 (initializer)
     for name in inputs:
         if name in defined:
             raise BadInput(f"{input_kind} '{name}' is declared twice{where}")
-        defined[name] = input_kind
+        defined[name] = -1
     for name in inits:
-        defined.setdefault(name, "initializer")  # an initializer may also be listed as an input
-    producer: dict[str, int] = {}
+        defined.setdefault(name, -2)  # an initializer may also be listed as an input
+    nodes = list(nodes)
     for i, node in enumerate(nodes):
         for name in node.output:
             if not name:
                 continue
             if name in defined:
+                j = defined[name]
+                other = input_kind if j == -1 else "initializer" if j == -2 else f"output of {_node(nodes[j])}"
                 raise BadInput(
-                    f"'{name}' is defined twice{where}: output of {_node(node)} and {defined[name]}; "
+                    f"'{name}' is defined twice{where}: output of {_node(node)} and {other}; "
                     "every value needs exactly one definition"
                 )
-            defined[name] = f"output of {_node(node)}"
-            producer[name] = i
-    inner_scope = outer | frozenset(defined)
+            defined[name] = i
+    inner_scope: frozenset[str] | None = None
     free: set[str] = set()
     deps: list[set[int]] = []
-    for node in nodes:
-        uses = [n for n in node.input if n]
+    in_order = True  # every input produced by an earlier node: acyclic without sorting
+    for i, node in enumerate(nodes):
+        if domains is not None:
+            domain = node.domain
+            if domain not in domains and not (domain == "ai.onnx" and "" in domains):
+                label = f"'{domain}'" if domain else "'' (ai.onnx)"
+                raise BadInput(
+                    f"{_node(node)}{where} uses the operator domain {label}, which the model's opset_import "
+                    "does not list; the model is invalid (add the opset import or re-export it)"
+                )
+        uses = list(node.input)
         for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else (
-                list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
-            for g in subs:
-                uses.extend(_check_graph(g, inner_scope, f"{where} in subgraph '{attr.name}' of {_node(node)}"))
+            kind = attr.type
+            if kind != _GRAPH and kind != _GRAPHS:
+                continue
+            if inner_scope is None:
+                inner_scope = outer | frozenset(defined)
+            for g in [attr.g] if kind == _GRAPH else attr.graphs:
+                uses.extend(_check_graph(g, inner_scope, f"{where} in subgraph '{attr.name}' of {_node(node)}",
+                                         domains))
         mine: set[int] = set()
         for name in uses:
-            if name in producer:
-                mine.add(producer[name])
-            elif name not in defined:
+            j = defined.get(name)
+            if j is not None:
+                if j >= 0:
+                    mine.add(j)
+                    if j >= i:
+                        in_order = False
+            elif name:
                 if name not in outer:
                     raise BadInput(
                         f"{_node(node)}{where} reads '{name}', which no {input_kind}, initializer or node "
@@ -224,8 +232,9 @@ def _check_body(
             if name not in outer:
                 raise BadInput(f"output '{name}'{where} is not produced by anything")
             free.add(name)
-    _check_acyclic(nodes, deps, where)
-    return frozenset(free)
+    if not in_order:
+        _check_acyclic(nodes, deps, where)
+    return free
 
 
 def _node(node: onnx.NodeProto) -> str:
@@ -345,10 +354,16 @@ def write_atomic(data: bytes | str, path: str | os.PathLike[str]) -> Path:
         raise BadInput(f"{path}: folder {folder} does not exist")
     if path.is_dir():
         raise BadInput(f"{path}: is a directory")
+    tmp = ""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        with signals_deferred():  # a Ctrl-C cannot land between creating the file and noting its name
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise BadInput(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from None
+    except BaseException:
+        if tmp:
+            os.unlink(tmp)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -370,3 +385,38 @@ def write_atomic(data: bytes | str, path: str | os.PathLike[str]) -> Path:
             raise BadInput(f"{path}: write failed ({exc.strerror or exc})") from None
         raise
     return path
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM (delivered to Python handlers) until the block ends, then act on them.
+
+    Python runs signal handlers in the main thread between bytecodes, so the handlers are
+    swapped for recorders (main thread only: elsewhere no handler can interrupt the block).
+    SIGKILL cannot be held (see :func:`bnfold.external.save_external`).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    saved: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is None:
+            continue
+        try:
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
+        except (ValueError, OSError):  # pragma: no cover
+            continue
+        saved[sig] = handler
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in pending:
+            handler = saved[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)

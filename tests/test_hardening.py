@@ -659,10 +659,10 @@ def test_full_temp_folder_while_folding_external_data(tmp_path: Path, monkeypatc
     monkeypatch.setenv("TMPDIR", str(spills))
     monkeypatch.setattr("tempfile.tempdir", None)
 
-    def full(self: Any, tensor: Any) -> None:
+    def full(self: Any, name: str, array: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(bnfold.external.Spill, "store", full)
+    monkeypatch.setattr(bnfold.external.Spill, "store_array", full)
     with pytest.raises(BadInput, match="No space left on device.*TMPDIR"):
         bnfold.fold(src, stream_external=True)
     assert list(spills.iterdir()) == []  # the spill file is gone
