@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -720,9 +721,7 @@ class Scope:
         if isinstance(proto, onnx.GraphProto):
             gone = self.removed_initializers
             if gone:
-                kept_t = [t for t in proto.initializer if t.name not in gone]
-                del proto.initializer[:]
-                proto.initializer.extend(kept_t)
+                _delete_where(proto.initializer, lambda t: t.name in gone)
                 if any(v.name in gone for v in proto.input):
                     kept_i = [v for v in proto.input if v.name not in gone]
                     del proto.input[:]
@@ -735,6 +734,20 @@ class Scope:
             kept_v = [v for v in proto.value_info if v.name not in self.removed_values]
             del proto.value_info[:]
             proto.value_info.extend(kept_v)
+
+
+def _delete_where(field: Any, doomed: Callable[[Any], bool]) -> None:
+    """Delete the items of a repeated message field for which ``doomed`` holds, run by run from
+    the end: no item is copied (rebuilding the list would copy every kept tensor)."""
+    runs: list[list[int]] = []
+    for i, item in enumerate(field):
+        if doomed(item):
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+    for start, stop in reversed(runs):
+        del field[start:stop]
 
 
 def subgraphs_present(node: onnx.NodeProto) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import BadInput
 
@@ -326,7 +326,15 @@ def save_model_located(
 ) -> tuple[Path, bool]:
     """:func:`save_model`, also saying whether ``model`` now reads its data from beside ``path``."""
     path = Path(path)
-    if has_external_data(model) or model.ByteSize() > PROTOBUF_LIMIT:
+    data = None
+    if not has_external_data(model):
+        try:
+            data = model.SerializeToString()  # one pass; ByteSize() first would cost another
+        except (ValueError, EncodeError):
+            data = None  # over protobuf's 2 GiB limit: write external data instead
+        if data is not None and len(data) > PROTOBUF_LIMIT:
+            data = None
+    if data is None:
         from .external import save_external
 
         folder = path.parent if str(path.parent) else Path(".")
@@ -337,7 +345,7 @@ def save_model_located(
         except OSError as exc:
             raise BadInput(f"{path}: write failed ({exc.strerror or exc})") from None
         return path, moved
-    return write_atomic(model.SerializeToString(), path), False
+    return write_atomic(data, path), False
 
 
 def write_atomic(data: bytes | str, path: str | os.PathLike[str]) -> Path:
