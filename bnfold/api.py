@@ -102,6 +102,7 @@ def fold(
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
     stream_external: bool | None = None,
+    bn_to_affine: bool = False,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization of ``model`` and (by default) verify the result.
 
@@ -111,6 +112,7 @@ def fold(
     ``progress``, if given, is called with the name of each long step as it starts
     (``"loading"``, ``"folding"``, ``"verifying"``). ``stream_external`` forces (True) or
     forbids (False) keeping external data on disk; by default only large data stays there.
+    ``bn_to_affine`` rewrites BNs that cannot be folded as ``Mul`` + ``Add`` (off by default).
     Raises :class:`bnfold.BadInput` for unreadable models and unusable verification options.
     """
     step = progress or (lambda _name: None)
@@ -132,7 +134,7 @@ def fold(
         ) from None
     token = SPILL.set(spill)
     try:
-        report = fold_model(folded, base_dir)
+        report = fold_model(folded, base_dir, bn_to_affine=bn_to_affine)
     except OSError as exc:  # the spill file's disk is full, or external data became unreadable
         if spill is not None:
             spill.close()

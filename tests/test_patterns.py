@@ -615,3 +615,30 @@ def test_bn_to_affine_legacy_opset6_explicit_broadcast() -> None:
             assert initializer(folded, n.input[1]).shape == (3,)
     # the IR 3 rule: every initializer is also a graph input
     assert {t.name for t in folded.graph.initializer} <= {v.name for v in folded.graph.input}
+
+
+def test_api_bn_to_affine_flag() -> None:
+    """bnfold.fold passes bn_to_affine through, and its own verification accepts the rewrite."""
+    import onnxruntime as ort
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3, 4, 4])
+    rng = np.random.default_rng(0)
+    params = [onnx.numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("g", rng.normal(1, 0.5, 3)), ("b", rng.normal(0, 1, 3)), ("m", rng.normal(0, 1, 3)), ("v", rng.uniform(0.5, 2, 3)))]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["r"]),
+         onnx.helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["y"])],
+        "g", [x], [y], params)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    plain = bnfold.fold(model, verify=False)
+    assert [s.code for s in plain.report.skipped] == ["unsupported_producer"]
+    result = bnfold.fold(model, bn_to_affine=True)
+    assert [p.pattern for p in result.report.folded] == ["bn_to_affine"]
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Mul", "Add"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feed = {"x": rng.standard_normal((2, 3, 4, 4)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), opts).run(None, feed)[0]
+    got = ort.InferenceSession(result.model.SerializeToString(), opts).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
