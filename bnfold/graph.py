@@ -307,9 +307,8 @@ class Scope:
     # nodes added by the pass, inserted before the node of the given index at commit
     inserted: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)
     _ranks: dict[str, int] = field(default_factory=dict)
-    _shapes: dict[str, int] | None = None
+    _declared_types: dict[str, onnx.TypeProto.Tensor] | None = None
     _cache: dict[str, Const] = field(default_factory=dict)
-    _types: dict[str, int] | None = None
 
     @classmethod
     def build(
@@ -507,43 +506,33 @@ class Scope:
                 return max(ra, rb)
         return None
 
-    def _declared_rank(self, name: str) -> int | None:
+    def _declared(self, name: str, stop_at_definer: bool) -> onnx.TypeProto.Tensor | None:
+        """The tensor type declared for ``name`` (graph inputs/outputs, value_info) in this scope or
+        an enclosing one; with ``stop_at_definer`` only up to the scope that defines ``name``."""
         s: Scope | None = self
         while s is not None:
-            if s._shapes is None:
-                s._shapes = {}
+            if s._declared_types is None:
                 proto = s.proto
                 if isinstance(proto, onnx.GraphProto):
                     infos = (*proto.input, *proto.value_info, *proto.output)
                 else:
                     infos = tuple(getattr(proto, "value_info", ()))
-                for v in infos:
-                    if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-                        s._shapes[v.name] = len(v.type.tensor_type.shape.dim)
-            if name in s._shapes:
-                return s._shapes[name]
-            if s.defines(name):
+                s._declared_types = {v.name: v.type.tensor_type for v in infos if v.type.HasField("tensor_type")}
+            found = s._declared_types.get(name)
+            if found is not None:
+                return found
+            if stop_at_definer and s.defines(name):
                 return None
             s = s.parent
         return None
 
+    def _declared_rank(self, name: str) -> int | None:
+        tt = self._declared(name, stop_at_definer=True)
+        return len(tt.shape.dim) if tt is not None and tt.HasField("shape") else None
+
     def _declared_type(self, name: str) -> int:
-        s: Scope | None = self
-        while s is not None:
-            if s._types is None:
-                s._types = {}
-                proto = s.proto
-                if isinstance(proto, onnx.GraphProto):
-                    infos = (*proto.input, *proto.value_info, *proto.output)
-                else:
-                    infos = tuple(getattr(proto, "value_info", ()))
-                for v in infos:
-                    if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-                        s._types[v.name] = v.type.tensor_type.elem_type
-            if name in s._types:
-                return s._types[name]
-            s = s.parent
-        return 0
+        tt = self._declared(name, stop_at_definer=False)
+        return tt.elem_type if tt is not None else 0
 
     def _evaluate(self, name: str) -> np.ndarray:
         """Evaluate the small constant-only subgraph that computes ``name``."""
