@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 __all__ = [
@@ -107,8 +108,11 @@ def bn_affine(
     return BNAffine(scale=scale, shift=b - scale * m)
 
 
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
 def _is_bfloat16(dtype: np.dtype) -> bool:
-    return dtype.name == "bfloat16"
+    return dtype == _BFLOAT16
 
 
 def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -124,8 +124,15 @@ def set_attr(node: onnx.NodeProto, name: str, value: float | int) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
+_GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+_NO_SUBGRAPH_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Gemm", "MatMul", "Relu", "Add",
+                              "Mul", "Constant", "Identity", "Reshape", "Flatten", "Concat", "Clip"})
+
+
 def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     """The graph-valued attributes of ``node`` as ``(attribute name, graph)``."""
+    if not node.attribute or (node.op_type in _NO_SUBGRAPH_OPS and node.domain in ONNX_DOMAINS):
+        return  # fast path: standard ops that never carry graphs
     for a in node.attribute:
         if a.type == onnx.AttributeProto.GRAPH:
             yield a.name, a.g

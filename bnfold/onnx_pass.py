@@ -46,9 +46,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import onnx
-
+import ml_dtypes
 import numpy as np
+import onnx
 
 from .folding import (
     BNAffine,
@@ -87,6 +87,7 @@ from .report import FoldedPair, FoldReport, SkippedBN
 
 TARGET_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_FLOAT_NP = frozenset(np.dtype(ml_dtypes.bfloat16 if d == "bfloat16" else d) for d in FLOAT_DTYPES)
 QUANT_DTYPES = ("int8", "uint8")
 # refusals about where the BN sits (not about its parameters): a BN-before fold may still apply
 STRUCTURAL = frozenset(
@@ -333,7 +334,7 @@ class _Pass:
                     const = scope.constant(node.input[1 - k])
                 except NotConstant:
                     continue
-                if const.value.dtype.name not in FLOAT_DTYPES:
+                if const.value.dtype not in _FLOAT_NP:
                     continue
                 self.producer_of(scope, x, allow_add=True)  # the Add's output: BN is its only use
                 target = self.producer_of(scope, node.input[k])
@@ -399,7 +400,7 @@ class _Pass:
             raise FoldError("malformed", f"{what}: {e}") from None
         except NotConstant as e:
             raise FoldError(code, f"{what} is not constant: {e}") from None
-        if c.value.dtype.name not in FLOAT_DTYPES:
+        if c.value.dtype not in _FLOAT_NP:
             raise FoldError("unsupported_dtype", f"{what} '{name}' has dtype {c.value.dtype.name}")
         return c
 
@@ -562,7 +563,7 @@ class _Pass:
             m = scope.constant(mul.input[1 - side])
         except NotConstant:
             return None
-        if m.value.dtype.name not in FLOAT_DTYPES:
+        if m.value.dtype not in _FLOAT_NP:
             return None
         target = self.producer_of(scope, mul.input[side])
         add = None
@@ -722,7 +723,7 @@ class _Pass:
             dtype = params[0].value.dtype  # BN < 15: X and the parameters share one type
         else:
             raise FoldError("unsupported_dtype", f"the element type of '{x}' is unknown")
-        if dtype.name not in FLOAT_DTYPES:
+        if dtype not in _FLOAT_NP:
             raise FoldError("unsupported_dtype", f"'{x}' has dtype {dtype.name}")
         legacy = scope.opset.get("", 1) < 7
         s, t = affine_constants(affine, 2 if legacy else rank, dtype)
