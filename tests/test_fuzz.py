@@ -212,7 +212,9 @@ def m_retype_initializer(model: onnx.ModelProto, draw: Any) -> None:
     if draw(st.booleans()) and new not in (TensorProto.STRING, 99, TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN):
         try:
             arr = numpy_helper.to_array(t)
-            t.CopyFrom(numpy_helper.from_array(arr.astype(helper.tensor_dtype_to_np_dtype(new)), t.name))
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                t.CopyFrom(numpy_helper.from_array(arr.astype(helper.tensor_dtype_to_np_dtype(new)), t.name))
             return
         except Exception:  # noqa: BLE001
             pass

@@ -198,6 +198,49 @@ def test_bad_model_file_is_refused_cleanly(tmp_path: Path, case: str) -> None:
     assert snapshot(tmp_path) == before
 
 
+def test_structural_check_accepts_valid_oddities() -> None:
+    """What the structural check must not refuse: nodes out of topological order (onnxruntime
+    sorts them), subgraphs reading outer-scope values, IR < 4 initializers listed as inputs, an
+    initializer overriding a graph input's default, empty optional inputs."""
+    import onnx_builders as ob
+
+    from bnfold.io import check_structure
+
+    unsorted = base_model()
+    nodes = list(unsorted.graph.node)[::-1]
+    del unsorted.graph.node[:]
+    unsorted.graph.node.extend(nodes)
+    optional = base_model()
+    _node(optional, "conv0").input.append("")
+    for model in (unsorted, optional, ob.if_model().model, ob.loop_model().model, ob.scan_model().model,
+                  ob.function_model().model, ob.conv_bn(bn_opset=9, opset=9, ir_version=3).model,
+                  ob.conv_bn(param_form="initializer_input").model):
+        check_structure(model)
+    result = bnfold.fold(unsorted)
+    assert len(result.report.folded) == 2 and result.verification.status == "passed"
+
+
+def test_structural_check_in_subgraphs_and_functions() -> None:
+    import onnx_builders as ob
+
+    from bnfold.io import check_structure
+
+    model = ob.if_model().model
+    then = next(a.g for a in model.graph.node[0].attribute if a.name == "then_branch")
+    then.node[0].input[0] = "nowhere"
+    with pytest.raises(BadInput, match="in subgraph 'then_branch' of node 'if'.*reads 'nowhere'"):
+        check_structure(model)
+    model = ob.function_model().model
+    next(n for n in model.functions[0].node if n.input).input[0] = "nowhere"
+    with pytest.raises(BadInput, match="in function .* reads 'nowhere'"):
+        check_structure(model)
+    model = ob.loop_model().model
+    body = next(a.g for a in model.graph.node[0].attribute if a.name == "body")
+    body.node[-1].output[0] = body.node[0].output[0]
+    with pytest.raises(BadInput, match="defined twice in subgraph 'body'"):
+        check_structure(model)
+
+
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     (tmp_path / "folder.onnx").mkdir()
     before = snapshot(tmp_path)
@@ -376,6 +419,9 @@ def test_output_never_replaces_the_inputs_external_data(tmp_path: Path) -> None:
 
 SKIPS = {
     "BN parameter shape": (set_init("gamma1", np.ones(5, np.float32)), "param_shape"),
+    "BN channels do not match the conv": (lambda m: [set_init(n, np.ones(5, np.float32))(m)
+                                                     for n in ("gamma1", "beta1", "mean1", "var1")],
+                                          "channel_mismatch"),
     "NaN mean": (set_init("mean1", np.array([np.nan, 0, 0, 0], np.float32)), "non_finite"),
     "Inf variance": (set_init("var1", np.array([1, np.inf, 1, 1], np.float32)), "non_finite"),
     "NaN weight": (set_init("w1", np.full((4, 4, 3, 3), np.nan, np.float32)), "non_finite"),
@@ -407,7 +453,8 @@ def test_bad_bn_is_skipped_with_a_reason_and_the_rest_folds(tmp_path: Path, case
     out = tmp_path / "m.folded.onnx"
     folded = onnx.load(str(out))
     assert [n.name for n in folded.graph.node if n.op_type == "BatchNormalization"] == ["bn1"]
-    if case not in ("zero-size weight", "zero-size BN parameters", "BN parameter shape"):  # ORT can run these
+    if case not in ("zero-size weight", "zero-size BN parameters", "BN parameter shape",
+                    "BN channels do not match the conv"):  # onnxruntime cannot run those
         bnfold.testing.assert_models_close(src, out)
 
 
