@@ -922,6 +922,29 @@ def test_concurrent_runs_on_the_same_model(tmp_path: Path) -> None:
     assert sorted(p.name for p in ext_dir.iterdir() if p.name.startswith(".")) == []
 
 
+def test_concurrent_in_place_runs(tmp_path: Path) -> None:
+    """Three ``--in-place`` runs on one file at once: each reads the original or a complete fold
+    (renames are atomic), so the file ends as the fold, whichever finishes last."""
+    model = conv_bn_model(blocks=3, channels=64, seed=6)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    onnx.save(model, str(reference / "m.onnx"))
+    assert invoke(reference / "m.onnx", "-q").exit_code == 0
+    want = (reference / "m.folded.onnx").read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CI": "1"}
+    env.pop("GITHUB_STEP_SUMMARY", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "bnfold", str(src), "--in-place", "-q"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert out.startswith("PASSED "), out
+    assert src.read_bytes() == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "ref"]
+
+
 def test_concurrent_streamed_saves_of_external_data(tmp_path: Path) -> None:
     """Several processes saving the same fold (model + .data pair) over one path at once."""
     src_dir = tmp_path / "src"
