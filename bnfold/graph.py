@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .external import EXTERNAL_THRESHOLD, Spill
+from .external import EXTERNAL_THRESHOLD, Spill, raw_to_array
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -227,6 +227,8 @@ def tensor_array(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
             return read_external(tensor, base_dir)
         except BadInput as exc:
             raise BadTensor(str(exc)) from None
+    if tensor.HasField("raw_data") and not tensor.HasField("segment"):
+        return raw_to_array(tensor, tensor.raw_data)  # a read-only view: values are never mutated
     return numpy_helper.to_array(tensor, base_dir)
 
 
