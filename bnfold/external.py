@@ -79,19 +79,25 @@ def resolve_location(base_dir: str, location: str) -> Path:
     if not location:
         raise BadInput("external data entry without a location")
     if os.path.isabs(location) or location.startswith(("/", "\\")):
-        raise BadInput(f"external data location '{location}' is absolute; it must be relative to the model's folder")
+        raise BadInput(f"external data location '{_short(location)}' is absolute; it must be relative to the model's folder")
+    if "\0" in location:
+        raise BadInput(f"external data location '{_short(location)}' contains a NUL character")
     parts = Path(location.replace("\\", "/")).parts
     if ".." in parts:
-        raise BadInput(f"external data location '{location}' leaves the model's folder ('..')")
+        raise BadInput(f"external data location '{_short(location)}' leaves the model's folder ('..')")
     base = Path(base_dir).resolve()
-    path = (base / location).resolve()
+    try:
+        path = (base / location).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a name too long, a symlink loop
+        raise BadInput(f"external data location '{_short(location)}' cannot be resolved ({_reason(exc)})") from None
     if path != base and base not in path.parents:
-        raise BadInput(f"external data location '{location}' resolves outside the model's folder (symlink)")
+        raise BadInput(f"external data location '{_short(location)}' resolves outside the model's folder (symlink)")
     return path
 
 
 def check_locations(model: onnx.ModelProto, base_dir: str) -> None:
-    """Refuse unsafe or missing external data, and entries pointing past the end of their file."""
+    """Refuse unsafe or missing external data, entries pointing past the end of their file, and
+    lengths that do not fit the tensor's shape; an entry without a length gets its tensor's size."""
     sizes: dict[Path, int] = {}
     for t in iter_tensors(model):
         if not is_external(t):
@@ -99,23 +105,60 @@ def check_locations(model: onnx.ModelProto, base_dir: str) -> None:
         e = _entries(t)
         path = resolve_location(base_dir, e.get("location", ""))
         if path not in sizes:
-            if not path.is_file():
-                raise BadInput(f"external data file '{e.get('location')}' of tensor '{t.name}' is missing")
-            sizes[path] = path.stat().st_size
+            try:
+                if not path.is_file():
+                    raise BadInput(f"external data file '{_short(e.get('location', ''))}' of tensor '{t.name}' is missing")
+                sizes[path] = path.stat().st_size
+            except OSError as exc:
+                raise BadInput(
+                    f"external data file '{_short(e.get('location', ''))}' of tensor '{t.name}' cannot be read ({_reason(exc)})"
+                ) from None
         offset, length = _span(t, e, sizes[path])
         if offset + length > sizes[path]:
             raise BadInput(
                 f"external data of tensor '{t.name}' ends at byte {offset + length} but "
-                f"'{e.get('location')}' has {sizes[path]} bytes (truncated file?)"
+                f"'{_short(e.get('location', ''))}' has {sizes[path]} bytes (truncated file?)"
+            )
+        expected = _expected_bytes(t)
+        if expected is not None and "length" not in e and length >= expected:
+            entry = t.external_data.add()  # no length: the tensor's own size (as onnxruntime reads it)
+            entry.key, entry.value = "length", str(expected)
+            length = expected
+        if expected is not None and length != expected:
+            raise BadInput(
+                f"external data of tensor '{t.name}' is {length} bytes, but its shape "
+                f"{'x'.join(map(str, t.dims)) or 'scalar'} needs {expected}"
             )
 
 
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _expected_bytes(t: onnx.TensorProto) -> int | None:
+    """Bytes a tensor of fixed-size numeric type must have, None for other types."""
+    dtype = _NATIVE.get(t.data_type)
+    if dtype is None:
+        return None
+    count = 1
+    for d in t.dims:
+        count *= int(d)
+    return count * np.dtype(dtype).itemsize
+
+
 def _span(t: onnx.TensorProto, e: dict[str, str], file_size: int) -> tuple[int, int]:
-    try:
-        offset = int(e.get("offset", "0"))
-        length = int(e["length"]) if "length" in e else file_size - offset
-    except ValueError:
-        raise BadInput(f"tensor '{t.name}' has a malformed external data offset/length") from None
+    raw_offset, raw_length = e.get("offset", "0"), e.get("length")
+    for value in (raw_offset, raw_length):
+        if value is not None and not (value.isascii() and value.isdigit()):
+            if value.strip().lstrip("-").isdigit() and value.strip().startswith("-"):
+                raise BadInput(f"tensor '{t.name}' has a negative external data offset/length")
+            raise BadInput(f"tensor '{t.name}' has a malformed external data offset/length ({value!r})")
+    offset = int(raw_offset)
+    length = int(raw_length) if raw_length is not None else file_size - offset
     if offset < 0 or length < 0:
         raise BadInput(f"tensor '{t.name}' has a negative external data offset/length")
     return offset, length
