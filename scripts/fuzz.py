@@ -2,10 +2,12 @@
 
     python scripts/fuzz.py --examples 5000 [--seed 1] [--max-failures 20]
 
-Unlike the pytest form (which stops and shrinks at the first failure), this keeps going, counts
-each outcome (refused as BadInput, unchanged, folded and checked in onnxruntime, ...) and prints
-every failure with a reproducer: the mutated model is saved under ``--save DIR`` (default
-``fuzz-failures/``) as ``<n>.onnx`` with its traceback in ``<n>.txt``. Exit code 1 if any case failed.
+Both properties of tests/test_fuzz.py run: mutated models (``--examples``) and hostile external
+data (``--external``, default a third of that). Unlike the pytest form (which stops and shrinks at
+the first failure), this keeps going, counts each outcome (refused as BadInput, unchanged, folded
+and checked in onnxruntime, ...) and prints every failure: the mutated model is saved under
+``--save DIR`` (default ``fuzz-failures/``) as ``<n>.onnx`` with its traceback in ``<n>.txt``.
+Exit code 1 if any case failed.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--external", type=int, default=None,
+                        help="cases of the external-data property (default: a third of --examples)")
     parser.add_argument("--max-failures", type=int, default=50, help="stop after this many failures")
     parser.add_argument("--save", type=Path, default=Path("fuzz-failures"))
     args = parser.parse_args(argv)
+    if args.external is None:
+        args.external = args.examples // 3
 
     from hypothesis import HealthCheck, Phase, given, seed, settings
     from hypothesis import strategies as st
@@ -39,22 +45,36 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[tuple[bytes, str]] = []
     start = time.perf_counter()
 
-    @seed(args.seed)
-    @settings(max_examples=args.examples, deadline=None, phases=[Phase.generate], database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(st.data())
-    def run(data: object) -> None:
-        raw = test_fuzz.mutate(data)
+    def record(kind: str, check: object, raw: bytes) -> None:
         try:
-            outcomes[test_fuzz.check_case(raw)] += 1
+            outcomes[f"{kind}: {check()}"] += 1  # type: ignore[operator]
         except Exception:  # noqa: BLE001 - a property violation or a crash: record and go on
-            outcomes["FAILED"] += 1
+            outcomes[f"{kind}: FAILED"] += 1
             failures.append((raw, traceback.format_exc()))
             if len(failures) >= args.max_failures:
                 raise SystemExit("too many failures") from None
 
-    try:
+    def property_run(examples: int, body: object) -> None:
+        @seed(args.seed)
+        @settings(max_examples=examples, deadline=None, phases=[Phase.generate], database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.data())
+        def run(data: object) -> None:
+            body(data)  # type: ignore[operator]
+
         run()
+
+    def mutated_model(data: object) -> None:
+        raw = test_fuzz.mutate(data)
+        record("model", lambda: test_fuzz.check_case(raw), raw)
+
+    def external(data: object) -> None:
+        record("external data", lambda: test_fuzz.check_external_case(data), b"")
+
+    try:
+        property_run(args.examples, mutated_model)
+        if args.external:
+            property_run(args.external, external)
     except SystemExit as exc:
         print(exc, file=sys.stderr)
     seconds = time.perf_counter() - start
@@ -65,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         args.save.mkdir(parents=True, exist_ok=True)
         for i, (raw, tb) in enumerate(failures):
-            (args.save / f"{i}.onnx").write_bytes(raw)
+            if raw:  # external-data cases are reproduced from the traceback's hypothesis draws
+                (args.save / f"{i}.onnx").write_bytes(raw)
             (args.save / f"{i}.txt").write_text(tb)
             last = [ln for ln in tb.strip().splitlines() if ln.strip()][-1]
             print(f"failure {i}: {last[:300]}  ({args.save / f'{i}.onnx'})")

@@ -450,13 +450,13 @@ def check_case(raw: bytes) -> str:
 
 
 def overflows(outputs: list[np.ndarray]) -> bool:
-    """True if a float output is non-finite or within a few orders of magnitude of its dtype's
-    limit: there the original and the folded layer overflow at different steps, and no fold can
-    be exact (garbage weights, e.g. misaligned external data, get there)."""
+    """True if a float output is non-finite or close to its dtype's limit (above max ** 0.9):
+    there the original and the folded layer overflow at different steps, and no fold can be
+    exact (garbage weights, e.g. misaligned external data, get there)."""
     for o in outputs:
         if o.dtype.kind == "f" and o.size:
             a = o.astype(np.float64)
-            if not np.all(np.isfinite(a)) or float(np.max(np.abs(a))) > float(np.finfo(o.dtype).max) * 1e-6:
+            if not np.all(np.isfinite(a)) or float(np.max(np.abs(a))) > float(np.finfo(o.dtype).max) ** 0.9:
                 return True
     return False
 
@@ -540,6 +540,11 @@ def _external_case(data: Any, folder: Path) -> Path:
           derandomize="BNFOLD_FUZZ_EXAMPLES" not in os.environ)
 @given(st.data())
 def test_hostile_external_data_is_refused_or_folded_correctly(data: Any) -> None:
+    event(check_external_case(data))
+
+
+def check_external_case(data: Any) -> str:
+    """The property for a model with mutated external data; returns the outcome's name."""
     with tempfile.TemporaryDirectory(prefix="bnfold-fuzz-ext-") as tmp:
         root = Path(tmp)
         (root / "outside.bin").write_bytes(b"secret" * 1000)
@@ -552,8 +557,7 @@ def test_hostile_external_data_is_refused_or_folded_correctly(data: Any) -> None
             result = bnfold.fold(src, stream_external=stream, verify=False)
         except BadInput as exc:
             assert str(exc) and "\n" not in str(exc)
-            event("refused")
-            return
+            return "refused"
         finally:
             after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
             assert after == before  # nothing in the model's folder changed
@@ -566,13 +570,11 @@ def test_hostile_external_data_is_refused_or_folded_correctly(data: Any) -> None
             with contextlib.redirect_stdout(io.StringIO()):
                 ref = _run_path(src, feeds)
         except Exception:  # noqa: BLE001 - onnxruntime cannot run the original either
-            event("folded, original does not run")
-            return
+            return "folded, original does not run"
         if overflows(ref):
-            event("folded, original near the float range limit")
-            return
+            return "folded, original near the float range limit"
         assert_same_outputs(ref, _run_path(out, feeds))
-        event("folded, outputs match")
+        return "folded, outputs match"
 
 
 def _run_path(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
