@@ -750,7 +750,7 @@ def _kill_loop(tmp_path: Path, sig: int, rounds: int, check: Callable[[], None],
         check()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killed_while_writing_leaves_old_or_new_file(tmp_path: Path, sig: int) -> None:
     target = tmp_path / "out.onnx"
     size = 8 * 2**20
@@ -789,7 +789,7 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_external_data_save_keeps_model_and_data_paired(tmp_path: Path, sig: int) -> None:
     """A model with external data is two files renamed one after the other; Ctrl-C or SIGTERM at any
     moment leaves both old or both new (the signal waits until the pair is in place)."""
@@ -831,7 +831,7 @@ def _big_model(path: Path) -> None:
     onnx.save(conv_bn_model(blocks=3, channels=448, in_channels=448, size=4, seed=3), str(path))  # ~22 MB
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_cli_killed_at_random_moments(tmp_path: Path, sig: int) -> None:
     """``bnfold`` on a ~22 MB model killed at random moments: the output is the previous one or
     the complete new one, never a truncated file; the input is never touched."""
