@@ -13,6 +13,7 @@ and symlinks that resolve elsewhere are refused (:func:`check_locations`).
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import weakref
@@ -187,9 +188,10 @@ def raw_to_array(tensor: onnx.TensorProto, raw: bytes) -> np.ndarray:
     Fixed-size numeric types are viewed in place (no copy); other types go through numpy_helper.
     """
     dtype = _NATIVE.get(tensor.data_type)
-    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-    if dtype is not None and len(raw) == count * np.dtype(dtype).itemsize:
-        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+    if dtype is not None:
+        dims = tuple(tensor.dims)
+        if len(raw) == math.prod(dims) * dtype.itemsize:
+            return np.frombuffer(raw, dtype=dtype).reshape(dims)
     inline = onnx.TensorProto()
     inline.CopyFrom(tensor)
     del inline.external_data[:]
@@ -198,13 +200,14 @@ def raw_to_array(tensor: onnx.TensorProto, raw: bytes) -> np.ndarray:
     return numpy_helper.to_array(inline)
 
 
-def _native_types() -> dict[int, object]:
+def _native_types() -> dict[int, np.dtype]:
     import ml_dtypes
 
     t = onnx.TensorProto
-    return {t.FLOAT: np.float32, t.FLOAT16: np.float16, t.DOUBLE: np.float64, t.BFLOAT16: ml_dtypes.bfloat16,
-            t.INT8: np.int8, t.UINT8: np.uint8, t.INT16: np.int16, t.UINT16: np.uint16, t.INT32: np.int32,
-            t.UINT32: np.uint32, t.INT64: np.int64, t.UINT64: np.uint64}
+    types = {t.FLOAT: np.float32, t.FLOAT16: np.float16, t.DOUBLE: np.float64, t.BFLOAT16: ml_dtypes.bfloat16,
+             t.INT8: np.int8, t.UINT8: np.uint8, t.INT16: np.int16, t.UINT16: np.uint16, t.INT32: np.int32,
+             t.UINT32: np.uint32, t.INT64: np.int64, t.UINT64: np.uint64}
+    return {k: np.dtype(v).newbyteorder("<") for k, v in types.items()}
 
 
 _NATIVE = _native_types()

@@ -94,12 +94,13 @@ def bn_affine(
             "BN parameters must be 1-D of one length, got shapes "
             + ", ".join(str(list(p.shape)) for p in params),
         )
-    g, b, m, v = (_as_f64(p) for p in params)
-    for label, p in (("scale", g), ("bias", b), ("mean", m), ("var", v)):
-        if not np.all(np.isfinite(p)):
-            raise FoldError("non_finite", f"BN {label} contains NaN or Inf")
+    stacked = np.array(params, dtype=np.float64)  # [4, C]: one conversion, one finiteness check
+    g, b, m, v = stacked
+    if not np.isfinite(stacked).all():
+        label = next(n for n, p in zip(("scale", "bias", "mean", "var"), stacked) if not np.isfinite(p).all())
+        raise FoldError("non_finite", f"BN {label} contains NaN or Inf")
     denom = v + float(epsilon)
-    if not (np.isfinite(epsilon) and np.all(denom > 0)):
+    if not (np.isfinite(epsilon) and (denom > 0).all()):
         bad = int(np.sum(~(denom > 0)))
         raise FoldError(
             "invalid_variance", f"var + epsilon is not positive for {bad} channel(s)"
