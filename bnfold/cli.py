@@ -260,12 +260,24 @@ def _empty_record(job: FoldJob) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _quiet_warnings() -> Iterator[None]:
+    """numpy's RuntimeWarnings (overflow, invalid value) on hostile weights would add lines to
+    stderr; what they mean is in the report (codes non_finite, overflow), so they are not shown."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def process_model(job: FoldJob, progress: Any = None) -> dict[str, Any]:
     """Fold, verify and write one model; never raises (errors become the record's status)."""
     start = time.perf_counter()
     rec = _empty_record(job)
     try:
-        _process(job, rec, progress)
+        with _quiet_warnings():
+            _process(job, rec, progress)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the others
@@ -1425,7 +1437,8 @@ def inspect_model(path: str, strict: bool = False) -> dict[str, Any]:
     try:
         from .api import fold
 
-        result = fold(path, verify=False)
+        with _quiet_warnings():
+            result = fold(path, verify=False)
     except BadInput as exc:
         rec["message"] = str(exc)
         return rec

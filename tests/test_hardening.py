@@ -474,6 +474,25 @@ def test_zero_size_channels_fold(tmp_path: Path) -> None:
     assert result.stdout.strip().splitlines()[-1].startswith("PASSED 2 folded, 0 kept")
 
 
+def test_numeric_warnings_do_not_reach_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    import bnfold.api
+
+    real = bnfold.api.fold_model
+
+    def noisy(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn("overflow encountered in cast", RuntimeWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bnfold.api, "fold_model", noisy)
+    src = tmp_path / "m.onnx"
+    onnx.save(base_model(), str(src))
+    for args in ([src, "--dry-run"], ["inspect", src]):
+        result = invoke(*args)
+        assert result.exit_code == 0 and result.stderr == "", result.stderr
+
+
 def test_unknown_domain_folds_but_is_not_verified(tmp_path: Path) -> None:
     """A custom op onnxruntime lacks: the fold is exact but cannot be checked. Exit 0 with a
     warning and 'not verified'; --strict makes it exit 1 and write nothing."""
