@@ -21,7 +21,7 @@ def to_model_proto(obj: Any) -> onnx.ModelProto | None:
     if isinstance(obj, onnx.ModelProto):
         return obj
     if isinstance(obj, (bytes, bytearray, memoryview)):
-        return _parse(bytes(obj), "the given bytes")
+        return _parse(bytes(obj), "the given data")
     model_proto = getattr(obj, "model_proto", None)  # torch.onnx.ONNXProgram
     if isinstance(model_proto, onnx.ModelProto):
         return model_proto
@@ -37,11 +37,46 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as exc:
-        raise BadInput(f"{what} is not an ONNX model (protobuf parse failed: {exc})") from None
+    except (DecodeError, RuntimeError, ValueError):
+        kind = _sniff(data)
+        detail = f"it looks like {kind}" if kind else "the protobuf data is corrupt: truncated, or another kind of file"
+        raise BadInput(f"{what} is not an ONNX model ({detail}); pass an .onnx file") from None
     if not model.HasField("graph"):
-        raise BadInput(f"{what} is not an ONNX model (no graph)")
+        kind = _sniff(data)
+        raise BadInput(f"{what} is not an ONNX model (no graph{'; it looks like ' + kind if kind else ''})")
     return model
+
+
+_MAGIC = (
+    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"PK\x03\x04", "a zip archive (a PyTorch .pt/.pth checkpoint or an .npz?)"),
+    (b"\x89HDF", "an HDF5 file (a Keras model?)"), (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x80\x02", "a Python pickle (a PyTorch checkpoint?)"), (b"\x80\x04", "a Python pickle (a PyTorch checkpoint?)"),
+    (b"\x1f\x8b", "a gzip file (decompress it first)"), (b"%PDF", "a PDF document"),
+    (b"\x7fELF", "an executable"),
+)
+
+
+def _sniff(data: bytes) -> str:
+    """What a file that is not an ONNX model seems to be, from its first bytes ('' if unknown)."""
+    for magic, kind in _MAGIC:
+        if data.startswith(magic):
+            return kind
+    if len(data) >= 8 and data[4:8] == b"TFL3":
+        return "a TensorFlow Lite model"
+    head = data[:512]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        stripped = text.lstrip()
+        if stripped.startswith(("{", "[")):
+            return "a JSON/text file"
+        if stripped.startswith("<"):
+            return "an XML/HTML file"
+        return "a text file"
+    return ""
 
 
 STREAM_THRESHOLD = 512 * 2**20  # external data at least this large stays on disk while folding
