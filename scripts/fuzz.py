@@ -25,6 +25,9 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.simplefilter("ignore", RuntimeWarning)  # numpy on garbage weights; outcomes say what happened
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
