@@ -646,6 +646,27 @@ def test_full_disk_while_writing(tmp_path: Path, full_disk: Callable[[int], None
     assert snapshot(tmp_path) == before
 
 
+def test_read_only_file_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder looks writable but the file system refuses (EROFS): exit 2, nothing written."""
+    import tempfile
+
+    src = tmp_path / "m.onnx"
+    onnx.save(base_model(), str(src))
+    before = snapshot(tmp_path)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    for args in ([src], [src, "--in-place"], [src, "--json", tmp_path / "r.json", "--dry-run"]):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        errors = [ln for ln in result.stderr.splitlines() if ln.startswith("bnfold: error: ")]
+        assert len(errors) == 1 and "Read-only file system" in errors[0], result.stderr
+        assert "Traceback" not in result.stderr
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("budget", [0, 5000, 12000])
 def test_full_disk_while_writing_external_data(tmp_path: Path, full_disk: Callable[[int], None],
                                                budget: int) -> None:
