@@ -136,6 +136,7 @@ class FoldJob:
     force: bool = False
     strict: bool = False
     in_place: bool = False
+    bn_to_affine: bool = False
 
 
 def _check_options(
@@ -306,7 +307,7 @@ def _process(job: FoldJob, rec: dict[str, Any], progress: Any) -> None:
     except OSError:
         pass  # load_model reports it
     opts = job.check
-    result = fold(job.input, verify=opts.enabled, progress=progress, **opts.kwargs())
+    result = fold(job.input, verify=opts.enabled, progress=progress, bn_to_affine=job.bn_to_affine, **opts.kwargs())
     report, ver = result.report, result.verification
     rec["report"] = jsonable(report.to_dict())
     rec["verification"] = jsonable(ver.to_dict()) if ver is not None else None
@@ -457,9 +458,9 @@ def model_lines(rec: dict[str, Any], verbose: bool = False) -> list[str]:
         folded, skipped = report["folded"], report["skipped"]
         if folded:
             lines.append(f"  folded {len(folded)} BatchNormalization{'s' if len(folded) != 1 else ''}:")
-            rows = [["BN", "", "target", "kind", "graph"]]
+            rows = [["BN", "", "target", "kind", "pattern", "graph"]]
             shown = folded if verbose or len(folded) <= MAX_ROWS else folded[:MAX_ROWS]
-            rows += [[p["bn"], "->", p["target"], p["kind"], p["graph"]] for p in shown]
+            rows += [[p["bn"], "->", p["target"], p["kind"], p.get("pattern", ""), p["graph"]] for p in shown]
             lines += table(rows)
             if len(shown) < len(folded):
                 lines.append(f"    ... {len(folded) - len(shown)} more (--verbose or --json for all)")
@@ -1182,6 +1183,7 @@ def fold_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Fold and verify, report, write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write the model even if verification failed (exit code stays 1).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul was kept, or the fold could not be verified.")] = False,
+    bn_to_affine: Annotated[bool, typer.Option("--bn-to-affine", help="Rewrite BNs that cannot be folded as Mul + Add with precomputed constants (for runtimes without BatchNormalization).")] = False,
     json_out: JsonOpt = None,
     junit_xml_path: JunitOpt = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", help="Worker processes for several models [default: one per CPU, at most one per model].", show_default=False)] = None,
@@ -1208,7 +1210,8 @@ def fold_command(
         threads = max(1, (os.cpu_count() or 1) // n_workers)
         check = CheckOptions(**{**asdict(check), "threads": threads})
     fold_jobs = [
-        FoldJob(str(m), str(t), check, dry_run=dry_run, force=force, strict=strict, in_place=in_place)
+        FoldJob(str(m), str(t), check, dry_run=dry_run, force=force, strict=strict, in_place=in_place,
+                bn_to_affine=bn_to_affine)
         for m, t in zip(models, targets)
     ]
     start = time.perf_counter()
@@ -1450,12 +1453,12 @@ def inspect_model(path: str, strict: bool = False) -> dict[str, Any]:
     for p in result.report.folded:
         entries.append({
             "bn": p.bn, "graph": p.graph, "follows_op": p.kind, "follows": p.target, "foldable": True,
-            "code": None, "message": f"folds into {p.kind} {p.target}",
+            "code": None, "pattern": p.pattern, "message": f"folds into {p.kind} {p.target} ({p.pattern})",
         })
     for s in result.report.skipped:
         entries.append({
             "bn": s.bn, "graph": s.graph, "follows_op": s.producer_op, "follows": s.producer, "foldable": False,
-            "code": s.code, "message": s.message,
+            "code": s.code, "pattern": None, "message": s.message,
         })
     entries.sort(key=lambda e: order.get(e["bn"], len(order)))
     rec["batchnorms"] = entries
@@ -1501,11 +1504,11 @@ def inspect_lines(rec: dict[str, Any], verbose: bool = False) -> list[str]:
     n = len(rec["batchnorms"])
     lines = [f"{rec['input']}: {n} BatchNormalization{'s' if n != 1 else ''}, {rec['foldable']} foldable, {rec['kept']} kept"]
     if n:
-        rows = [["BN", "graph", "follows", "foldable", "reason"]]
+        rows = [["BN", "graph", "follows", "foldable", "pattern / reason"]]
         shown = rec["batchnorms"] if verbose or n <= MAX_ROWS else rec["batchnorms"][:MAX_ROWS]
         for e in shown:
             follows = f"{e['follows_op']} {e['follows']}" if e["follows_op"] else "-"
-            reason = "" if e["foldable"] else f"{e['code']}: {e['message']}"
+            reason = e.get("pattern") or "" if e["foldable"] else f"{e['code']}: {e['message']}"
             rows.append([e["bn"], e["graph"], follows, "yes" if e["foldable"] else "no", reason])
         lines += table(rows, "  ")
         if len(shown) < n:

@@ -757,3 +757,32 @@ def test_no_verify_never_imports_onnxruntime(folder: Path) -> None:
     assert "onnxruntime" not in modules and "torch" not in modules
     code, modules, _ = _probe(folder / "a.onnx", "-q")
     assert code == 0 and "onnxruntime" in modules and "torch" not in modules
+
+
+def test_bn_to_affine_flag(tmp_path: Path) -> None:
+    """--bn-to-affine turns a BN that cannot fold (after a Relu) into Mul + Add, checked in ORT."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    params = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("g", rng.normal(1, 0.5, 3)), ("b", rng.normal(0, 1, 3)), ("m", rng.normal(0, 1, 3)), ("v", rng.uniform(0.5, 2, 3)))]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], params)
+    src = tmp_path / "relu_bn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    result = invoke(src, "-o", tmp_path / "out.onnx", "--bn-to-affine")
+    assert result.exit_code == 0, result.output
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert [n.op_type for n in out.graph.node] == ["Relu", "Mul", "Add"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feed = {"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)}
+    want = ort.InferenceSession(str(src), opts).run(None, feed)[0]
+    got = ort.InferenceSession(str(tmp_path / "out.onnx"), opts).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    plain = invoke(src, "-o", tmp_path / "plain.onnx")
+    assert plain.exit_code == 0 and "unsupported_producer" in plain.output
