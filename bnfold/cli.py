@@ -309,7 +309,7 @@ def _process(job: FoldJob, rec: dict[str, Any], progress: Any) -> None:
     opts = job.check
     result = fold(job.input, verify=opts.enabled, progress=progress, bn_to_affine=job.bn_to_affine, **opts.kwargs())
     report, ver = result.report, result.verification
-    rec["report"] = jsonable(report.to_dict())
+    rec["report"] = report.to_dict()  # plain JSON already: only verification figures can be non-finite
     rec["verification"] = jsonable(ver.to_dict()) if ver is not None else None
     rec["folded"], rec["kept"] = len(report.folded), len(report.skipped)
     rec["nodes_before"], rec["nodes_after"] = report.nodes_before, report.nodes_after

@@ -40,6 +40,11 @@ def is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
+_PLAIN_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Gemm", "MatMul", "Relu", "Clip", "Add",
+                        "Mul", "Sub", "Div", "Identity", "Reshape", "Flatten", "Concat", "MaxPool", "AveragePool",
+                        "GlobalAveragePool", "Sigmoid", "Softmax", "Transpose", "Squeeze", "Unsqueeze"})
+
+
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of the model: initializers and Constant/attribute tensors, all graphs."""
 
@@ -49,6 +54,8 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
     def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:  # noqa: ANN001
         for n in nodes:
+            if n.op_type in _PLAIN_OPS and n.domain in ("", "ai.onnx"):
+                continue  # standard ops whose attributes are never tensors or graphs
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
                     yield a.t

@@ -54,7 +54,8 @@ class FoldReport:
         return bool(self.folded)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON (every value is a str, int, finite float, None, list or dict)."""
+        return {k: [dict(vars(item)) for item in v] if isinstance(v, list) else v for k, v in vars(self).items()}
 
 
 @dataclass
