@@ -146,8 +146,10 @@ def fold(
     Raises BadInput for a model in training mode (unless ``eval=True``) or one that neither
     ``symbolic_trace`` nor ``torch.export`` can capture, unless ``partial=True``: then every
     submodule that ``symbolic_trace`` can capture is folded on its own, and BNs called directly from
-    an untraceable ``forward`` are kept with reason ``untraceable``. With ``verify`` and
-    ``example_inputs``, the folded module is compared with the original module on those inputs.
+    an untraceable ``forward`` are kept with reason ``untraceable``. With ``verify``, the folded
+    module is compared with the original module on ``example_inputs``, or, without them, on seeded
+    random inputs shaped like those an ExportedProgram (or a GraphModule from torch.export)
+    recorded; when no shapes are known, ``verification`` is None.
     """
     args = _as_tuple(example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
@@ -171,6 +173,8 @@ def fold(
             _propagate_shapes(gm, args)
         report = fold_graph_module(gm)
     result = TorchFoldResult(gm, report, None, how)
+    if verify and args is None:
+        args = _inferred_inputs(model, gm)
     if verify and args is not None:
         with torch.no_grad():
             ref = [_numpy(t) for t in _flatten(reference(*args))]
@@ -179,6 +183,41 @@ def fold(
         shapes = {f"input_{i}": list(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
         result.verification = _verification(_compare_outputs(ref, got, names, atol, rtol), shapes)
     return result
+
+
+def _inferred_inputs(model: Any, gm: fx.GraphModule, seed: int = 0) -> tuple[torch.Tensor, ...] | None:
+    """Seeded random inputs shaped like the example inputs an ExportedProgram recorded, or like the
+    placeholders' recorded values of a GraphModule from torch.export; None if shapes are unknown."""
+    specs: list[Any] = []
+    recorded = getattr(model, "example_inputs", None) if isinstance(model, torch.export.ExportedProgram) else None
+    if recorded is not None:
+        args, kwargs = recorded
+        if kwargs:
+            return None
+        specs = list(args)
+    else:
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                val = node.meta.get("val")
+                if not isinstance(val, torch.Tensor):
+                    return None
+                specs.append(val)
+    if not specs or not all(isinstance(t, torch.Tensor) for t in specs):
+        return None
+    try:
+        shapes = [tuple(int(d) for d in t.shape) for t in specs]
+    except (TypeError, ValueError):  # symbolic sizes
+        return None
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t, shape in zip(specs, shapes):
+        if t.dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=g).to(t.dtype))
+        elif t.dtype == torch.bool:
+            out.append(torch.rand(shape, generator=g) < 0.5)
+        else:
+            out.append(torch.randint(0, 4, shape, generator=g).to(t.dtype))
+    return tuple(out)
 
 
 def _fold_children(module: nn.Module, args: tuple[Any, ...] | None) -> FoldReport:

@@ -296,3 +296,17 @@ def test_partial_fold_of_an_untraceable_model() -> None:
     assert [(s.bn, s.code) for s in result.report.skipped] == [("bn", "untraceable")]
     _close(result.module(x), model(x))
     assert isinstance(model.backbone, nn.Sequential)  # the caller's model is untouched
+
+
+def test_exported_program_is_verified_without_example_inputs() -> None:
+    """Shapes recorded by torch.export give seeded random inputs; the check is against the module."""
+    model, x = build("mobilenet_small")
+    ep = torch.export.export(model, (x,))
+    result = bt.fold(ep)
+    assert len(result.report.folded) == 10
+    assert result.verification is not None and result.verification.passed
+    assert result.verification.input_shapes == {"input_0": list(x.shape)}
+    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    _close(result.module(other), model(other))
+    plain = bt.fold(model)  # an nn.Module without example inputs: nothing to run it on
+    assert plain.verification is None and len(plain.report.folded) == 10
