@@ -551,6 +551,9 @@ class Scope:
         seen: set[str] = set()
 
         def visit(value: str) -> None:
+            if value in type_only:
+                # Only its type is known (a CastLike target elsewhere): its value is not constant.
+                raise NotConstant(f"'{value}' is not constant; only its type is known")
             if value in seen or not value:
                 return
             seen.add(value)

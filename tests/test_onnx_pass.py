@@ -1147,3 +1147,34 @@ def test_training_info_references_keep_tensors() -> None:
     np.testing.assert_array_equal(initializer(folded, "W"), initializer(b.model, "W"))
     np.testing.assert_array_equal(initializer(folded, "bn_mean"), initializer(b.model, "bn_mean"))
     assert_ort_equivalent(b.model, folded, b.feeds)
+
+
+def test_type_only_value_never_feeds_a_shape_computation() -> None:
+    """A BN parameter built from CastLike(c, conv_out) *and* Shape(conv_out) (torch's dynamo export
+    of BatchNorm(affine=False)) is not a constant: the conv output's type is known, its shape value
+    is not. Evaluating Shape on the type-only placeholder once produced a parameter of shape [1]."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((6, 3, 3)).astype(np.float32), "w")
+    mean = numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "mean")
+    var = numpy_helper.from_array(rng.uniform(0.5, 2, 6).astype(np.float32), "var")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Constant", [], ["one"], value_floats=[1.0]),
+        helper.make_node("CastLike", ["one", "c"], ["one_t"]),
+        helper.make_node("Shape", ["c"], ["ch"], start=1, end=2),
+        helper.make_node("Expand", ["one_t", "ch"], ["gamma"]),
+        helper.make_node("Constant", [], ["zero"], value_floats=[0.0]),
+        helper.make_node("CastLike", ["zero", "c"], ["zero_t"]),
+        helper.make_node("Expand", ["zero_t", "ch"], ["beta"]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 6])], [w, mean, var],
+        value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT, [2, 6, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    report = fold_model(model)
+    assert report.folded == []
+    assert [s.code for s in report.skipped] in (["param_not_constant"], ["multiple_consumers"])
+    assert model.SerializeToString() == before
