@@ -36,6 +36,8 @@ EVALUABLE_OPS = frozenset(
 )
 # Inputs of which only the type matters (CastLike's ``target_type``).
 TYPE_ONLY_INPUTS = {("CastLike", 1)}
+# Inputs of which only the shape matters: evaluated from a fully static declared shape.
+SHAPE_ONLY_INPUTS = {("Shape", 0), ("Size", 0)}
 MAX_EVALUATED_NODES = 64
 # Ops whose output 0 has the element type of input 0 (used to find CastLike's target type).
 SAME_TYPE_OPS = frozenset(
@@ -535,6 +537,43 @@ class Scope:
             s = s.parent
         return None
 
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        """The declared shape of ``name`` if every dimension is a fixed number, else None."""
+        tt = self._declared(name, stop_at_definer=False)
+        if tt is None or not tt.HasField("shape"):
+            return None
+        dims = []
+        for d in tt.shape.dim:
+            if not d.HasField("dim_value") or d.dim_value < 0:
+                return None
+            dims.append(int(d.dim_value))
+        return tuple(dims)
+
+    def uses_after_release(self, name: str, released: Iterable[str]) -> int:
+        """References to ``name`` that remain once each of ``released`` is released once and what
+        that leaves unused is removed (as :meth:`release` would do); nothing is changed."""
+        drop: Counter[str] = Counter()
+        dead: set[int] = set()
+
+        def simulate(n: str) -> None:
+            drop[n] += 1
+            if n not in self.producer or n in self.outputs or self.uses[n] - drop[n] > 0:
+                return
+            i = self.producer[n]
+            node = self.proto.node[i]
+            if i in dead or i in self.removed_nodes or subgraphs_present(node):
+                return
+            if any(self.uses[o] - drop[o] > 0 or o in self.outputs for o in node.output if o):
+                return
+            dead.add(i)
+            for inp in node.input:
+                if inp:
+                    simulate(inp)
+
+        for r in released:
+            simulate(r)
+        return self.uses[name] - drop[name]
+
     def _declared_rank(self, name: str) -> int | None:
         tt = self._declared(name, stop_at_definer=True)
         return len(tt.shape.dim) if tt is not None and tt.HasField("shape") else None
@@ -548,6 +587,7 @@ class Scope:
         order: list[int] = []
         leaves: dict[str, np.ndarray] = {}
         type_only: dict[str, int] = {}
+        shape_only: dict[str, tuple[int, ...]] = {}
         seen: set[str] = set()
 
         def visit(value: str) -> None:
@@ -567,31 +607,44 @@ class Scope:
             if len(order) >= MAX_EVALUATED_NODES:
                 raise NotConstant(f"'{name}' is computed by a subgraph too large to evaluate")
             for k, inp in enumerate(node.input):
-                if (node.op_type, k) in TYPE_ONLY_INPUTS and inp:
+                shape_needed = (node.op_type, k) in SHAPE_ONLY_INPUTS
+                if not inp or not (shape_needed or (node.op_type, k) in TYPE_ONLY_INPUTS):
+                    visit(inp)
+                    continue
+                if inp not in type_only:
                     try:
                         visit(inp)
+                        continue  # a real constant
                     except NotConstant:
                         t = self.elem_type(inp)
                         if not t:
                             raise
                         type_only[inp] = t
                         seen.add(inp)
-                else:
-                    visit(inp)
+                if shape_needed and inp not in shape_only:
+                    dims = self.static_shape(inp)
+                    if dims is None:
+                        raise NotConstant(f"'{inp}' has no fixed declared shape")
+                    shape_only[inp] = dims
             order.append(idx)
 
         visit(name)
         order.sort()
-        return self._run_reference(name, order, leaves, type_only)
+        return self._run_reference(name, order, leaves, type_only, shape_only)
 
     def _run_reference(
-        self, name: str, order: list[int], leaves: dict[str, np.ndarray], type_only: dict[str, int]
+        self, name: str, order: list[int], leaves: dict[str, np.ndarray], type_only: dict[str, int],
+        shape_only: dict[str, tuple[int, ...]],
     ) -> np.ndarray:
         from onnx.reference import ReferenceEvaluator
 
         feeds = dict(leaves)
         for inp, t in type_only.items():
-            feeds[inp] = np.zeros((0,), dtype=onnx.helper.tensor_dtype_to_np_dtype(t))
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t)
+            # a placeholder: right type, and the declared shape where only the shape is read
+            # (zero strides: no memory); its values are never read (visit() refuses that)
+            feeds[inp] = np.broadcast_to(np.zeros((), dtype), shape_only[inp]) if inp in shape_only \
+                else np.zeros((0,), dtype=dtype)
         graph = onnx.helper.make_graph(
             [self.proto.node[i] for i in order],
             "bnfold_const",

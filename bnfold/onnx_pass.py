@@ -44,7 +44,7 @@ Reason codes: ``training_mode``, ``spatial_mode``, ``attribute_ref``, ``malforme
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -298,7 +298,7 @@ class _Pass:
 
     def backward(self, scope: Scope, idx: int, bn: onnx.NodeProto, affine: BNAffine) -> Callable[[], None]:
         """BN into the layer before it, possibly through one constant per-channel Add."""
-        target, add = self.producer_chain(scope, bn.input[0])
+        target, add = self.producer_chain(scope, bn.input[0], released=bn.input[1:5])
         if add is None:
             make_affine: Callable[[int, int], BNAffine] = lambda c, r: affine  # noqa: E731
         else:
@@ -320,11 +320,15 @@ class _Pass:
 
         return rewrite
 
-    def producer_chain(self, scope: Scope, x: str) -> tuple[onnx.NodeProto, tuple[int, onnx.NodeProto, Const] | None]:
-        """The layer producing ``x``, directly or through ``Add(layer, constant)``."""
+    def producer_chain(
+        self, scope: Scope, x: str, released: Sequence[str] = ()
+    ) -> tuple[onnx.NodeProto, tuple[int, onnx.NodeProto, Const] | None]:
+        """The layer producing ``x``, directly or through ``Add(layer, constant)``. ``released``:
+        the BN's parameters, released by the fold (nodes computing them only from ``x``'s type or
+        shape die with them and do not count as other consumers of ``x``)."""
         node = scope.node_of(x)
         if node is None or node.op_type != "Add" or node.domain not in ONNX_DOMAINS:
-            return self.producer_of(scope, x), None
+            return self.producer_of(scope, x, released=released), None
         if len(node.input) == 2 and len(node.output) == 1 and scope.opset.get("", 1) >= 7:
             for k in (0, 1):
                 layer = scope.node_of(node.input[k])
@@ -342,7 +346,7 @@ class _Pass:
         raise FoldError("unsupported_producer", "follows an Add that is not a layer plus a constant")
 
     @staticmethod
-    def producer_of(scope: Scope, x: str, allow_add: bool = False) -> onnx.NodeProto:
+    def producer_of(scope: Scope, x: str, allow_add: bool = False, released: Sequence[str] = ()) -> onnx.NodeProto:
         target = scope.node_of(x)
         if target is None:
             owner = scope.owner(x)
@@ -360,9 +364,12 @@ class _Pass:
             raise FoldError("malformed", f"{target.op_type} must have exactly one output")
         if x in scope.outputs:
             raise FoldError("graph_output", f"'{x}' is also a graph output")
-        if scope.uses[x] != 1:
+        uses = scope.uses[x]
+        if uses != 1 and released:
+            uses = scope.uses_after_release(x, released)
+        if uses != 1:
             raise FoldError(
-                "multiple_consumers", f"'{x}' has {scope.uses[x] - 1} consumer(s) besides the BN"
+                "multiple_consumers", f"'{x}' has {uses - 1} consumer(s) besides the BN"
             )
         return target
 

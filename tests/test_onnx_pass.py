@@ -1149,10 +1149,9 @@ def test_training_info_references_keep_tensors() -> None:
     assert_ort_equivalent(b.model, folded, b.feeds)
 
 
-def test_type_only_value_never_feeds_a_shape_computation() -> None:
-    """A BN parameter built from CastLike(c, conv_out) *and* Shape(conv_out) (torch's dynamo export
-    of BatchNorm(affine=False)) is not a constant: the conv output's type is known, its shape value
-    is not. Evaluating Shape on the type-only placeholder once produced a parameter of shape [1]."""
+def _affine_false_dynamo_bn(declare_shape: bool) -> onnx.ModelProto:
+    """torch's dynamo export (optimize=False) of Conv1d + BatchNorm1d(affine=False): the BN's scale
+    and bias are Expand(CastLike(1|0, conv_out), Shape(conv_out)[1:2])."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((6, 3, 3)).astype(np.float32), "w")
     mean = numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "mean")
@@ -1165,16 +1164,58 @@ def test_type_only_value_never_feeds_a_shape_computation() -> None:
         helper.make_node("Expand", ["one_t", "ch"], ["gamma"]),
         helper.make_node("Constant", [], ["zero"], value_floats=[0.0]),
         helper.make_node("CastLike", ["zero", "c"], ["zero_t"]),
-        helper.make_node("Expand", ["zero_t", "ch"], ["beta"]),
+        helper.make_node("Shape", ["c"], ["ch2"], start=1, end=2),
+        helper.make_node("Expand", ["zero_t", "ch2"], ["beta"]),
         helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
     ]
+    value_info = [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2, 6, 6])] if declare_shape else []
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 6])], [w, mean, var],
-        value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT, [2, 6, 6])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 6])], [w, mean, var], value_info=value_info)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_bn_params_from_the_conv_outputs_declared_shape_fold() -> None:
+    """With the conv output's shape declared, Shape/CastLike give constant parameters, and the
+    helper nodes die with them (they are not other consumers of the conv output)."""
+    import onnxruntime as ort
+
+    model = _affine_false_dynamo_bn(declare_shape=True)
+    original = model.SerializeToString()
+    report = fold_model(model)
+    assert [p.kind for p in report.folded] == ["Conv"] and report.skipped == []
+    assert [n.op_type for n in model.graph.node] == ["Conv"]
+    onnx.checker.check_model(model, full_check=True)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)}
+    want = ort.InferenceSession(original, opts).run(None, feed)[0]
+    got = ort.InferenceSession(model.SerializeToString(), opts).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_type_only_value_never_feeds_a_shape_computation() -> None:
+    """Without a declared shape the same parameters are not constants: the conv output's type is
+    known, its shape is not. Evaluating Shape on the type-only placeholder once produced a
+    parameter of shape [1]."""
+    model = _affine_false_dynamo_bn(declare_shape=False)
     before = model.SerializeToString()
     report = fold_model(model)
     assert report.folded == []
-    assert [s.code for s in report.skipped] in (["param_not_constant"], ["multiple_consumers"])
+    assert [s.code for s in report.skipped] == ["param_not_constant"]
     assert model.SerializeToString() == before
+
+
+def test_bn_params_from_the_conv_output_with_a_real_second_consumer_stay() -> None:
+    """The Shape/CastLike helpers do not count as consumers, but a real second consumer does."""
+    model = _affine_false_dynamo_bn(declare_shape=True)
+    model.graph.node.append(helper.make_node("Relu", ["c"], ["r"]))
+    model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 6, 6]))
+    shared = _affine_false_dynamo_bn(declare_shape=True)  # the Shape output also used elsewhere
+    shared.graph.node.append(helper.make_node("Identity", ["ch"], ["ch_out"]))
+    shared.graph.output.append(helper.make_tensor_value_info("ch_out", TensorProto.INT64, [1]))
+    for m in (model, shared):
+        before = m.SerializeToString()
+        report = fold_model(m)
+        assert report.folded == [] and [s.code for s in report.skipped] == ["multiple_consumers"]
+        assert m.SerializeToString() == before
