@@ -414,6 +414,15 @@ class _Pass:
     # ------------------------------------------------------------------------------------------
     # the layer side of a fold after it
     # ------------------------------------------------------------------------------------------
+    def bias_of(self, scope: Scope, name: str, weight: Const) -> Const | None:
+        """The layer's constant bias (None when ``name`` is empty), in the weight's dtype."""
+        if not name:
+            return None
+        bias = self.constant(scope, name, "bias_not_constant", "bias")
+        if bias.value.dtype != weight.value.dtype:
+            raise FoldError("unsupported_dtype", "bias and weight have different dtypes")
+        return bias
+
     def plan(self, scope: Scope, target: onnx.NodeProto,
              make_affine: Callable[[int, int], BNAffine]) -> tuple[Callable[[], None], str]:
         """Compute the folded constants of ``target`` for the per-channel map ``make_affine(C,
@@ -429,9 +438,7 @@ class _Pass:
         bias_name = target.input[2] if len(target.input) > 2 else ""
         if op == "MatMul" and (len(target.input) != 2 or not target.input[0]):
             raise FoldError("malformed", "MatMul must have two inputs")
-        bias = self.constant(scope, bias_name, "bias_not_constant", "bias") if bias_name else None
-        if bias is not None and bias.value.dtype != weight.value.dtype:
-            raise FoldError("unsupported_dtype", "bias and weight have different dtypes")
+        bias = self.bias_of(scope, bias_name, weight)
         base = target.name or target.output[0]
         opset = scope.opset.get("", 1)
         w = weight.value
@@ -664,9 +671,7 @@ class _Pass:
             raise FoldError("malformed", "Conv has no weight input")
         weight = self.constant(scope, conv.input[1], "weight_not_constant", "weight")
         bias_name = conv.input[2] if len(conv.input) > 2 else ""
-        bias = self.constant(scope, bias_name, "bias_not_constant", "bias") if bias_name else None
-        if bias is not None and bias.value.dtype != weight.value.dtype:
-            raise FoldError("unsupported_dtype", "bias and weight have different dtypes")
+        bias = self.bias_of(scope, bias_name, weight)
         group = attr_int(conv, "group", 1)
         new_w, new_b = fold_conv_input(weight.value, bias.value if bias is not None else None, affine, group)
         base = conv.name or conv.output[0]
@@ -690,9 +695,7 @@ class _Pass:
             raise FoldError("malformed", "Gemm has no B input")
         weight = self.constant(scope, gemm.input[1], "weight_not_constant", "weight")
         c_name = gemm.input[2] if len(gemm.input) > 2 else ""
-        c = self.constant(scope, c_name, "bias_not_constant", "bias") if c_name else None
-        if c is not None and c.value.dtype != weight.value.dtype:
-            raise FoldError("unsupported_dtype", "bias and weight have different dtypes")
+        c = self.bias_of(scope, c_name, weight)
         trans_b = bool(attr_int(gemm, "transB", 0))
         alpha = attr_float(gemm, "alpha", 1.0)
         beta = attr_float(gemm, "beta", 1.0)
