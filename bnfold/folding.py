@@ -128,7 +128,7 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     values = _as_f64(values)
     with np.errstate(over="ignore", invalid="ignore"):
         out = _to_bfloat16(values, dtype) if _is_bfloat16(dtype) else values.astype(dtype)
-    if out.size and not np.all(np.isfinite(out)):
+    if out.size and not np.isfinite(out).all():
         raise FoldError(
             "overflow", f"a folded value does not fit in {dtype.name} (largest |value| "
             f"{float(np.max(np.abs(values))):.6g})"
@@ -180,7 +180,7 @@ def _check_finite(label: str, arr: np.ndarray | None) -> None:
     if arr is None or not arr.size:
         return
     native = arr.dtype.kind == "f" or _is_bfloat16(arr.dtype)
-    if not np.all(np.isfinite(arr if native else _as_f64(arr))):
+    if not np.isfinite(arr if native else _as_f64(arr)).all():
         raise FoldError("non_finite", f"{label} contains NaN or Inf")
 
 
@@ -198,7 +198,7 @@ def scale_and_round(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndar
     out = np.empty(weight.shape, dtype=weight.dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         np.multiply(weight, scale.reshape(shape), out=out, dtype=np.float64, casting="same_kind")
-    if out.size and not np.all(np.isfinite(out)):
+    if out.size and not np.isfinite(out).all():
         raise FoldError("overflow", f"a folded value does not fit in {weight.dtype.name}")
     return out
 

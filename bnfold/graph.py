@@ -131,6 +131,11 @@ _NO_SUBGRAPH_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Ge
                               "Mul", "Constant", "Identity", "Reshape", "Flatten", "Concat", "Clip"})
 
 
+def may_have_subgraphs(node: onnx.NodeProto) -> bool:
+    """False for a node that certainly has no graph attribute (cheap: no attribute scan)."""
+    return bool(node.attribute) and (node.op_type not in _NO_SUBGRAPH_OPS or node.domain not in ONNX_DOMAINS)
+
+
 def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     """The graph-valued attributes of ``node`` as ``(attribute name, graph)``."""
     if not node.attribute or (node.op_type in _NO_SUBGRAPH_OPS and node.domain in ONNX_DOMAINS):
@@ -160,28 +165,33 @@ def free_uses(graph: onnx.GraphProto) -> Counter[str]:
     return uses
 
 
-def all_names(model: onnx.ModelProto) -> set[str]:
-    """Every value name used anywhere in the model (graphs, subgraphs, functions)."""
-    names: set[str] = set()
+def _graph_names(g: onnx.GraphProto, names: set[str]) -> None:
+    names.update(v.name for v in g.input)
+    names.update(v.name for v in g.output)
+    names.update(t.name for t in g.initializer)
+    _node_names(g.node, names)
 
-    def visit_nodes(nodes: Iterable[onnx.NodeProto]) -> None:
-        for node in nodes:
-            names.update(node.input)
-            names.update(node.output)
-            for _, g in subgraphs(node):
-                visit_graph(g)
 
-    def visit_graph(g: onnx.GraphProto) -> None:
-        names.update(v.name for v in g.input)
-        names.update(v.name for v in g.output)
-        names.update(t.name for t in g.initializer)
-        visit_nodes(g.node)
+def _node_names(nodes: Iterable[onnx.NodeProto], names: set[str]) -> None:
+    for node in nodes:
+        names.update(node.input)
+        names.update(node.output)
+        for _, g in subgraphs(node):
+            _graph_names(g, names)
 
-    visit_graph(model.graph)
+
+def all_names(model: onnx.ModelProto, top: Scope | None = None) -> set[str]:
+    """Every value name used anywhere in the model (graphs, subgraphs, functions). ``top``: the
+    main graph's index, built before any rewrite, which already holds the main graph's names."""
+    if top is not None:
+        names = top.all_names()
+    else:
+        names = set()
+        _graph_names(model.graph, names)
     for f in model.functions:
         names.update(f.input)
         names.update(f.output)
-        visit_nodes(f.node)
+        _node_names(f.node, names)
     names.discard("")
     return names
 
@@ -191,6 +201,10 @@ class NameAllocator:
 
     def __init__(self, taken: set[str]) -> None:
         self._taken = taken
+
+    def reserve(self, names: Iterable[str]) -> None:
+        """Mark ``names`` as taken."""
+        self._taken.update(names)
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -317,6 +331,7 @@ class Scope:
     consumer: dict[str, int] = field(default_factory=dict)
     # nodes added by the pass, inserted before the node of the given index at commit
     inserted: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)
+    subgraph_nodes: list[int] = field(default_factory=list)  # indices of nodes that carry subgraphs
     _ranks: dict[str, int] = field(default_factory=dict)
     _declared_types: dict[str, onnx.TypeProto.Tensor] | None = None
     _cache: dict[str, Const] = field(default_factory=dict)
@@ -334,30 +349,47 @@ class Scope:
     ) -> Scope:
         """Index ``proto`` in one scan."""
         s = cls(proto, label, opset, ir_version, base_dir, names, parent)
-        uses = s.uses
         if isinstance(proto, onnx.GraphProto):
             s.inputs = {v.name for v in proto.input}
             s.outputs = {v.name for v in proto.output}
             s.initializers = {t.name: i for i, t in enumerate(proto.initializer)}
-            uses.update(v.name for v in proto.output)
+            referenced = [v.name for v in proto.output]
         else:
             s.inputs = set(proto.input)
             s.outputs = set(proto.output)
-            uses.update(proto.output)
+            referenced = list(proto.output)
         producer = s.producer
         consumer = s.consumer
+        uses = s.uses
+        with_graphs = s.subgraph_nodes
         for i, node in enumerate(proto.node):
             for out in node.output:
-                if out:
-                    producer[out] = i
-            uses.update(n for n in node.input if n)
-            for n in node.input:
-                consumer[n] = i
-            for _, g in subgraphs(node):
-                uses.update(free_uses(g))
+                producer[out] = i
+            inputs = tuple(node.input)
+            referenced.extend(inputs)
+            consumer.update(dict.fromkeys(inputs, i))
+            if may_have_subgraphs(node):
+                found = False
+                for _, g in subgraphs(node):
+                    found = True
+                    uses.update(free_uses(g))
+                if found:
+                    with_graphs.append(i)
+        uses.update(referenced)
         uses.pop("", None)
+        producer.pop("", None)
         consumer.pop("", None)
         return s
+
+    def all_names(self) -> set[str]:
+        """Every name defined or read in this scope and its subgraphs (call before rewriting)."""
+        names = set(self.producer)
+        names.update(self.uses, self.initializers, self.inputs, self.outputs)
+        for i in self.subgraph_nodes:
+            for _, g in subgraphs(self.proto.node[i]):
+                _graph_names(g, names)
+        names.discard("")
+        return names
 
     # ----- lookups -------------------------------------------------------------------------
     @property
@@ -387,18 +419,27 @@ class Scope:
 
     def constant(self, name: str) -> Const:
         """Resolve ``name`` to a constant or raise NotConstant with the reason."""
-        owner = self.owner(name)
-        if owner is None:
-            raise NotConstant(f"'{name}' is not defined")
-        if owner is not self:
-            return owner.constant(name)
-        if name in self._cache:
-            return self._cache[name]
-        if name in self.initializers:
-            if self.is_overridable(name):
+        c = self._cache.get(name)
+        if c is not None:
+            return c
+        index = self.initializers.get(name)
+        if index is None:
+            owner = self.owner(name)
+            if owner is None:
+                raise NotConstant(f"'{name}' is not defined")
+            if owner is not self:
+                return owner.constant(name)
+        if index is not None:  # an initializer of this scope: the common case, checked first
+            if name in self.inputs and self.ir_version >= 4:
                 raise NotConstant(f"'{name}' is a graph input (an initializer callers may override)")
-            tensor = self.proto.initializer[self.initializers[name]]
-            c = Const(name, self, "initializer", _read(name, lambda: tensor_array(tensor, self.base_dir)))
+            tensor = self.proto.initializer[index]
+            try:
+                value = np.asarray(tensor_array(tensor, self.base_dir))
+            except NotConstant:
+                raise
+            except Exception as exc:  # noqa: BLE001 - numpy/onnx raise many types for corrupt tensors
+                raise BadTensor(f"'{name}' cannot be read: {type(exc).__name__}: {exc}") from None
+            c = Const(name, self, "initializer", value)
         elif name in self.producer:
             node = self.proto.node[self.producer[name]]
             if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
@@ -763,7 +804,9 @@ class Scope:
     def commit(self) -> None:
         """Apply all removals and additions in one rebuild of each list touched."""
         proto = self.proto
-        if self.removed_nodes or self.new_constants or self.inserted:
+        if self.removed_nodes and not self.new_constants and not self.inserted:
+            _delete_indices(proto.node, self.removed_nodes)
+        elif self.removed_nodes or self.new_constants or self.inserted:
             kept = []
             for i, n in enumerate(proto.node):
                 kept.extend(self.inserted.get(i, ()))
@@ -788,6 +831,18 @@ class Scope:
             kept_v = [v for v in proto.value_info if v.name not in self.removed_values]
             del proto.value_info[:]
             proto.value_info.extend(kept_v)
+
+
+def _delete_indices(field: Any, indices: Iterable[int]) -> None:
+    """Delete the items at ``indices`` of a repeated message field, run by run from the end."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    for start, stop in reversed(runs):
+        del field[start:stop]
 
 
 def _delete_where(field: Any, doomed: Callable[[Any], bool]) -> None:

@@ -113,43 +113,30 @@ def _opset_map(imports: list[onnx.OperatorSetIdProto] | object) -> dict[str, int
     return out
 
 
-def _count(model: onnx.ModelProto) -> tuple[int, int]:
-    """Total (nodes, initializers) over the graph, its subgraphs and the model's functions."""
-    nodes = inits = 0
-
-    def visit(g: onnx.GraphProto) -> None:
-        nonlocal nodes, inits
-        nodes += len(g.node)
-        inits += len(g.initializer)
-        for n in g.node:
-            for _, sub in subgraphs(n):
-                visit(sub)
-
-    visit(model.graph)
-    for f in model.functions:
-        nodes += len(f.node)
-        for n in f.node:
-            for _, sub in subgraphs(n):
-                visit(sub)
-    return nodes, inits
-
-
 class _Pass:
     def __init__(self, model: onnx.ModelProto, base_dir: str, *, bn_to_affine: bool = False) -> None:
         self.model = model
         self.base_dir = base_dir
         self.bn_to_affine = bn_to_affine
-        self.names = NameAllocator(all_names(model))
+        self.names = NameAllocator(set())  # filled from the main graph's index in run()
         self.report = FoldReport()
         self.touched: set[tuple[str, int]] = set()  # (scope label, node index) of layers folded into
+        self.scopes: list[Scope] = []  # every graph and function body, for the node counts
+
+    def scope(self, proto: onnx.GraphProto | onnx.FunctionProto, label: str, opset: dict[str, int],
+              parent: Scope | None = None) -> Scope:
+        """Index ``proto`` (before it is rewritten) and count its nodes and initializers."""
+        s = Scope.build(proto, label, opset, self.model.ir_version, self.base_dir, self.names, parent)
+        self.scopes.append(s)
+        self.report.nodes_before += len(proto.node)
+        if isinstance(proto, onnx.GraphProto):
+            self.report.initializers_before += len(proto.initializer)
+        return s
 
     def run(self) -> FoldReport:
         model = self.model
-        self.report.nodes_before, self.report.initializers_before = _count(model)
-        top = Scope.build(
-            model.graph, "main", _opset_map(model.opset_import), model.ir_version,
-            self.base_dir, self.names,
-        )
+        top = self.scope(model.graph, "main", _opset_map(model.opset_import))
+        self.names.reserve(all_names(model, top))
         # Training info graphs read and update main-graph initializers by name: count those
         # references as uses, so such tensors are neither removed nor overwritten in place.
         for info in model.training_info:
@@ -161,11 +148,12 @@ class _Pass:
         for f in model.functions:
             opset = _opset_map(model.opset_import)
             opset.update(_opset_map(f.opset_import))
-            scope = Scope.build(
-                f, f"function {f.domain}:{f.name}", opset, model.ir_version, self.base_dir, self.names
-            )
-            self.process(scope)
-        self.report.nodes_after, self.report.initializers_after = _count(model)
+            self.process(self.scope(f, f"function {f.domain}:{f.name}", opset))
+        # Every graph the pass can change has a scope (removed nodes never carry subgraphs).
+        for s in self.scopes:
+            self.report.nodes_after += len(s.proto.node)
+            if isinstance(s.proto, onnx.GraphProto):
+                self.report.initializers_after += len(s.proto.initializer)
         return self.report
 
     def process(self, scope: Scope) -> None:
@@ -181,16 +169,13 @@ class _Pass:
             elif node.op_type == "Mul":
                 self.attempt(scope, node, lambda i=idx, n=node: self.prepare_mul(scope, i, n),
                              reported=REPORTED_MUL_CODES)
-        for idx in range(len(nodes)):
+        for idx in scope.subgraph_nodes:
             if idx in scope.removed_nodes:
                 continue
             node = nodes[idx]
             for attr_name, g in subgraphs(node):
                 label = f"{scope.label}/{node.name or f'{node.op_type}_{idx}'}.{attr_name}"
-                child = Scope.build(
-                    g, label, scope.opset, scope.ir_version, scope.base_dir, scope.names, scope
-                )
-                self.process(child)
+                self.process(self.scope(g, label, scope.opset, scope))
         scope.commit()
 
     def attempt(self, scope: Scope, node: onnx.NodeProto, prepare: Callable[[], Callable[[], None] | None],
