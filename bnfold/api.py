@@ -13,24 +13,48 @@ from typing import Any
 import onnx
 
 from .errors import BadInput, VerificationFailed
-from .external import Spill
+from .external import Embedded, Spill
 from .graph import SPILL
-from .io import PROTOBUF_LIMIT, has_external_data, load_model, same_file, save_model, save_model_located
+from .io import PROTOBUF_LIMIT, has_external_data, open_model, same_file, save_model, save_model_located
 from .onnx_pass import fold_model
 from .report import FoldReport, Verification
 from .verification import Inputs
+
+
+class _CompleteModel:
+    """The ``FoldResult.model`` field: a complete ModelProto whenever it is read.
+
+    A large model file folded lazily (:func:`bnfold.io.open_model`) keeps its untouched weights
+    in the file and its folded ones in memory until saved; reading ``.model`` puts them all into
+    the proto first (once). :meth:`FoldResult.save` writes without doing so.
+    """
+
+    def __get__(self, obj: Any, owner: Any = None) -> onnx.ModelProto:
+        if obj is None:
+            raise AttributeError("model")  # no class-level default: the field stays required
+        model = obj.__dict__["_model"]
+        spill = obj.__dict__.get("spill")
+        if isinstance(spill, Embedded):
+            spill.materialize(model)
+            obj.spill = None
+        return model
+
+    def __set__(self, obj: Any, value: onnx.ModelProto) -> None:
+        obj.__dict__["_model"] = value
 
 
 @dataclass
 class FoldResult:
     """A folded model, what was done to it, and how it compared with the original."""
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto = _CompleteModel()  # type: ignore[assignment]
     report: FoldReport
     verification: Verification | None = None
     source: Path | None = None
     base_dir: str = ""  # where the model's external data files are
-    spill: Spill | None = field(default=None, repr=False)  # folded tensors of an external-data model
+    # folded tensors of an external-data model (a Spill), or the weights of a lazily loaded one
+    # (an Embedded: untouched ones still in the input file, folded ones in memory)
+    spill: Spill | Embedded | None = field(default=None, repr=False)
     input_files: tuple[Path, ...] = field(default=(), repr=False)  # the source's external data files
 
     @property
@@ -50,7 +74,7 @@ class FoldResult:
                 and not force:
             raise BadInput(f"{target}: refusing to overwrite the input model (pass force=True)")
         self._check_not_input_data(target)
-        saved, moved = save_model_located(self.model, target, self.base_dir, self.spill)
+        saved, moved = save_model_located(self.__dict__["_model"], target, self.base_dir, self.spill)
         if moved:  # saved over a data file it read from: its tensors now live beside the output
             self.base_dir = str(saved.resolve().parent)
         return saved
@@ -118,15 +142,16 @@ def fold(
     step = progress or (lambda _name: None)
     step("loading")
     input_files: list[Path] = []
-    folded, base_dir, path = load_model(model, stream_external, input_files)
-    external = has_external_data(folded)
+    # A large model file is read lazily: its big weights stay in the file (see FoldResult.model).
+    folded, base_dir, path, embedded = open_model(model, stream_external, input_files, lazy=True)
+    external = embedded is None and has_external_data(folded)
     # The reference for verification: the file itself when there is one (onnxruntime resolves its
     # external data), else a snapshot of the proto taken before folding.
     original: Path | bytes = path if path is not None else (folded.SerializeToString() if verify else b"")
     step("folding")
     where = f"{path}: " if path is not None else ""
     try:
-        spill = Spill() if external else None
+        spill = Spill() if external else embedded
     except OSError as exc:
         raise BadInput(
             f"{where}cannot create a temporary file for folded tensors in {tempfile.gettempdir()} "
@@ -138,7 +163,8 @@ def fold(
     except OSError as exc:  # the spill file's disk is full, or external data became unreadable
         if spill is not None:
             spill.close()
-        hint = f" (folded tensors go to {tempfile.gettempdir()}; set TMPDIR to a folder with space)" if spill else ""
+        hint = (f" (folded tensors go to {tempfile.gettempdir()}; set TMPDIR to a folder with space)"
+                if isinstance(spill, Spill) else "")
         raise BadInput(f"{where}folding failed: {exc.strerror or exc}{hint}") from None
     except BaseException:
         if spill is not None:
@@ -147,7 +173,7 @@ def fold(
     finally:
         SPILL.reset(token)
     result = FoldResult(folded, report, None, path, base_dir, spill, tuple(input_files))
-    if spill is not None:
+    if isinstance(spill, Spill):  # (an Embedded closes its file itself when it goes away)
         weakref.finalize(result, spill.close)
     if verify:
         from .verification import check_request, normalize_provider
@@ -171,7 +197,13 @@ def fold(
                 inputs=inputs, shapes=shapes, dims=dims, seed=seed, runs=runs, atol=atol,
                 rtol=rtol, provider=provider, threads=threads,
             )
-            if external:
+            if embedded is not None:
+                # the candidate, written as the output would be, to a scratch file for onnxruntime
+                with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
+                    target = Path(scratch) / "candidate.onnx"
+                    save_model_located(folded, target, base_dir, spill, durable=False)
+                    result.verification = run_verify(reference, target, **kwargs)
+            elif external:
                 # onnxruntime needs the candidate's data on disk: write a copy to a scratch folder.
                 with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
                     candidate = onnx.ModelProto()

@@ -45,8 +45,9 @@ _PLAIN_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Gemm", "
                         "GlobalAveragePool", "Sigmoid", "Softmax", "Transpose", "Squeeze", "Unsqueeze"})
 
 
-def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of the model: initializers and Constant/attribute tensors, all graphs."""
+def iter_tensors(model: onnx.ModelProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers and Constant/attribute tensors, all graphs
+    (without the main graph's initializers if ``initializers`` is False)."""
 
     def graph_tensors(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield from g.initializer
@@ -67,7 +68,9 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     for g in a.graphs:
                         yield from graph_tensors(g)
 
-    yield from graph_tensors(model.graph)
+    if initializers:
+        yield from model.graph.initializer
+    yield from _node_tensors(model.graph.node)
     for f in model.functions:
         yield from _node_tensors(f.node)
 
@@ -257,6 +260,14 @@ class Spill:
             raw = f.read(int(e["length"]))
         return raw_to_array(tensor, raw)
 
+    def write_to(self, tensor: onnx.TensorProto, fd: int) -> int:
+        """Append the data of a tensor stored here to fd ``fd``; returns its length."""
+        e = _entries(tensor)
+        self._file.flush()
+        length = int(e["length"])
+        _copy_range(self._file.fileno(), fd, int(e["offset"]), length)
+        return length
+
     def close(self) -> None:
         self._cleanup()
 
@@ -303,15 +314,13 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
         done += n
 
 
-def _is_open_source(target: Path, sources: dict[str, int], spill: Spill | None) -> bool:
+def _is_open_source(target: Path, sources: dict[str, int]) -> bool:
     """True if ``target`` exists and is one of the files (open as ``sources``) data is read from."""
     try:
         st = os.stat(target)
     except OSError:
         return False
-    for name, fd in sources.items():
-        if spill is not None and name == str(spill.path):
-            continue
+    for fd in sources.values():
         if os.path.samestat(st, os.fstat(fd)):
             return True
     return False
@@ -353,18 +362,24 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
             fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
         with signals_deferred():
             fd_model, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        if spill is not None:
-            spill._file.flush()
         pos = 0
         for t in iter_tensors(model):
             if is_external(t):
+                pad = (-pos) % ALIGN
+                if spill is not None and spill.holds(t):  # a folded tensor (or an Embedded one)
+                    if pad:
+                        _write_all(fd, b"\0" * pad)
+                    pos += pad
+                    length = spill.write_to(t, fd)
+                    undo.append((t, [(x.key, x.value) for x in t.external_data], None))
+                    _set_external(t, data_name, pos, length)
+                    pos += length
+                    continue
                 e = _entries(t)
-                loc = e.get("location", "")
-                src = loc if spill is not None and loc == str(spill.path) else str(resolve_location(base_dir, loc))
+                src = str(resolve_location(base_dir, e.get("location", "")))
                 if src not in sources:
                     sources[src] = os.open(src, os.O_RDONLY)
                 offset, length = _span(t, e, os.fstat(sources[src]).st_size)
-                pad = (-pos) % ALIGN
                 if pad:
                     _write_all(fd, b"\0" * pad)
                 pos += pad
@@ -392,7 +407,7 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
             os.fsync(f.fileno())
         for tmp in (tmp_data, tmp_model):
             os.chmod(tmp, 0o644)
-        replaces_source = _is_open_source(folder / data_name, sources, spill)
+        replaces_source = _is_open_source(folder / data_name, sources)
         with signals_deferred():  # Ctrl-C/SIGTERM cannot split the pair: old pair or new pair
             os.replace(tmp_data, folder / data_name)
             os.replace(tmp_model, path)
@@ -416,3 +431,365 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
     finally:
         for src_fd in sources.values():
             os.close(src_fd)
+
+
+# --- Embedded weights kept in the model file -------------------------------------------------
+#
+# A large single-file model is parsed without copying its big tensors: the main graph's
+# initializers with a large ``raw_data`` are cut out of the bytes given to protobuf (a *skeleton*),
+# and each becomes a *virtual external tensor* (data_location EXTERNAL, location SOURCE_LOCATION,
+# offset/length of its bytes in the model file). Folded tensors are kept as numpy arrays
+# (location MEMORY_LOCATION). :class:`Embedded` stands in for the spill file: the pass reads
+# through it (``holds``/``read``) and stores into it (``store_array``). Saving writes the file in
+# pieces: the re-serialized skeleton with corrected length prefixes, untouched tensors copied
+# from the source file (``copy_file_range``), folded ones from memory. The bytes are those
+# ``onnx.save`` writes for the same model loaded and folded in memory: protobuf writes known
+# fields in field-number order, so ``raw_data`` (9) goes before the first field numbered above 9.
+#
+# Both locations begin with a NUL character, which no real external data location may contain
+# (resolve_location refuses it): a virtual tensor can never be mistaken for real external data,
+# nor read through a path that a later save may have replaced (reads go through the descriptor
+# opened at load, i.e. the original file even after an in-place save renamed a new one over it).
+
+SOURCE_LOCATION = "\0bnfold:source"  # bytes at offset/length in the model file itself
+MEMORY_LOCATION = "\0bnfold:memory"  # a folded array held in memory; offset = its index
+LAZY_MIN_BYTES = 16 * 1024  # an initializer's raw_data at least this large is left in the file
+LAZY_MIN_FRACTION = 0.5  # ...and only if such tensors make up this share of the file
+
+_RAW_TAG = bytes([(9 << 3) | 2])  # TensorProto.raw_data, length-delimited
+# TensorProto fields (number -> allowed wire types) a tensor left in the file may have: anything
+# else (segment 3, external_data 13, data_location 14, an unknown field, a known field with the
+# wrong wire type) keeps it embedded, so that serializing its stub is exactly protobuf's own.
+_TENSOR_WIRE = {1: (0, 2), 2: (0,), 4: (5, 2), 5: (0, 2), 6: (2,), 7: (0, 2), 8: (2,), 9: (2,), 10: (1, 2),
+                11: (0, 2), 12: (2,), 16: (2,)}
+
+
+class WireError(Exception):
+    """Bytes that are not the protobuf this module expects (the caller takes the plain path)."""
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:  # noqa: ANN001 - bytes, memoryview or mmap
+    b = buf[pos]
+    if b < 0x80:
+        return b, pos + 1
+    result, shift = b & 0x7F, 7
+    while True:
+        pos += 1
+        b = buf[pos]
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos + 1
+        shift += 7
+        if shift > 63:
+            raise WireError("varint too long")
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _fields(buf, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:  # noqa: ANN001
+    """``(number, wire type, field start, value start, value end)`` of each field in [pos, end);
+    the value of a varint/fixed field is its encoded bytes. WireError on malformed data."""
+    try:
+        while pos < end:
+            start = pos
+            tag, pos = _varint(buf, pos)
+            wt = tag & 7
+            if wt == 2:
+                length, pos = _varint(buf, pos)
+                vstart, pos = pos, pos + length
+            elif wt == 0:
+                vstart = pos
+                _, pos = _varint(buf, pos)
+            elif wt == 1:
+                vstart, pos = pos, pos + 8
+            elif wt == 5:
+                vstart, pos = pos, pos + 4
+            else:  # groups (3, 4) are not used by ONNX; 6, 7 are invalid
+                raise WireError(f"wire type {wt}")
+            if pos > end or tag >> 3 == 0:
+                raise WireError("field past the end of its message")
+            yield tag >> 3, wt, start, vstart, pos
+    except IndexError:
+        raise WireError("truncated") from None
+
+
+def _raw_field(buf, start: int, end: int) -> tuple[int, int, int] | None:  # noqa: ANN001
+    """``(field start, data start, data end)`` of the raw_data of the TensorProto in [start, end)
+    if it can stay in the file, else None."""
+    raw = None
+    dtype = None
+    for num, wt, fstart, vstart, vend in _fields(buf, start, end):
+        if wt not in _TENSOR_WIRE.get(num, ()):
+            return None
+        if num == 9:
+            if raw is not None:
+                return None  # twice: protobuf keeps the last; do not guess
+            raw = (fstart, vstart, vend)
+        elif num == 2:
+            dtype, _ = _varint(buf, vstart)
+    if raw is None or dtype not in _NATIVE or raw[2] - raw[1] < LAZY_MIN_BYTES:
+        return None
+    return raw
+
+
+def split_model(buf, size: int) -> tuple[list, list[tuple[int, int, int]]] | None:  # noqa: ANN001
+    """Plan a skeleton of the serialized ModelProto ``buf[:size]``.
+
+    Returns ``(pieces, cuts)``: the skeleton is ``b"".join(pieces)`` (slices of ``buf`` and new
+    length prefixes) and ``cuts`` lists ``(initializer index, data offset, data length)`` for each
+    main-graph initializer whose raw_data was cut out. None when nothing worth cutting was found
+    or the bytes are anything but plain (a graph field twice, groups, malformed data): the caller
+    then parses the whole file, which also gives the usual error for a corrupt one.
+    """
+    try:
+        graph = None
+        for num, wt, fstart, vstart, vend in _fields(buf, 0, size):
+            if num == 7:
+                if graph is not None or wt != 2:
+                    return None  # protobuf would merge the two
+                graph = (fstart, vstart, vend)
+        if graph is None:
+            return None
+        gstart, gv, gend = graph
+        view = memoryview(buf)
+        body: list = []
+        cuts: list[tuple[int, int, int]] = []
+        index = 0
+        last = gv
+        removed = 0
+        threshold = LAZY_MIN_BYTES
+        for num, wt, fstart, vstart, vend in _fields(buf, gv, gend):
+            if num != 5:
+                continue
+            if wt != 2:
+                return None
+            if vend - vstart >= threshold:
+                raw = _raw_field(buf, vstart, vend)
+                if raw is not None:
+                    rstart, dstart, dend = raw
+                    old_len = vend - vstart
+                    new_len = old_len - (dend - rstart)
+                    # the field's tag bytes as they were, a new length prefix, the fields around raw_data
+                    tag_end = _varint(buf, fstart)[1]
+                    prefix = _varint_bytes(new_len)
+                    body += [view[last:tag_end], prefix, view[vstart:rstart], view[dend:vend]]
+                    removed += (vend - fstart) - (tag_end - fstart + len(prefix) + new_len)
+                    last = vend
+                    cuts.append((index, dstart, dend - dstart))
+            index += 1
+        if not cuts or sum(c[2] for c in cuts) < LAZY_MIN_FRACTION * size:
+            return None
+        body.append(view[last:gend])
+        tag_end = _varint(buf, gstart)[1]
+        pieces = [view[:tag_end], _varint_bytes((gend - gv) - removed)] + body + [view[gend:size]]
+        return pieces, cuts
+    except WireError:
+        return None
+
+
+class Embedded:
+    """The weights of a model loaded by :func:`split_model`: virtual external tensors read from
+    the model file (through the descriptor opened at load), and folded tensors held in memory.
+
+    It takes the spill file's place while folding (``holds``/``read``/``store_array``), and
+    :func:`write_embedded` / :meth:`materialize` put the bytes back into a complete model.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self._cleanup = weakref.finalize(self, os.close, self.fd)
+        self.arrays: list[np.ndarray] = []
+
+    def close(self) -> None:
+        self._cleanup()
+
+    def mark(self, tensor: onnx.TensorProto, offset: int, length: int) -> None:
+        """Make ``tensor`` (its raw_data cut out) a virtual external tensor."""
+        _set_external(tensor, SOURCE_LOCATION, offset, length)
+
+    def holds(self, tensor: onnx.TensorProto) -> bool:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or not tensor.external_data:
+            return False
+        loc = tensor.external_data[0].value
+        return loc == SOURCE_LOCATION or loc == MEMORY_LOCATION
+
+    def _where(self, tensor: onnx.TensorProto) -> tuple[str, int, int]:
+        e = _entries(tensor)
+        return e["location"], int(e["offset"]), int(e["length"])
+
+    def raw(self, tensor: onnx.TensorProto) -> bytes | memoryview:
+        """The tensor's data bytes (a view of the array for a folded tensor)."""
+        loc, offset, length = self._where(tensor)
+        if loc == MEMORY_LOCATION:
+            return _array_bytes(self.arrays[offset])
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise BadInput(f"{self.path}: the model file became shorter while it was being read")
+        return data
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        loc, offset, _ = self._where(tensor)
+        if loc == MEMORY_LOCATION:
+            return self.arrays[offset]
+        return raw_to_array(tensor, self.raw(tensor))
+
+    def store_array(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """A tensor named ``name`` holding ``array``: numeric arrays stay in memory until saved,
+        others are embedded at once (numpy_helper.from_array, as without this class)."""
+        dtype = array.dtype
+        if dtype not in _NATIVE_DTYPES:
+            return numpy_helper.from_array(array, name)
+        tensor = onnx.TensorProto()  # the fields from_array sets, minus raw_data
+        tensor.dims.extend(array.shape)
+        if name:
+            tensor.name = name
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+        self.arrays.append(array)
+        _set_external(tensor, MEMORY_LOCATION, len(self.arrays) - 1, array.nbytes)
+        return tensor
+
+    def embed(self, tensor: onnx.TensorProto) -> None:
+        """Put the data back into ``tensor`` as raw_data (the tensor it was before loading)."""
+        data = self.raw(tensor)
+        _unmark(tensor)
+        tensor.raw_data = bytes(data)
+
+    def write_to(self, tensor: onnx.TensorProto, fd: int) -> int:
+        """Append the data of a tensor held here to fd ``fd``; returns its length."""
+        loc, offset, length = self._where(tensor)
+        if loc == MEMORY_LOCATION:
+            data = _array_bytes(self.arrays[offset])
+            _write_all(fd, data)
+            return len(data)
+        _copy_range(self.fd, fd, offset, length)
+        return length
+
+    def materialize(self, model: onnx.ModelProto) -> None:
+        """Make ``model`` complete: every tensor held here gets its raw_data back."""
+        for t in iter_tensors(model):
+            if self.holds(t):
+                self.embed(t)
+
+
+_NATIVE_DTYPES = frozenset(_NATIVE.values())
+
+
+def _array_bytes(array: np.ndarray) -> memoryview:
+    """The bytes numpy_helper.from_array would store for ``array``, without copying when possible."""
+    a = np.ascontiguousarray(array)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return memoryview(a.reshape(-1).view(np.uint8))  # (bfloat16 has no buffer format of its own)
+
+
+def _unmark(tensor: onnx.TensorProto) -> None:
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
+
+
+class _Layout(Exception):
+    """The serialized skeleton is not laid out as expected (the caller writes it plainly)."""
+
+
+def plan_embedded(model: onnx.ModelProto, embedded: Embedded) -> tuple[list, int]:
+    """The pieces of ``model`` serialized with every tensor ``embedded`` holds put back inline.
+
+    Pieces are bytes-like (written as they are) or ``(offset, length)`` of the model file
+    (copied from it); the second item is the total size. Tensors held outside the main graph's
+    initializers (a folded Constant, a subgraph) are embedded in ``model`` first. Raises _Layout
+    if protobuf's output does not look as expected (nothing is lost: the caller materializes).
+    """
+    inits = model.graph.initializer
+    for t in iter_tensors(model, initializers=False):
+        if embedded.holds(t):
+            embedded.embed(t)
+    held: dict[int, tuple[list[tuple[str, str]], tuple[str, int, int]]] = {}
+    try:
+        for k, t in enumerate(inits):
+            if t.data_location == onnx.TensorProto.EXTERNAL and embedded.holds(t):
+                held[k] = ([(e.key, e.value) for e in t.external_data], embedded._where(t))
+                _unmark(t)
+        stub = model.SerializeToString()
+    finally:
+        for k, (entries, _) in held.items():
+            t = inits[k]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in entries:
+                e = t.external_data.add()
+                e.key, e.value = key, value
+    if not held:
+        return [stub], len(stub)
+    try:
+        return _splice(stub, held, embedded)
+    except WireError:
+        raise _Layout("unreadable") from None
+
+
+def _splice(stub: bytes, held: dict, embedded: Embedded) -> tuple[list, int]:  # noqa: ANN001
+    view = memoryview(stub)
+    graph = [f for f in _fields(stub, 0, len(stub)) if f[0] == 7]
+    if len(graph) != 1:
+        raise _Layout("graph")
+    _, _, gstart, gv, gend = graph[0]
+    body: list = []
+    last, grow, index = gv, 0, 0
+    for num, _wt, fstart, vstart, vend in _fields(stub, gv, gend):
+        if num != 5:
+            continue
+        if index in held:
+            _, (loc, offset, length) = held[index]
+            at, prev = vend, 0
+            for n, _w, f0, _v0, _v1 in _fields(stub, vstart, vend):
+                if n == 9 or n < prev:
+                    raise _Layout("tensor fields out of order")
+                if n > 9 and at == vend:
+                    at = f0
+                prev = n
+            data = (offset, length) if loc == SOURCE_LOCATION else _array_bytes(embedded.arrays[offset])
+            new_len = (vend - vstart) + 1 + len(_varint_bytes(length)) + length
+            tag_end = _varint(stub, fstart)[1]
+            prefix = _varint_bytes(new_len)
+            body += [view[last:tag_end], prefix, view[vstart:at], _RAW_TAG + _varint_bytes(length), data,
+                     view[at:vend]]
+            grow += (tag_end - fstart + len(prefix) + new_len) - (vend - fstart)
+            last = vend
+        index += 1
+    if index <= max(held):
+        raise _Layout("initializer count")
+    body.append(view[last:gend])
+    tag_end = _varint(stub, gstart)[1]
+    pieces = [view[:tag_end], _varint_bytes(gend - gv + grow)] + body + [view[gend:]]
+    total = sum(p[1] if isinstance(p, tuple) else len(p) for p in pieces)
+    return pieces, total
+
+
+def write_pieces(fd: int, pieces: list, source_fd: int) -> None:
+    """Write :func:`plan_embedded`'s pieces to ``fd``: small ones gathered, file ranges copied
+    in the kernel, arrays straight from their memory."""
+    pending: list = []
+    pending_size = 0
+    for p in pieces:
+        if isinstance(p, tuple) or len(p) >= 1 << 16:
+            if pending:
+                _write_all(fd, b"".join(pending))
+                pending, pending_size = [], 0
+            if isinstance(p, tuple):
+                _copy_range(source_fd, fd, p[0], p[1])
+            else:
+                _write_all(fd, p)
+        else:
+            pending.append(p)
+            pending_size += len(p)
+            if pending_size >= 1 << 20:
+                _write_all(fd, b"".join(pending))
+                pending, pending_size = [], 0
+    if pending:
+        _write_all(fd, b"".join(pending))

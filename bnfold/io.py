@@ -6,7 +6,7 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ def _sniff(data: bytes) -> str:
 
 
 STREAM_THRESHOLD = 512 * 2**20  # external data at least this large stays on disk while folding
+EMBEDDED_THRESHOLD = 16 * 2**20  # a model file at least this large keeps its big weights on disk (lazy)
 
 
 def load_model(
@@ -91,10 +92,26 @@ def load_model(
     ``stream_external`` is False); otherwise (or when True) it stays on disk, is read tensor by
     tensor by the pass and streamed when saving.
 
-    The returned model is always a fresh copy the caller may modify. Raises BadInput with a
-    one-line message for anything that is not a readable ONNX model. ``external_files``, if
+    The returned model is always a complete fresh copy the caller may modify. Raises BadInput
+    with a one-line message for anything that is not a readable ONNX model. ``external_files``, if
     given, receives the external data files the model on disk refers to (a save must not
     overwrite them).
+    """
+    model, base_dir, path, _ = open_model(source, stream_external, external_files)
+    return model, base_dir, path
+
+
+def open_model(
+    source: Any, stream_external: bool | None = None, external_files: list[Path] | None = None,
+    lazy: bool = False,
+) -> tuple[onnx.ModelProto, str, Path | None, Any]:
+    """:func:`load_model`, plus (with ``lazy``) large embedded weights left in the file.
+
+    With ``lazy``, a model file of at least EMBEDDED_THRESHOLD bytes whose big initializers are
+    plain ``raw_data`` is parsed without them (see :mod:`bnfold.external`, "Embedded weights"):
+    the fourth item is then a :class:`bnfold.external.Embedded` through which those tensors are
+    read, folded tensors stored, and the model saved or completed; otherwise it is None and the
+    model is complete, as from :func:`load_model`.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -113,17 +130,11 @@ def load_model(
                 f"{path}: {size} bytes is over protobuf's 2 GiB limit, so it is not an ONNX model file "
                 "(larger models keep their weights in external data files)"
             )
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BadInput(f"{path}: cannot read ({exc.strerror})") from None
-        if not data:
-            raise BadInput(f"{path}: empty file")
-        model = _parse(data, str(path))
-        try:
-            check_structure(model)
-        except BadInput as exc:
-            raise BadInput(f"{path}: {exc}") from None
+        if lazy and size >= EMBEDDED_THRESHOLD:
+            opened = _open_lazy(path, size)
+            if opened is not None:
+                return opened[0], str(path.resolve().parent), path, opened[1]
+        model = _read_model(path)
         base_dir = str(path.resolve().parent)
         if has_external_data(model):
             from .external import check_locations, external_bytes
@@ -137,7 +148,7 @@ def load_model(
             if not stream_external and (stream_external is not None or external_bytes(model) < STREAM_THRESHOLD):
                 _load_external(model, base_dir, path)
             # else external data stays on disk: the pass reads only the tensors it folds.
-        return model, base_dir, path
+        return model, base_dir, path, None
     proto = to_model_proto(source)
     if proto is None:
         raise BadInput(
@@ -147,7 +158,72 @@ def load_model(
     check_structure(proto)
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    return copy, "", None
+    return copy, "", None, None
+
+
+def _read_model(path: Path) -> onnx.ModelProto:
+    """Read and parse a whole model file, and check its structure (BadInput, one line)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read ({exc.strerror})") from None
+    if not data:
+        raise BadInput(f"{path}: empty file")
+    model = _parse(data, str(path))
+    del data
+    try:
+        check_structure(model)
+    except BadInput as exc:
+        raise BadInput(f"{path}: {exc}") from None
+    return model
+
+
+def _open_lazy(path: Path, size: int) -> tuple[onnx.ModelProto, Any] | None:
+    """Parse the model at ``path`` without its large initializers (they stay in the file).
+
+    None (the caller reads the whole file, which also reports any error in the usual words)
+    when the file cannot be mapped, has nothing worth leaving out, is not plain protobuf, or has
+    real external data.
+    """
+    import mmap
+
+    from .external import Embedded, split_model
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            size = min(size, len(mm))
+            plan = split_model(mm, size)
+            if plan is None:
+                return None
+            pieces, cuts = plan
+            skeleton = b"".join(pieces)
+            del plan, pieces  # views of the map: released before it closes
+            embedded = Embedded(path)
+            if os.fstat(embedded.fd).st_ino != os.fstat(f.fileno()).st_ino:
+                return None  # replaced meanwhile
+    except (OSError, ValueError, BufferError):
+        return None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(skeleton)
+    except (DecodeError, RuntimeError, ValueError):
+        return None
+    del skeleton
+    inits = model.graph.initializer
+    if not model.HasField("graph") or len(inits) <= cuts[-1][0]:
+        return None
+    for index, offset, length in cuts:
+        t = inits[index]
+        if t.HasField("raw_data") or t.external_data or t.HasField("data_location"):
+            return None  # not what split_model saw
+        embedded.mark(t, offset, length)
+    try:
+        check_structure(model)
+    except BadInput as exc:
+        raise BadInput(f"{path}: {exc}") from None
+    if any(is_external_data(t) and not embedded.holds(t) for t in _iter_tensors(model)):
+        return None  # also real external data: the usual path checks and streams it
+    return model, embedded
 
 
 def check_structure(model: onnx.ModelProto) -> None:
@@ -331,6 +407,16 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def is_external_data(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    from .external import iter_tensors
+
+    return iter_tensors(model)
+
+
 def has_external_data(model: onnx.ModelProto) -> bool:
     """True if any tensor of the model keeps its data in an external file."""
     from .external import is_external, iter_tensors
@@ -357,10 +443,23 @@ def save_model(
 
 
 def save_model_located(
-    model: onnx.ModelProto, path: str | os.PathLike[str], base_dir: str = "", spill: Any = None
+    model: onnx.ModelProto, path: str | os.PathLike[str], base_dir: str = "", spill: Any = None,
+    durable: bool = True,
 ) -> tuple[Path, bool]:
-    """:func:`save_model`, also saying whether ``model`` now reads its data from beside ``path``."""
+    """:func:`save_model`, also saying whether ``model`` now reads its data from beside ``path``.
+
+    ``spill`` may be a :class:`bnfold.external.Embedded` (a model from :func:`open_model` with
+    ``lazy``): the file is then written in pieces, never serialized whole in memory, with the
+    bytes a complete model would have. ``durable=False`` skips fsync (scratch copies).
+    """
     path = Path(path)
+    from .external import Embedded
+
+    if isinstance(spill, Embedded):
+        written = _save_embedded(model, path, spill, durable)
+        if written is not None:
+            return written, False
+        # over protobuf's limit: the data goes to <name>.data below, read through ``spill``
     data = None
     if not has_external_data(model):
         try:
@@ -380,14 +479,36 @@ def save_model_located(
         except OSError as exc:
             raise BadInput(f"{path}: write failed ({exc.strerror or exc})") from None
         return path, moved
-    return write_atomic(data, path), False
+    return write_atomic(data, path, durable=durable), False
 
 
-def write_atomic(data: bytes | str, path: str | os.PathLike[str]) -> Path:
+def _save_embedded(model: onnx.ModelProto, path: Path, embedded: Any, durable: bool) -> Path | None:
+    """Write a lazily loaded model as one file, in pieces; None if it is over protobuf's limit."""
+    from .external import _Layout, plan_embedded, write_pieces
+
+    try:
+        pieces, total = plan_embedded(model, embedded)
+    except _Layout:  # protobuf laid the skeleton out unexpectedly: serialize a complete copy
+        full = onnx.ModelProto()
+        full.CopyFrom(model)
+        embedded.materialize(full)
+        data = full.SerializeToString()
+        del full
+        return write_atomic(data, path, durable=durable)
+    if total > PROTOBUF_LIMIT:
+        return None
+    return write_atomic(lambda fd: write_pieces(fd, pieces, embedded.fd), path, durable=durable)
+
+
+def write_atomic(
+    data: bytes | str | Callable[[int], None], path: str | os.PathLike[str], durable: bool = True
+) -> Path:
     """Write ``data`` (text is UTF-8 encoded) to ``path`` via a temporary file and a rename.
 
-    The temporary file lives in the target folder (so the rename is atomic) and is removed on any
-    failure, including KeyboardInterrupt. An existing file keeps its permission bits.
+    ``data`` may also be a function that writes to the file descriptor it is given. The
+    temporary file lives in the target folder (so the rename is atomic), is fsync'ed before the
+    rename (unless ``durable`` is False) and is removed on any failure, including
+    KeyboardInterrupt. An existing file keeps its permission bits.
     """
     path = Path(path)
     if isinstance(data, str):
@@ -409,9 +530,13 @@ def write_atomic(data: bytes | str, path: str | os.PathLike[str]) -> Path:
         raise
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f.fileno())
+            else:
+                f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o777)
         else:
