@@ -44,6 +44,7 @@ __all__ = [
     "round_to_dtype",
     "fold_conv",
     "fold_conv_transpose",
+    "fold_conv_many",
     "fold_gemm",
     "scale_output_channels",
     "channel_vector",
@@ -223,6 +224,77 @@ def fold_conv(
     w = scale_and_round(weight, affine.scale, 0)
     b = round_to_dtype(_folded_bias(bias, affine), (bias if bias is not None else weight).dtype)
     return w, b
+
+
+def fold_conv_many(
+    weights: list[np.ndarray],
+    biases: list[np.ndarray | None],
+    params: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    epsilons: list[float],
+) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """``fold_conv(weights[k], biases[k], bn_affine(*params[k], epsilons[k]))`` for many pairs in
+    a few whole-array operations, with bit-identical results.
+
+    The caller guarantees the shapes: ``weights[k]`` float16/32/64 of rank >= 3 with ``C_k >= 1``
+    output channels (axis 0), its bias None or ``[C_k]`` of the weight's dtype, the four BN
+    parameters ``[C_k]`` floats. Entry ``k`` is None where :func:`bn_affine` or :func:`fold_conv`
+    would raise FoldError (non-finite values, a non-positive variance, an overflow): the caller
+    folds those one by one to get the reason.
+    """
+    n = len(weights)
+    if n == 0:
+        return []
+    counts = np.fromiter((w.shape[0] for w in weights), dtype=np.int64, count=n)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    gamma, beta, mean, var = (np.concatenate([p[i] for p in params]).astype(np.float64) for i in range(4))
+    eps = np.array(epsilons, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        denom = var + np.repeat(eps, counts)
+        scale = gamma / np.sqrt(denom)  # as bn_affine, element by element
+        shift = beta - scale * mean
+        valid = np.isfinite(gamma) & np.isfinite(beta) & np.isfinite(mean) & np.isfinite(var) & (denom > 0)
+    ok = (np.add.reduceat(~valid, starts) == 0) & np.isfinite(eps)
+
+    out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for k in range(n):
+        if ok[k]:
+            by_dtype.setdefault(weights[k].dtype, []).append(k)
+    for dtype, group in by_dtype.items():
+        sizes = np.fromiter((weights[k].size for k in group), dtype=np.int64, count=len(group))
+        chans = counts[group]
+        flat = np.concatenate([weights[k].reshape(-1) for k in group])
+        channel_scale = np.concatenate([scale[starts[k]:starts[k] + counts[k]] for k in group])
+        per_channel = np.repeat(sizes // chans, chans)
+        folded = np.empty(flat.shape, dtype=dtype)
+        with np.errstate(all="ignore"):  # as scale_and_round: float64 product, one rounding
+            np.multiply(flat, np.repeat(channel_scale, per_channel), out=folded, dtype=np.float64,
+                        casting="same_kind")
+        w_starts = np.zeros(len(group), dtype=np.int64)
+        np.cumsum(sizes[:-1], out=w_starts[1:])
+        # a non-finite product means a non-finite weight or an overflow: both refused by fold_conv
+        w_ok = np.add.reduceat(~np.isfinite(folded), w_starts) == 0
+        channel_shift = np.concatenate([shift[starts[k]:starts[k] + counts[k]] for k in group])
+        has_bias = np.repeat(np.fromiter((biases[k] is not None for k in group), dtype=bool, count=len(group)), chans)
+        bias64 = np.concatenate([
+            biases[k].astype(np.float64) if biases[k] is not None else np.zeros(counts[k])  # type: ignore[union-attr]
+            for k in group
+        ])
+        with np.errstate(all="ignore"):  # as _folded_bias: s * b + t, or t itself without a bias
+            new_bias = np.where(has_bias, bias64 * channel_scale + channel_shift, channel_shift)
+            rounded = new_bias.astype(dtype)
+        c_starts = np.zeros(len(group), dtype=np.int64)
+        np.cumsum(chans[:-1], out=c_starts[1:])
+        b_ok = np.add.reduceat(~(np.isfinite(rounded) & np.isfinite(bias64)), c_starts) == 0
+        c0 = 0
+        for j, k in enumerate(group):
+            c1 = c0 + int(chans[j])
+            if w_ok[j] and b_ok[j]:
+                w = weights[k]
+                out[k] = (folded[w_starts[j]:w_starts[j] + sizes[j]].reshape(w.shape), rounded[c0:c1])
+            c0 = c1
+    return out
 
 
 def fold_conv_transpose(

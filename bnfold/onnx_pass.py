@@ -43,8 +43,10 @@ Reason codes: ``training_mode``, ``spatial_mode``, ``attribute_ref``, ``malforme
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
@@ -61,6 +63,7 @@ from .folding import (
     fold_bias,
     fold_conv,
     fold_conv_input,
+    fold_conv_many,
     fold_conv_transpose,
     fold_dequantized_scale,
     fold_gemm,
@@ -73,6 +76,7 @@ from .graph import (
     BadTensor,
     Const,
     NameAllocator,
+    SPILL,
     NotConstant,
     Scope,
     all_names,
@@ -111,6 +115,44 @@ def _opset_map(imports: list[onnx.OperatorSetIdProto] | object) -> dict[str, int
     for imp in imports:  # type: ignore[attr-defined]
         out["" if imp.domain in ONNX_DOMAINS else imp.domain] = imp.version
     return out
+
+
+_BULK_MIN = 1  # BNs in a graph for the bulk path (a test raises it to compare both paths)
+_BULK_DTYPES = {
+    onnx.TensorProto.FLOAT: np.dtype("<f4"),
+    onnx.TensorProto.FLOAT16: np.dtype("<f2"),
+    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
+}
+
+
+@dataclass
+class _BulkJob:
+    """A Conv -> BN fold computed in bulk: the Conv's node index, the weight and bias names it
+    was computed from, and the folded tensors."""
+
+    target: int
+    weight: str
+    bias: str
+    new_weight: np.ndarray
+    new_bias: np.ndarray
+
+
+def _plain_initializer(scope: Scope, name: str) -> np.ndarray | None:
+    """The value of ``name`` when it is an initializer of ``scope`` (not a graph input) stored as
+    raw float16/32/64 bytes of the right length; else None."""
+    i = scope.initializers.get(name)
+    if i is None or name in scope.inputs:
+        return None
+    t = scope.proto.initializer[i]
+    dtype = _BULK_DTYPES.get(t.data_type)
+    if dtype is None or t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") \
+            or t.HasField("segment"):
+        return None
+    raw = t.raw_data
+    dims = tuple(t.dims)
+    if len(raw) != math.prod(dims) * dtype.itemsize:
+        return None
+    return np.frombuffer(raw, dtype=dtype).reshape(dims)
 
 
 class _Pass:
@@ -158,15 +200,21 @@ class _Pass:
 
     def process(self, scope: Scope) -> None:
         nodes = scope.proto.node
-        for idx in range(len(nodes)):
+        candidates = []
+        for idx, node in enumerate(nodes):
+            op = node.op_type
+            if (op == "BatchNormalization" or op == "Mul") and node.domain in ONNX_DOMAINS:
+                candidates.append((idx, node, op))
+        bulk = self.bulk_prepare(scope, [(i, n) for i, n, op in candidates if op == "BatchNormalization"])
+        for idx, node, op in candidates:
             if idx in scope.removed_nodes:
                 continue
-            node = nodes[idx]
-            if node.domain not in ONNX_DOMAINS:
-                continue
-            if node.op_type == "BatchNormalization":
+            if op == "BatchNormalization":
+                job = bulk.get(idx)
+                if job is not None and self.bulk_rewrite(scope, idx, node, job):
+                    continue
                 self.attempt(scope, node, lambda i=idx, n=node: self.prepare(scope, i, n))
-            elif node.op_type == "Mul":
+            else:
                 self.attempt(scope, node, lambda i=idx, n=node: self.prepare_mul(scope, i, n),
                              reported=REPORTED_MUL_CODES)
         for idx in scope.subgraph_nodes:
@@ -265,6 +313,94 @@ class _Pass:
                 except FoldError as e:
                     raise FoldError(err.code, f"{err.message}; not rewritten as Mul+Add: {e.message}") from None
             raise err
+
+    # ------------------------------------------------------------------------------------------
+    # Plain Conv -> BN pairs, computed in bulk
+    # ------------------------------------------------------------------------------------------
+    def bulk_prepare(self, scope: Scope, bns: list[tuple[int, onnx.NodeProto]]) -> dict[int, _BulkJob]:
+        """Folded tensors for the BNs that plainly follow a Conv, computed for all at once.
+
+        A shortcut for the commonest case only, with results identical to :meth:`prepare`: the BN
+        and the Conv use initializers of this graph held as raw little-endian float16/32/64 data,
+        the BN is the Conv output's only consumer, and no other fold can change that Conv first
+        (its input is not a BN's output). Every other BN, and every pair the math refuses, takes
+        the one-by-one path, which also gives the reasons.
+        """
+        if len(bns) < _BULK_MIN or SPILL.get() is not None or not isinstance(scope.proto, onnx.GraphProto):
+            return {}
+        version = bn_version(scope.opset.get("", 1))
+        nodes = scope.proto.node
+        jobs: list[tuple[int, int, str, str]] = []
+        weights: list[np.ndarray] = []
+        biases: list[np.ndarray | None] = []
+        params: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        epsilons: list[float] = []
+        targets: set[int] = set()
+        for idx, bn in bns:
+            inputs = bn.input
+            if len(inputs) < 5 or len(bn.output) != 1:
+                continue
+            x = inputs[0]
+            t_idx = scope.producer.get(x)
+            if t_idx is None or t_idx in targets or scope.uses[x] != 1 or x in scope.outputs:
+                continue
+            conv = nodes[t_idx]
+            if conv.op_type != "Conv" or conv.domain not in ONNX_DOMAINS or len(conv.output) != 1 \
+                    or len(conv.input) < 2:
+                continue
+            source = scope.node_of(conv.input[0])
+            if source is not None and source.op_type == "BatchNormalization":
+                continue  # that BN may fold into this Conv's input side first
+            try:
+                self.check_inference_mode(bn, version)
+                epsilon = attr_float(bn, "epsilon", 1e-5)
+                group = attr_int(conv, "group", 1)
+            except (FoldError, AttributeRef, BadAttribute):
+                continue
+            bn_params = [_plain_initializer(scope, name) for name in inputs[1:5]]
+            if any(p is None or p.ndim != 1 for p in bn_params):
+                continue
+            channels = bn_params[0].shape[0]  # type: ignore[union-attr]
+            weight = _plain_initializer(scope, conv.input[1])
+            if weight is None or weight.ndim < 3 or weight.shape[0] != channels or channels == 0 \
+                    or any(p.shape[0] != channels for p in bn_params) or group < 1 or channels % group:  # type: ignore[union-attr]
+                continue
+            bias_name = conv.input[2] if len(conv.input) > 2 else ""
+            bias = _plain_initializer(scope, bias_name) if bias_name else None
+            if bias_name and (bias is None or bias.dtype != weight.dtype or bias.shape != (channels,)):
+                continue
+            targets.add(t_idx)
+            jobs.append((idx, t_idx, conv.input[1], bias_name))
+            weights.append(weight)
+            biases.append(bias)
+            params.append(tuple(bn_params))  # type: ignore[arg-type]
+            epsilons.append(epsilon)
+        folded = fold_conv_many(weights, biases, params, epsilons)
+        return {
+            idx: _BulkJob(t_idx, w_name, b_name, result[0], result[1])
+            for (idx, t_idx, w_name, b_name), result in zip(jobs, folded)
+            if result is not None
+        }
+
+    def bulk_rewrite(self, scope: Scope, idx: int, bn: onnx.NodeProto, job: _BulkJob) -> bool:
+        """Apply a bulk-computed fold exactly as :meth:`backward` would; False (nothing done)
+        if the graph around the pair changed since it was computed."""
+        x = bn.input[0]
+        if scope.producer.get(x) != job.target or scope.uses[x] != 1:
+            return False
+        target = scope.proto.node[job.target]
+        bias_name = target.input[2] if len(target.input) > 2 else ""
+        if target.input[1] != job.weight or bias_name != job.bias:
+            return False
+        weight = scope.constant(job.weight)
+        bias = scope.constant(job.bias) if job.bias else None
+        base = target.name or target.output[0]
+        chained = (scope.label, job.target) in self.touched
+        scope.set_input(target, 2, job.new_bias, bias, f"{base}_bias_folded" if bias is None else f"{bias.name}_folded")
+        scope.set_input(target, 1, job.new_weight, weight, f"{weight.name}_folded")
+        self.absorb(scope, target, [(idx, bn)])
+        self.record(scope, bn, target, "Conv", "bn_after_chain" if chained else "bn_after")
+        return True
 
     @staticmethod
     def check_inference_mode(bn: onnx.NodeProto, version: int) -> None:
