@@ -299,10 +299,13 @@ def _check_body(
                     "every value needs exactly one definition"
                 )
             defined[name] = i
+    from .graph import may_have_subgraphs  # graph imports this module's helpers through external
+
     inner_scope: frozenset[str] | None = None
     free: set[str] = set()
-    deps: list[set[int]] = []
     in_order = True  # every input produced by an earlier node: acyclic without sorting
+    inner_uses: dict[int, list[str]] = {}  # node index -> names its subgraphs read from outside
+    get = defined.get
     for i, node in enumerate(nodes):
         if domains is not None:
             domain = node.domain
@@ -312,24 +315,26 @@ def _check_body(
                     f"{_node(node)}{where} uses the operator domain {label}, which the model's opset_import "
                     "does not list; the model is invalid (add the opset import or re-export it)"
                 )
-        uses = list(node.input)
-        for attr in node.attribute:
-            kind = attr.type
-            if kind != _GRAPH and kind != _GRAPHS:
-                continue
-            if inner_scope is None:
-                inner_scope = outer | frozenset(defined)
-            for g in [attr.g] if kind == _GRAPH else attr.graphs:
-                uses.extend(_check_graph(g, inner_scope, f"{where} in subgraph '{attr.name}' of {_node(node)}",
-                                         domains))
-        mine: set[int] = set()
+        uses: Any = node.input
+        if may_have_subgraphs(node):
+            extra: list[str] = []
+            for attr in node.attribute:
+                kind = attr.type
+                if kind != _GRAPH and kind != _GRAPHS:
+                    continue
+                if inner_scope is None:
+                    inner_scope = outer | frozenset(defined)
+                for g in [attr.g] if kind == _GRAPH else attr.graphs:
+                    extra.extend(_check_graph(g, inner_scope, f"{where} in subgraph '{attr.name}' of {_node(node)}",
+                                              domains))
+            if extra:
+                inner_uses[i] = extra
+                uses = [*uses, *extra]
         for name in uses:
-            j = defined.get(name)
+            j = get(name)
             if j is not None:
-                if j >= 0:
-                    mine.add(j)
-                    if j >= i:
-                        in_order = False
+                if j >= i:
+                    in_order = False
             elif name:
                 if name not in outer:
                     raise BadInput(
@@ -337,13 +342,20 @@ def _check_body(
                         "defines; the model is incomplete"
                     )
                 free.add(name)
-        deps.append(mine)
     for name in outputs:
         if name not in defined:
             if name not in outer:
                 raise BadInput(f"output '{name}'{where} is not produced by anything")
             free.add(name)
-    if not in_order:
+    if not in_order:  # only now the producer -> consumer edges are needed
+        deps = []
+        for i, node in enumerate(nodes):
+            mine: set[int] = set()
+            for name in (*node.input, *inner_uses.get(i, ())):
+                j = get(name)
+                if j is not None and j >= 0:
+                    mine.add(j)
+            deps.append(mine)
         _check_acyclic(nodes, deps, where)
     return free
 
