@@ -25,7 +25,6 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import BadInput
-from .io import signals_deferred
 
 ALIGN = 4096  # offsets in written data files are page aligned (mmap-friendly)
 EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file when writing external data
@@ -227,6 +226,8 @@ class Spill:
     """A temporary file that holds folded tensors until the model is saved."""
 
     def __init__(self, folder: str | None = None) -> None:
+        from .io import signals_deferred  # (io imports graph, which imports this module)
+
         with signals_deferred():  # the file is removed when this object goes away, whatever happens
             fd, name = tempfile.mkstemp(prefix=".bnfold-spill-", suffix=".data", dir=folder)
             self.path = Path(name)
@@ -350,6 +351,8 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
     happens to the written files), unless the new data file replaced one of those sources
     (saving in place): then it refers to the new data file, and True is returned.
     """
+    from .io import signals_deferred
+
     folder = path.parent
     data_name = f"{path.name}.data"
     fd, tmp_data = -1, ""
@@ -539,6 +542,61 @@ def _raw_field(buf, start: int, end: int) -> tuple[int, int, int] | None:  # noq
     return raw
 
 
+def _large_initializers(buf, pos: int, end: int, threshold: int) -> list[tuple[int, int, int, int]]:  # noqa: ANN001
+    """``(initializer index, field start, value start, value end)`` of each initializer field
+    (GraphProto field 5) of at least ``threshold`` bytes in the GraphProto bytes [pos, end).
+
+    :func:`_fields` unrolled for speed (a graph may have tens of thousands of fields): one-byte
+    tags and lengths below 16 KiB are decoded inline. WireError on malformed data.
+    """
+    found = []
+    index = 0
+    try:
+        while pos < end:
+            start = pos
+            tag = buf[pos]
+            if tag < 0x80:
+                pos += 1
+            else:
+                tag, pos = _varint(buf, pos)
+            wt = tag & 7
+            if wt == 2:
+                b = buf[pos]
+                if b < 0x80:
+                    length = b
+                    pos += 1
+                else:
+                    b2 = buf[pos + 1]
+                    if b2 < 0x80:
+                        length = (b & 0x7F) | (b2 << 7)
+                        pos += 2
+                    else:
+                        length, pos = _varint(buf, pos)
+                vstart = pos
+                pos += length
+                if tag == 0x2A:  # field 5, length-delimited
+                    if length >= threshold:
+                        found.append((index, start, vstart, pos))
+                    index += 1
+            elif tag >> 3 == 5:
+                raise WireError("initializer that is not a message")
+            elif wt == 0:
+                _, pos = _varint(buf, pos)
+            elif wt == 1:
+                pos += 8
+            elif wt == 5:
+                pos += 4
+            else:
+                raise WireError(f"wire type {wt}")
+            if tag >> 3 == 0:
+                raise WireError("field number 0")
+        if pos > end:
+            raise WireError("field past the end of its message")
+    except IndexError:
+        raise WireError("truncated") from None
+    return found
+
+
 def split_model(buf, size: int) -> tuple[list, list[tuple[int, int, int]]] | None:  # noqa: ANN001
     """Plan a skeleton of the serialized ModelProto ``buf[:size]``.
 
@@ -561,29 +619,21 @@ def split_model(buf, size: int) -> tuple[list, list[tuple[int, int, int]]] | Non
         view = memoryview(buf)
         body: list = []
         cuts: list[tuple[int, int, int]] = []
-        index = 0
         last = gv
         removed = 0
         threshold = LAZY_MIN_BYTES
-        for num, wt, fstart, vstart, vend in _fields(buf, gv, gend):
-            if num != 5:
-                continue
-            if wt != 2:
-                return None
-            if vend - vstart >= threshold:
-                raw = _raw_field(buf, vstart, vend)
-                if raw is not None:
-                    rstart, dstart, dend = raw
-                    old_len = vend - vstart
-                    new_len = old_len - (dend - rstart)
-                    # the field's tag bytes as they were, a new length prefix, the fields around raw_data
-                    tag_end = _varint(buf, fstart)[1]
-                    prefix = _varint_bytes(new_len)
-                    body += [view[last:tag_end], prefix, view[vstart:rstart], view[dend:vend]]
-                    removed += (vend - fstart) - (tag_end - fstart + len(prefix) + new_len)
-                    last = vend
-                    cuts.append((index, dstart, dend - dstart))
-            index += 1
+        for index, fstart, vstart, vend in _large_initializers(buf, gv, gend, threshold):
+            raw = _raw_field(buf, vstart, vend)
+            if raw is not None:
+                rstart, dstart, dend = raw
+                new_len = (vend - vstart) - (dend - rstart)
+                # the field's tag bytes as they were, a new length prefix, the fields around raw_data
+                tag_end = _varint(buf, fstart)[1]
+                prefix = _varint_bytes(new_len)
+                body += [view[last:tag_end], prefix, view[vstart:rstart], view[dend:vend]]
+                removed += (vend - fstart) - (tag_end - fstart + len(prefix) + new_len)
+                last = vend
+                cuts.append((index, dstart, dend - dstart))
         if not cuts or sum(c[2] for c in cuts) < LAZY_MIN_FRACTION * size:
             return None
         body.append(view[last:gend])
