@@ -452,6 +452,16 @@ class Scope:
             self._cache[name] = c
         return c
 
+    def initializer_constant(self, name: str, value: np.ndarray) -> Const:
+        """The constant for initializer ``name`` of this scope whose current ``value`` the caller
+        has just read from the graph (what :meth:`constant` would return, without reading again)."""
+        c = self._cache.get(name)
+        if c is None:
+            c = Const(name, self, "initializer", value)
+            if value.nbytes <= CACHE_LIMIT:
+                self._cache[name] = c
+        return c
+
     def elem_type(self, name: str) -> int:
         """The ONNX element type of ``name``, else 0.
 
@@ -763,7 +773,7 @@ class Scope:
 
     def release(self, name: str) -> None:
         """Drop one reference to ``name``; remove what becomes unused (cascading up constants)."""
-        owner = self.owner(name)
+        owner = self if name in self.initializers else self.owner(name)
         if owner is None:
             return
         if owner is not self:

@@ -127,12 +127,14 @@ _BULK_DTYPES = {
 
 @dataclass
 class _BulkJob:
-    """A Conv -> BN fold computed in bulk: the Conv's node index, the weight and bias names it
-    was computed from, and the folded tensors."""
+    """A Conv -> BN fold computed in bulk: the Conv's node index, the weight and bias (names and
+    values) it was computed from, and the folded tensors."""
 
     target: int
     weight: str
     bias: str
+    weight_value: np.ndarray
+    bias_value: np.ndarray | None
     new_weight: np.ndarray
     new_bias: np.ndarray
 
@@ -330,7 +332,7 @@ class _Pass:
             return {}
         version = bn_version(scope.opset.get("", 1))
         nodes = scope.proto.node
-        jobs: list[tuple[int, int, str, str]] = []
+        jobs: list[tuple[int, int, str, str, np.ndarray, np.ndarray | None]] = []
         weights: list[np.ndarray] = []
         biases: list[np.ndarray | None] = []
         params: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -370,15 +372,15 @@ class _Pass:
             if bias_name and (bias is None or bias.dtype != weight.dtype or bias.shape != (channels,)):
                 continue
             targets.add(t_idx)
-            jobs.append((idx, t_idx, conv.input[1], bias_name))
+            jobs.append((idx, t_idx, conv.input[1], bias_name, weight, bias))
             weights.append(weight)
             biases.append(bias)
             params.append(tuple(bn_params))  # type: ignore[arg-type]
             epsilons.append(epsilon)
         folded = fold_conv_many(weights, biases, params, epsilons)
         return {
-            idx: _BulkJob(t_idx, w_name, b_name, result[0], result[1])
-            for (idx, t_idx, w_name, b_name), result in zip(jobs, folded)
+            job[0]: _BulkJob(*job[1:], result[0], result[1])
+            for job, result in zip(jobs, folded)
             if result is not None
         }
 
@@ -392,8 +394,8 @@ class _Pass:
         bias_name = target.input[2] if len(target.input) > 2 else ""
         if target.input[1] != job.weight or bias_name != job.bias:
             return False
-        weight = scope.constant(job.weight)
-        bias = scope.constant(job.bias) if job.bias else None
+        weight = scope.initializer_constant(job.weight, job.weight_value)
+        bias = scope.initializer_constant(job.bias, job.bias_value) if job.bias_value is not None else None
         base = target.name or target.output[0]
         chained = (scope.label, job.target) in self.touched
         scope.set_input(target, 2, job.new_bias, bias, f"{base}_bias_folded" if bias is None else f"{bias.name}_folded")
