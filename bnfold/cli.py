@@ -1,4 +1,4 @@
-"""The ``bnfold`` command line: a thin typer app over :mod:`bnfold.api` and :mod:`bnfold.verification`.
+"""The ``bnfold`` command line: a thin argparse layer over :mod:`bnfold.api` and :mod:`bnfold.verification`.
 
 ``bnfold MODEL.onnx [MODEL2.onnx ...]`` folds (it is ``bnfold fold ...``), ``bnfold verify REF CAND``
 compares two models, ``bnfold inspect MODEL.onnx`` lists every BatchNormalization and whether it
@@ -8,12 +8,14 @@ Exit codes: 0 success (also when there is nothing to fold), 1 verification faile
 violated, 2 bad input or usage (one line on stderr, no traceback, nothing written), 3 internal error
 (a bug in bnfold; the message asks to set BNFOLD_DEBUG=1 for the traceback).
 
-Only typer and the standard library are imported at module level: ``bnfold --help`` must not pay
-for onnx, numpy or onnxruntime (and never imports torch).
+Only the standard library is imported at module level: ``bnfold --help`` must not pay for onnx,
+numpy or onnxruntime (and never imports torch), and argparse starts in about a millisecond where
+typer (pydantic, click) took about 0.1 s on every run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -23,19 +25,9 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional, TextIO
-
-import typer
-from typer.core import TyperGroup
+from typing import Any, Iterator, NoReturn, Sequence, TextIO
 
 from .errors import printable  # standard library only
-
-try:  # recent typer vendors click as typer._click; older typer depends on click itself
-    from typer import _click as click
-    from typer._click import exceptions as _click_exceptions  # noqa: F401 - makes click.exceptions available
-except ImportError:  # pragma: no cover
-    import click  # type: ignore[no-redef]
-    import click.exceptions  # noqa: F401
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -620,7 +612,7 @@ class Console:
             word, _, rest = line.partition(" ")
             color = {"PASSED": "green", "FAILED": "red"}.get(word)
             if color:
-                line = typer.style(word, fg=color, bold=True) + " " + rest
+                line = _style(word, color, bold=True) + " " + rest
         self._emit(stream, line)
 
     def warn(self, text: str) -> None:
@@ -630,6 +622,14 @@ class Console:
     def error(self, text: str) -> None:
         """One line on stderr, always (even with --quiet)."""
         self._emit(sys.stderr, f"bnfold: error: {printable(text)}")
+
+
+_ANSI_COLORS = {"red": 31, "green": 32}
+
+
+def _style(text: str, color: str, bold: bool = False) -> str:
+    """``text`` in an ANSI colour (what typer.style wrote); callers check :meth:`Console._color`."""
+    return f"\x1b[{_ANSI_COLORS[color]}m" + ("\x1b[1m" if bold else "") + text + "\x1b[0m"
 
 
 def _isatty(stream: Any) -> bool:
@@ -1043,71 +1043,17 @@ def run_parallel(
 
 
 # ------------------------------------------------------------------------------------------------
-# The typer app
+# The command line (argparse: standard library, starts in about a millisecond)
+#
+# ``bnfold MODEL...`` means ``bnfold fold MODEL...``; ``run`` dispatches on the first argument and
+# builds only that command's parser. Usage errors are one line on stderr and exit 2.
 
+COMMANDS = ("fold", "verify", "inspect")
 
-class _DefaultGroup(TyperGroup):
-    """``bnfold MODEL...`` means ``bnfold fold MODEL...``; errors become one line and an exit code."""
+ROOT_USAGE = "bnfold [OPTIONS] MODEL.onnx... | COMMAND [ARGS]..."
 
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
-            args = ["fold", *args]
-        return super().parse_args(ctx, args)
-
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
-        code = _guarded(
-            lambda: super(_DefaultGroup, self).main(
-                args=args, prog_name=prog_name or "bnfold", complete_var=complete_var,
-                standalone_mode=False, **extra,
-            )
-        )
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-
-def _guarded(call: Any) -> int:
-    from .errors import BadInput
-
-    try:
-        rv = call()
-    except click.exceptions.NoArgsIsHelpError as exc:
-        sys.stderr.write(exc.format_message() + "\n")
-        return EXIT_BAD_INPUT
-    except click.exceptions.UsageError as exc:
-        hint = ""
-        if exc.ctx is not None:
-            hint = f" (see '{exc.ctx.command_path} --help')"
-        sys.stderr.write(f"bnfold: error: {printable(exc.format_message())}{hint}\n")
-        return EXIT_BAD_INPUT
-    except UsageProblem as exc:
-        sys.stderr.write(f"bnfold: error: {printable(str(exc))}\n")
-        return EXIT_BAD_INPUT
-    except BadInput as exc:
-        sys.stderr.write(f"bnfold: error: {printable(str(exc))}\n")
-        return EXIT_BAD_INPUT
-    except click.exceptions.ClickException as exc:
-        sys.stderr.write(f"bnfold: error: {exc.format_message()}\n")
-        return exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        sys.stderr.write("bnfold: interrupted\n")
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001
-        if os.environ.get("BNFOLD_DEBUG"):
-            traceback.print_exc()
-        sys.stderr.write(
-            f"bnfold: internal error: {type(exc).__name__}: {printable(str(exc))} (set BNFOLD_DEBUG=1 for the traceback)\n"
-        )
-        return EXIT_INTERNAL
-    if rv is None:
-        return EXIT_OK
-    if rv == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130) itself
-        sys.stderr.write("bnfold: interrupted\n")
-    return int(rv)
-
-
-HELP = """Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm, exactly, and verify the
+ROOT_DESCRIPTION = """\
+Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm, exactly, and verify the
 result with onnxruntime (graph optimizations off).
 
 \b
@@ -1122,73 +1068,298 @@ Exit codes: 0 success (also when nothing was foldable), 1 verification failed or
 --strict violated, 2 bad input or usage, 3 internal error.
 """
 
-app = typer.Typer(
-    name="bnfold",
-    cls=_DefaultGroup,
-    help=HELP,
-    add_completion=False,
-    rich_markup_mode=None,
-    pretty_exceptions_enable=False,
-    no_args_is_help=True,
-    subcommand_metavar="MODEL.onnx... | COMMAND [ARGS]...",
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+ROOT_COMMANDS = (
+    ("fold", "Fold every foldable BatchNormalization of each MODEL, verify, write it."),
+    ("verify", "Compare two models in onnxruntime (optimizations off): a CI gate."),
+    ("inspect", "List every BatchNormalization: what it follows, whether it can fold."),
 )
 
-
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"bnfold {_version()}")
-        raise typer.Exit(0)
+HELP_HELP = "Show this message and exit."
 
 
-@app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", help="Print the version and exit.", callback=_version_callback, is_eager=True)
-    ] = False,
-) -> None:
-    """Fold BatchNormalization into the preceding layer, exactly, and prove it."""
+class _CommandLineError(UsageProblem):
+    """A usage error found by the parser (unknown option, missing argument, bad value)."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
 
 
-# Shared options (the same names and meaning in fold and verify).
-AtolOpt = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance [default: 1e-4 x max|ref| for float32, per dtype].", show_default=False)]
-RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance [default: 1e-4 for float32, per dtype].", show_default=False)]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
-RunsOpt = Annotated[int, typer.Option("--runs", metavar="N", help="Number of random input sets; the worst is reported.")]
-ShapeOpt = Annotated[Optional[list[str]], typer.Option("--shape", metavar="NAME=1x3x224x224", help="Shape of a graph input (repeatable).", show_default=False)]
-DimOpt = Annotated[Optional[list[str]], typer.Option("--dim", metavar="NAME=VALUE", help="Value of a symbolic dimension (repeatable); unset ones are assumed (1 for axis 0, else 32) and reported.", show_default=False)]
-InputsOpt = Annotated[Optional[Path], typer.Option("--inputs", metavar="FILE.npz", help="Arrays to feed, by input name (numpy.savez); the others are random.", show_default=False)]
-ProviderOpt = Annotated[str, typer.Option("--provider", help="onnxruntime execution provider (full name, or cpu/cuda/tensorrt/...).")]
-JsonOpt = Annotated[Optional[str], typer.Option("--json", metavar="PATH|-", help="Write the full report as JSON to PATH, or to stdout with '-' (human text then goes to stderr).", show_default=False)]
-JunitOpt = Annotated[Optional[str], typer.Option("--junit-xml", metavar="PATH", help="Write JUnit XML: one testcase per model and per output.", show_default=False)]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final PASSED/FAILED line and errors.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help=f"Show every row of long tables (default: at most {MAX_ROWS}).")]
+class _Exit(Exception):
+    """--help / --version: stop here with this exit code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
-@app.command("fold")
+def _help_width() -> int:
+    """Text width of --help, as click had it: the terminal's (80 when not a terminal), at most 100."""
+    try:
+        cols = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        try:
+            cols = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            cols = 80
+    return max(min(cols, 100) - 2, 50)
+
+
+def _fill(text: str, width: int) -> str:
+    """Paragraphs wrapped to ``width`` and indented by two; a paragraph that starts with a line
+    ``\\b`` is kept as written (click's convention)."""
+    import textwrap
+
+    out = []
+    for para in text.strip("\n").split("\n\n"):
+        if para.startswith("\b\n"):
+            out.append("\n".join("  " + line for line in para.splitlines()[1:]))
+        else:
+            out.append(textwrap.fill(" ".join(para.split()), width - 2, initial_indent="  ", subsequent_indent="  "))
+    return "\n\n".join(out)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """click's layout: ``Usage: ...``, an indented description, ``-o, --output PATH``."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=_help_width())
+
+    def add_usage(self, usage: Any, actions: Any, groups: Any, prefix: str | None = None) -> None:
+        super().add_usage(usage, actions, groups, "Usage: ")
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return _fill(text, width)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        text = ", ".join(action.option_strings)
+        return f"{text} {action.metavar}" if action.nargs != 0 else text
+
+
+class _HelpAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
+        sys.stdout.write(parser.format_help())
+        sys.stdout.flush()
+        raise _Exit(EXIT_OK)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are exceptions (one line, exit 2), not a usage dump."""
+
+    def __init__(self, command: str, usage: str, description: str) -> None:
+        super().__init__(
+            prog=f"bnfold {command}", usage=usage, description=description, add_help=False,
+            allow_abbrev=False, formatter_class=_HelpFormatter,
+        )
+        self.arguments = self.add_argument_group("Arguments")
+        self.options = self.add_argument_group("Options")
+        self.required_positionals: list[tuple[str, str]] = []
+
+    def error(self, message: str) -> NoReturn:
+        raise _CommandLineError(_parser_message(message), self.prog)
+
+    def add_positional(self, dest: str, metavar: str, help: str, many: bool = False) -> None:
+        """A required positional argument, checked after the options so that an unknown option is
+        reported as such, not as a missing model."""
+        self.arguments.add_argument(dest, nargs="*" if many else "?", type=Path, metavar=metavar, help=f"{help}  [required]")
+        self.required_positionals.append((dest, metavar))
+
+    def parse(self, args: list[str]) -> dict[str, Any]:
+        namespace, extras = self.parse_known_intermixed_args(args)
+        if extras:
+            raise _CommandLineError(self._extra_message(extras), self.prog)
+        values = vars(namespace)
+        for dest, metavar in self.required_positionals:
+            if values.get(dest) in (None, []):
+                raise _CommandLineError(f"missing argument {metavar}", self.prog)
+        return values
+
+    def _extra_message(self, extras: list[str]) -> str:
+        first = extras[0]
+        if first.startswith("-") and first != "-":
+            import difflib
+
+            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            close = difflib.get_close_matches(first.partition("=")[0], known, n=1, cutoff=0.75)
+            return f"no such option: {first}" + (f" (did you mean {close[0]}?)" if close else "")
+        return f"unexpected extra argument{'s' if len(extras) > 1 else ''}: {' '.join(extras)}"
+
+
+def _parser_message(message: str) -> str:
+    """argparse's ``argument --runs: ...`` reads ``--runs: ...``."""
+    if message.startswith("argument "):
+        what, sep, rest = message[len("argument "):].partition(": ")
+        if sep:
+            return f"{what.replace('/', ', ')}: {rest}"
+    return message
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+# Help texts of the options shared by fold and verify (the same names and meaning in both).
+def _add_check_options(opts: Any) -> None:
+    opts.add_argument("--atol", type=_number, metavar="<float>", help="Absolute tolerance [default: 1e-4 x max|ref| for float32, per dtype].")
+    opts.add_argument("--rtol", type=_number, metavar="<float>", help="Relative tolerance [default: 1e-4 for float32, per dtype].")
+    opts.add_argument("--seed", type=_integer, default=0, metavar="<int>", help="Seed of the random inputs.  [default: 0]")
+    opts.add_argument("--runs", type=_integer, default=1, metavar="N", help="Number of random input sets; the worst is reported.  [default: 1]")
+    opts.add_argument("--shape", action="append", metavar="NAME=1x3x224x224", help="Shape of a graph input (repeatable).")
+    opts.add_argument("--dim", action="append", metavar="NAME=VALUE", help="Value of a symbolic dimension (repeatable); unset ones are assumed (1 for axis 0, else 32) and reported.")
+    opts.add_argument("--inputs", type=Path, metavar="FILE.npz", help="Arrays to feed, by input name (numpy.savez); the others are random.")
+    opts.add_argument("--provider", default="CPUExecutionProvider", metavar="<str>", help="onnxruntime execution provider (full name, or cpu/cuda/tensorrt/...).  [default: CPUExecutionProvider]")
+
+
+_JSON_HELP = "Write the full report as JSON to PATH, or to stdout with '-' (human text then goes to stderr)."
+_JUNIT_HELP = "Write JUnit XML: one testcase per model and per output."
+
+
+def _add_output_options(opts: Any, junit: bool) -> None:
+    opts.add_argument("--json", dest="json_out", metavar="PATH|-", help=_JSON_HELP)
+    if junit:
+        opts.add_argument("--junit-xml", dest="junit_xml_path", metavar="PATH", help=_JUNIT_HELP)
+
+
+def _add_verbosity_options(opts: Any) -> None:
+    opts.add_argument("-q", "--quiet", action="store_true", help="Print only the final PASSED/FAILED line and errors.")
+    opts.add_argument("-v", "--verbose", action="store_true", help=f"Show every row of long tables (default: at most {MAX_ROWS}).")
+    opts.add_argument("-h", "--help", action=_HelpAction, nargs=0, default=argparse.SUPPRESS, help=HELP_HELP)
+
+
+def _fold_parser() -> _Parser:
+    p = _Parser("fold", "bnfold fold [OPTIONS] MODEL.onnx...", fold_command.__doc__ or "")
+    p.add_positional("models", "MODEL.onnx", "ONNX models to fold.", many=True)
+    o = p.options
+    o.add_argument("-o", "--output", type=Path, metavar="PATH", help="Output path (one model only) [default: <stem>.folded.onnx next to the input].")
+    o.add_argument("--output-dir", type=Path, metavar="DIR", help="Write <stem>.folded.onnx files into DIR (must exist).")
+    o.add_argument("--in-place", action="store_true", help="Overwrite each input model (atomically).")
+    o.add_argument("--no-verify", action="store_true", help="Do not run onnxruntime; the final line says 'not verified'.")
+    _add_check_options(o)
+    o.add_argument("--dry-run", action="store_true", help="Fold and verify, report, write nothing.")
+    o.add_argument("--force", action="store_true", help="Write the model even if verification failed (exit code stays 1).")
+    o.add_argument("--strict", action="store_true", help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul was kept, or the fold could not be verified.")
+    o.add_argument("--bn-to-affine", action="store_true", help="Rewrite BNs that cannot be folded as Mul + Add with precomputed constants (for runtimes without BatchNormalization).")
+    _add_output_options(o, junit=True)
+    o.add_argument("-j", "--jobs", type=_integer, metavar="N", help="Worker processes for several models [default: one per CPU, at most one per model].")
+    _add_verbosity_options(o)
+    return p
+
+
+def _verify_parser() -> _Parser:
+    p = _Parser("verify", "bnfold verify [OPTIONS] REFERENCE.onnx CANDIDATE.onnx", verify_command.__doc__ or "")
+    p.add_positional("reference", "REFERENCE.onnx", "The original model.")
+    p.add_positional("candidate", "CANDIDATE.onnx", "The model to check (e.g. folded by any tool).")
+    _add_check_options(p.options)
+    _add_output_options(p.options, junit=True)
+    _add_verbosity_options(p.options)
+    return p
+
+
+def _inspect_parser() -> _Parser:
+    p = _Parser("inspect", "bnfold inspect [OPTIONS] MODEL.onnx...", inspect_command.__doc__ or "")
+    p.add_positional("models", "MODEL.onnx", "ONNX models to inspect.", many=True)
+    p.options.add_argument("--strict", action="store_true", help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul cannot be folded.")
+    _add_output_options(p.options, junit=False)
+    _add_verbosity_options(p.options)
+    return p
+
+
+def root_help() -> str:
+    """``bnfold --help``: the commands and the exit codes."""
+    width = _help_width()
+    lines = [f"Usage: {ROOT_USAGE}", "", _fill(ROOT_DESCRIPTION, width), "", "Options:"]
+    lines += ["  --version   Print the version and exit.", f"  -h, --help  {HELP_HELP}", "", "Commands:"]
+    lines += [f"  {name:<8} {text}" for name, text in ROOT_COMMANDS]
+    return "\n".join(lines) + "\n"
+
+
+def _dispatch(argv: list[str]) -> int:
+    if not argv:
+        sys.stderr.write(root_help())
+        return EXIT_BAD_INPUT
+    first = argv[0]
+    if first in ("-h", "--help"):
+        sys.stdout.write(root_help())
+        return EXIT_OK
+    if first == "--version":
+        sys.stdout.write(f"bnfold {_version()}\n")
+        return EXIT_OK
+    command, args = (first, argv[1:]) if first in COMMANDS else ("fold", argv)
+    parser, function = {
+        "fold": (_fold_parser, fold_command),
+        "verify": (_verify_parser, verify_command),
+        "inspect": (_inspect_parser, inspect_command),
+    }[command]
+    return function(**parser().parse(args))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return its exit code.
+
+    Errors do not propagate: each becomes one line on stderr and its exit code (2 usage or bad
+    input, 3 internal error, 130 interrupted). ``main`` is this plus ``sys.exit``; tests call it
+    in-process.
+    """
+    from .errors import BadInput
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(_dispatch(args) or EXIT_OK)
+    except _Exit as exc:
+        return exc.code
+    except _CommandLineError as exc:
+        sys.stderr.write(f"bnfold: error: {printable(str(exc))} (see '{exc.prog} --help')\n")
+        return EXIT_BAD_INPUT
+    except (UsageProblem, BadInput) as exc:
+        sys.stderr.write(f"bnfold: error: {printable(str(exc))}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("bnfold: interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("BNFOLD_DEBUG"):
+            traceback.print_exc()
+        sys.stderr.write(
+            f"bnfold: internal error: {type(exc).__name__}: {printable(str(exc))} (set BNFOLD_DEBUG=1 for the traceback)\n"
+        )
+        return EXIT_INTERNAL
+
+
 def fold_command(
-    models: Annotated[list[Path], typer.Argument(metavar="MODEL.onnx", help="ONNX models to fold.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="PATH", help="Output path (one model only) [default: <stem>.folded.onnx next to the input].", show_default=False)] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", metavar="DIR", help="Write <stem>.folded.onnx files into DIR (must exist).", show_default=False)] = None,
-    in_place: Annotated[bool, typer.Option("--in-place", help="Overwrite each input model (atomically).")] = False,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Do not run onnxruntime; the final line says 'not verified'.")] = False,
-    atol: AtolOpt = None,
-    rtol: RtolOpt = None,
-    seed: SeedOpt = 0,
-    runs: RunsOpt = 1,
-    shape: ShapeOpt = None,
-    dim: DimOpt = None,
-    inputs: InputsOpt = None,
-    provider: ProviderOpt = "CPUExecutionProvider",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Fold and verify, report, write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Write the model even if verification failed (exit code stays 1).")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul was kept, or the fold could not be verified.")] = False,
-    bn_to_affine: Annotated[bool, typer.Option("--bn-to-affine", help="Rewrite BNs that cannot be folded as Mul + Add with precomputed constants (for runtimes without BatchNormalization).")] = False,
-    json_out: JsonOpt = None,
-    junit_xml_path: JunitOpt = None,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", help="Worker processes for several models [default: one per CPU, at most one per model].", show_default=False)] = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    models: list[Path],
+    output: Path | None = None,
+    output_dir: Path | None = None,
+    in_place: bool = False,
+    no_verify: bool = False,
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    runs: int = 1,
+    shape: list[str] | None = None,
+    dim: list[str] | None = None,
+    inputs: Path | None = None,
+    provider: str = "CPUExecutionProvider",
+    dry_run: bool = False,
+    force: bool = False,
+    strict: bool = False,
+    bn_to_affine: bool = False,
+    json_out: str | None = None,
+    junit_xml_path: str | None = None,
+    jobs: int | None = None,
+    quiet: bool = False,
+    verbose: bool = False,
 ) -> int:
     """Fold every foldable BatchNormalization of each MODEL, verify, and write MODEL's
     <stem>.folded.onnx (or -o PATH / --output-dir DIR). A fold that fails verification is not
@@ -1290,22 +1461,21 @@ def _run_jobs(jobs: list[FoldJob], workers: int, console: Console, verbose: bool
         return run_parallel(jobs, workers, on_done)
 
 
-@app.command("verify")
 def verify_command(
-    reference: Annotated[Path, typer.Argument(metavar="REFERENCE.onnx", help="The original model.", show_default=False)],
-    candidate: Annotated[Path, typer.Argument(metavar="CANDIDATE.onnx", help="The model to check (e.g. folded by any tool).", show_default=False)],
-    atol: AtolOpt = None,
-    rtol: RtolOpt = None,
-    seed: SeedOpt = 0,
-    runs: RunsOpt = 1,
-    shape: ShapeOpt = None,
-    dim: DimOpt = None,
-    inputs: InputsOpt = None,
-    provider: ProviderOpt = "CPUExecutionProvider",
-    json_out: JsonOpt = None,
-    junit_xml_path: JunitOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    reference: Path,
+    candidate: Path,
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    runs: int = 1,
+    shape: list[str] | None = None,
+    dim: list[str] | None = None,
+    inputs: Path | None = None,
+    provider: str = "CPUExecutionProvider",
+    json_out: str | None = None,
+    junit_xml_path: str | None = None,
+    quiet: bool = False,
+    verbose: bool = False,
 ) -> int:
     """Run REFERENCE and CANDIDATE in onnxruntime (optimizations off) on the same seeded inputs
     and compare every output. Exit 0 if all match within tolerance, 1 if not (or onnxruntime
@@ -1386,13 +1556,12 @@ def verify_final_line(rec: dict[str, Any]) -> str:
     )
 
 
-@app.command("inspect")
 def inspect_command(
-    models: Annotated[list[Path], typer.Argument(metavar="MODEL.onnx", help="ONNX models to inspect.", show_default=False)],
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul cannot be folded.")] = False,
-    json_out: JsonOpt = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    models: list[Path],
+    strict: bool = False,
+    json_out: str | None = None,
+    quiet: bool = False,
+    verbose: bool = False,
 ) -> int:
     """List every BatchNormalization: what it follows, whether it can be folded, and why not.
     Writes nothing (the pass runs on an in-memory copy, without verification).
@@ -1543,11 +1712,10 @@ def _sigterm_as_interrupt() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: ``bnfold ...``; exits with the command's code."""
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console-script entry point (``bnfold ...``, ``python -m bnfold``): exits with the command's code."""
     _sigterm_as_interrupt()
-    command = typer.main.get_command(app)
-    command.main(args=argv, prog_name="bnfold")
+    sys.exit(run(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ every case runs in milliseconds; worker-process cases use two models.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from typer.testing import CliRunner
 
 from bnfold import cli
-from bnfold.cli import app
 from bnfold.testing import assert_models_close, conv_bn_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,10 +48,38 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def invoke(*args: Any, env: dict[str, str] | None = None) -> Any:
-    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exc_info
-    return result
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+    output: str  # stdout and stderr interleaved, as a terminal shows them
+
+
+class _Capture(io.StringIO):
+    """One stream (stdout or stderr) that also copies what it receives into ``both``."""
+
+    def __init__(self, both: io.StringIO) -> None:
+        super().__init__()
+        self.both = both
+
+    def write(self, text: str) -> int:
+        self.both.write(text)
+        return super().write(text)
+
+
+def invoke(*args: Any, env: dict[str, str] | None = None) -> Result:
+    """``bnfold ARGS`` in this process (``cli.run``), with ``env`` added to the environment.
+    ``run`` turns every error into an exit code; anything it lets escape fails the test."""
+    both = io.StringIO()
+    out, err = _Capture(both), _Capture(both)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        with redirect_stdout(out), redirect_stderr(err):
+            code = cli.run([str(a) for a in args])
+    assert isinstance(code, int)
+    return Result(code, out.getvalue(), err.getvalue(), both.getvalue())
 
 
 def last_line(text: str) -> str:
@@ -423,6 +452,129 @@ def test_help_and_version() -> None:
     assert result.exit_code == 0 and result.stdout.startswith("bnfold ")
 
 
+def test_short_help_and_help_of_every_command() -> None:
+    for args in (["-h"], ["--help"]):
+        result = invoke(*args)
+        assert result.exit_code == 0 and result.stderr == ""
+        assert result.stdout.startswith("Usage: bnfold ")
+        for word in ("fold", "verify", "inspect", "--version", "Exit codes"):
+            assert word in result.stdout, word
+    for command, usage in (("fold", "MODEL.onnx..."), ("verify", "REFERENCE.onnx CANDIDATE.onnx"),
+                           ("inspect", "MODEL.onnx...")):
+        for flag in ("-h", "--help"):
+            result = invoke(command, flag)
+            assert result.exit_code == 0 and result.stderr == "", (command, flag)
+            assert result.stdout.startswith(f"Usage: bnfold {command} [OPTIONS] {usage}\n"), result.stdout
+            assert "-q, --quiet" in result.stdout and "-h, --help" in result.stdout
+    # --help wins over a missing argument, and works after other options
+    assert invoke("fold", "-q", "--help").exit_code == 0
+
+
+def test_fold_help_lists_options_with_their_metavars_and_defaults() -> None:
+    text = invoke("fold", "--help").stdout
+    flat = " ".join(text.split())  # help texts may wrap
+    for piece in ("-o, --output PATH", "--output-dir DIR", "-j, --jobs N", "--runs N", "--seed <int>",
+                  "--atol <float>", "--rtol <float>", "--provider <str>", "--shape NAME=1x3x224x224",
+                  "--dim NAME=VALUE", "--inputs FILE.npz", "--json PATH|-", "--junit-xml PATH", "-q, --quiet",
+                  "-v, --verbose", "--bn-to-affine", "--no-verify", "MODEL.onnx ONNX models to fold. [required]",
+                  "Seed of the random inputs. [default: 0]", "the worst is reported. [default: 1]",
+                  "[default: CPUExecutionProvider]", "Shape of a graph input (repeatable).",
+                  "Value of a symbolic dimension (repeatable)"):
+        assert piece in flat, piece
+    text = invoke("verify", "--help").stdout
+    assert "REFERENCE.onnx" in text and "CANDIDATE.onnx" in text and "--junit-xml PATH" in text
+    assert "--output" not in text and "--jobs" not in text
+    text = invoke("inspect", "--help").stdout
+    assert "--strict" in text and "--json PATH|-" in text and "--junit-xml" not in text and "--atol" not in text
+
+
+def test_parsed_defaults_match_the_command_functions() -> None:
+    import inspect
+
+    for parser, function, args in ((cli._fold_parser, cli.fold_command, ["m.onnx"]),
+                                   (cli._verify_parser, cli.verify_command, ["a.onnx", "b.onnx"]),
+                                   (cli._inspect_parser, cli.inspect_command, ["m.onnx"])):
+        values = parser().parse(args)
+        params = inspect.signature(function).parameters
+        assert set(values) == set(params), function.__name__
+        for name, p in params.items():
+            if p.default is not inspect.Parameter.empty:
+                assert values[name] == p.default, (function.__name__, name, values[name])
+
+
+def test_options_and_models_may_be_mixed_and_repeated(tmp_path: Path) -> None:
+    values = cli._fold_parser().parse(["a.onnx", "--shape", "x=1x3", "b.onnx", "--dim", "N=2", "--shape", "y=4",
+                                       "-qv", "--runs=3", "-j2", "--", "-c.onnx"])
+    assert values["models"] == [Path("a.onnx"), Path("b.onnx"), Path("-c.onnx")]
+    assert values["shape"] == ["x=1x3", "y=4"] and values["dim"] == ["N=2"]
+    assert (values["quiet"], values["verbose"], values["runs"], values["jobs"]) == (True, True, 3, 2)
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["a.onnx", "--frobnicate"], "no such option: --frobnicate"),
+        (["a.onnx", "--runz", "2"], "no such option: --runz (did you mean --runs?)"),
+        (["--frobnicate"], "no such option: --frobnicate"),
+        (["fold"], "missing argument MODEL.onnx"),
+        (["fold", "-q"], "missing argument MODEL.onnx"),
+        (["inspect"], "missing argument MODEL.onnx"),
+        (["verify", "a.onnx"], "missing argument CANDIDATE.onnx"),
+        (["verify", "a.onnx", "b.onnx", "c.onnx"], "unexpected extra argument: c.onnx"),
+        (["a.onnx", "--runs", "abc"], "--runs: 'abc' is not an integer"),
+        (["a.onnx", "--runs=1.5"], "--runs: '1.5' is not an integer"),
+        (["a.onnx", "-j", "many"], "-j, --jobs: 'many' is not an integer"),
+        (["a.onnx", "--seed", "x"], "--seed: 'x' is not an integer"),
+        (["a.onnx", "--atol", "abc"], "--atol: 'abc' is not a number"),
+        (["a.onnx", "--runs"], "--runs: expected one argument"),
+        (["verify", "a.onnx", "b.onnx", "--rtol"], "--rtol: expected one argument"),
+        (["inspect", "a.onnx", "--atol", "1"], "no such option: --atol"),
+        (["a.onnx", "--out", "x.onnx"], "no such option: --out"),  # no abbreviations
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], expect: str) -> None:
+    result = invoke(*args)
+    assert_usage_error(result, result.stderr)
+    assert result.stdout == ""
+    assert expect in result.stderr, result.stderr
+    command = args[0] if args[0] in ("fold", "verify", "inspect") else "fold"
+    assert result.stderr.rstrip().endswith(f"(see 'bnfold {command} --help')"), result.stderr
+    assert "usage:" not in result.stderr.lower()
+
+
+def test_usage_errors_in_a_real_process() -> None:
+    for args in (["model.onnx", "--frobnicate"], ["fold"], ["model.onnx", "--runs", "abc"]):
+        proc = run_module(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("bnfold: error: ") and "Traceback" not in proc.stderr
+    proc = run_module("--version")
+    assert proc.returncode == 0 and proc.stdout == f"bnfold {__import__('bnfold').__version__}\n"
+    proc = run_module("-h")
+    assert proc.returncode == 0 and proc.stdout.startswith("Usage: bnfold ") and proc.stderr == ""
+
+
+def test_final_word_is_coloured_only_on_a_terminal_without_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    for stream_cls, env, coloured in ((Tty, None, True), (Tty, "1", False), (io.StringIO, None, False)):
+        if env is None:
+            monkeypatch.delenv("NO_COLOR", raising=False)
+        else:
+            monkeypatch.setenv("NO_COLOR", env)
+        for line, code in (("PASSED 1 folded, 0 kept", "\x1b[32m\x1b[1mPASSED\x1b[0m"),
+                           ("FAILED 1 folded, 0 kept", "\x1b[31m\x1b[1mFAILED\x1b[0m")):
+            stream = stream_cls()
+            with redirect_stdout(stream):
+                cli.Console().final(line)
+            text = stream.getvalue()
+            expected = (code + line[6:] if coloured else line) + "\n"
+            assert text == expected, (stream_cls, env, text)
+
+
 # ------------------------------------------------------------------------------------------------
 # atomic writes
 
@@ -724,7 +876,7 @@ try:
 except SystemExit as e:
     code = e.code
 print("CODE", code, "SECONDS", time.perf_counter() - t, file=sys.stderr)
-print("MODULES", *sorted(m for m in ("onnxruntime", "torch", "onnx", "numpy") if m in sys.modules), file=sys.stderr)
+print("MODULES", *sorted(m for m in ("onnxruntime", "torch", "onnx", "numpy", "typer", "click", "pydantic", "rich") if m in sys.modules), file=sys.stderr)
 """
 
 
@@ -739,7 +891,7 @@ def _probe(*args: Any) -> tuple[int, set[str], str]:
 def test_help_is_fast_and_imports_nothing_heavy() -> None:
     code, modules, out = _probe("--help")
     assert code == 0 and "verify" in out
-    assert modules == set(), modules  # no onnxruntime, torch, onnx or numpy for --help
+    assert modules == set(), modules  # no onnxruntime, torch, onnx, numpy (nor typer, click, pydantic) for --help
     code, modules, _ = _probe("fold", "--help")
     assert code == 0 and modules == set()
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -1,6 +1,6 @@
 """Hardening: bad input, hostile files and faults never crash bnfold or lose data.
 
-The bad-input catalogue: every entry runs through the command line (typer's CliRunner, a few also
+The bad-input catalogue: every entry runs through the command line (``bnfold.cli.run``, a few also
 as a real subprocess) and, where it applies, the Python API. Expected: exit code 2 with one line
 ``bnfold: error: <what is wrong>`` on stderr and no traceback, the input files byte-identical
 afterwards, and no output or temporary file left behind. Problems inside an otherwise valid model
@@ -17,23 +17,25 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from typer.testing import CliRunner
 
 import bnfold
-from bnfold.cli import app
+from bnfold.cli import run as cli_run
 from bnfold.errors import BadInput
 from bnfold.testing import conv_bn_model
 
@@ -52,10 +54,26 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+class _Capture(io.StringIO):
+    """One stream (stdout or stderr) that also copies what it receives into ``both``."""
+
+    def __init__(self, both: io.StringIO) -> None:
+        super().__init__()
+        self.both = both
+
+    def write(self, text: str) -> int:
+        self.both.write(text)
+        return super().write(text)
+
+
 def invoke(*args: Any) -> Any:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
-    return result
+    """``bnfold ARGS`` in this process: exit_code, stdout, stderr and output (both, interleaved)."""
+    both = io.StringIO()
+    out, err = _Capture(both), _Capture(both)
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli_run([str(a) for a in args])
+    assert isinstance(code, int)
+    return SimpleNamespace(exit_code=code, stdout=out.getvalue(), stderr=err.getvalue(), output=both.getvalue())
 
 
 def assert_one_line_error(code: int, stdout: str, stderr: str, expect: str = "") -> str:
