@@ -79,6 +79,20 @@ class FoldResult:
             self.base_dir = str(saved.resolve().parent)
         return saved
 
+    def byte_size(self) -> int:
+        """The size in bytes of the model as :meth:`save` writes it in one file (its
+        ``ByteSize()``), computed without reading the weights a lazily loaded model left in
+        its file (``self.model.ByteSize()`` would first read them all)."""
+        model = self.__dict__["_model"]
+        if isinstance(self.spill, Embedded):
+            from .external import _Layout, plan_embedded
+
+            try:
+                return plan_embedded(model, self.spill)[1]
+            except _Layout:
+                pass
+        return self.model.ByteSize()
+
     def _check_not_input_data(self, target: Path) -> None:
         """Never write over the input's external data file (its model would point into the new
         data): as the output model, or as the output's ``<name>.data`` unless the input model

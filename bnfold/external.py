@@ -9,6 +9,10 @@ spill file. Peak memory tracks the largest folded tensor, not the model.
 
 External data locations must stay inside the model's folder: absolute paths, ``..`` components
 and symlinks that resolve elsewhere are refused (:func:`check_locations`).
+
+A large single-file model gets the same treatment for its embedded weights (:class:`Embedded`,
+"Embedded weights" below): they stay in the model file until saved, and the saved file has the
+bytes ``onnx.save`` would write.
 """
 
 from __future__ import annotations

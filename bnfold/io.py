@@ -189,6 +189,9 @@ def _open_lazy(path: Path, size: int) -> tuple[onnx.ModelProto, Any] | None:
 
     from .external import Embedded, split_model
 
+    if not hasattr(os, "pread"):  # (not on Windows) the weights are read with pread
+        return None
+
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             size = min(size, len(mm))

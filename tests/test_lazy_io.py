@@ -149,7 +149,10 @@ def test_dry_run_size_and_checker(tmp_path: Path, force_lazy: None) -> None:
     _big_model(src)
     want = _in_memory(src, tmp_path / "ref.onnx")
     result = bnfold.fold(src, verify=False)
+    assert result.byte_size() == len(want)  # without reading the weights
+    assert isinstance(result.spill, Embedded)
     assert result.model.ByteSize() == len(want)
+    assert result.byte_size() == len(want)
     onnx.checker.check_model(result.model, full_check=True)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in result.model.graph.initializer)
 
