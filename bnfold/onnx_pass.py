@@ -118,6 +118,7 @@ def _opset_map(imports: list[onnx.OperatorSetIdProto] | object) -> dict[str, int
 
 
 _BULK_MIN = 1  # BNs in a graph for the bulk path (a test raises it to compare both paths)
+_BULK_MAX_WEIGHT = 64 << 10  # larger weights fold one by one: bulk copying would cost more than it saves
 _BULK_DTYPES = {
     onnx.TensorProto.FLOAT: np.dtype("<f4"),
     onnx.TensorProto.FLOAT16: np.dtype("<f2"),
@@ -323,7 +324,8 @@ class _Pass:
         """Folded tensors for the BNs that plainly follow a Conv, computed for all at once.
 
         A shortcut for the commonest case only, with results identical to :meth:`prepare`: the BN
-        and the Conv use initializers of this graph held as raw little-endian float16/32/64 data,
+        and the Conv (weight up to _BULK_MAX_WEIGHT bytes) use initializers of this graph held as
+        raw little-endian float16/32/64 data,
         the BN is the Conv output's only consumer, and no other fold can change that Conv first
         (its input is not a BN's output). Every other BN, and every pair the math refuses, takes
         the one-by-one path, which also gives the reasons.
@@ -364,7 +366,7 @@ class _Pass:
                 continue
             channels = bn_params[0].shape[0]  # type: ignore[union-attr]
             weight = _plain_initializer(scope, conv.input[1])
-            if weight is None or weight.ndim < 3 or weight.shape[0] != channels or channels == 0 \
+            if weight is None or weight.nbytes > _BULK_MAX_WEIGHT or weight.ndim < 3 or weight.shape[0] != channels or channels == 0 \
                     or any(p.shape[0] != channels for p in bn_params) or group < 1 or channels % group:  # type: ignore[union-attr]
                 continue
             bias_name = conv.input[2] if len(conv.input) > 2 else ""
