@@ -141,6 +141,7 @@ def fold(
     progress: Callable[[str], None] | None = None,
     stream_external: bool | None = None,
     bn_to_affine: bool = False,
+    lazy: bool = True,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization of ``model`` and (by default) verify the result.
 
@@ -151,13 +152,17 @@ def fold(
     (``"loading"``, ``"folding"``, ``"verifying"``). ``stream_external`` forces (True) or
     forbids (False) keeping external data on disk; by default only large data stays there.
     ``bn_to_affine`` rewrites BNs that cannot be folded as ``Mul`` + ``Add`` (off by default).
+    ``lazy`` (default) leaves the big weights of a large model file (``io.EMBEDDED_THRESHOLD``)
+    in the file until :meth:`FoldResult.save` copies them, and keeps folded ones in memory, so no
+    copy of the whole model is ever built; ``result.model`` still is a complete ModelProto
+    (read on first access). ``False`` reads the whole file first.
     Raises :class:`bnfold.BadInput` for unreadable models and unusable verification options.
     """
     step = progress or (lambda _name: None)
     step("loading")
     input_files: list[Path] = []
     # A large model file is read lazily: its big weights stay in the file (see FoldResult.model).
-    folded, base_dir, path, embedded = open_model(model, stream_external, input_files, lazy=True)
+    folded, base_dir, path, embedded = open_model(model, stream_external, input_files, lazy=lazy)
     external = embedded is None and has_external_data(folded)
     # The reference for verification: the file itself when there is one (onnxruntime resolves its
     # external data), else a snapshot of the proto taken before folding.

@@ -280,6 +280,15 @@ def test_over_protobuf_limit_writes_external_data(tmp_path: Path, monkeypatch: p
         np.testing.assert_array_equal(got[name], value)
 
 
+def test_lazy_false_reads_the_whole_file(tmp_path: Path, force_lazy: None) -> None:
+    src = tmp_path / "m.onnx"
+    _big_model(src)
+    want = _in_memory(src, tmp_path / "ref.onnx")
+    result = bnfold.fold(src, verify=False, lazy=False)
+    assert result.spill is None
+    assert result.save(tmp_path / "out.onnx").read_bytes() == want
+
+
 def test_load_model_stays_complete(tmp_path: Path, force_lazy: None) -> None:
     """The public loader never returns virtual tensors."""
     src = tmp_path / "m.onnx"
