@@ -26,15 +26,13 @@ def _report_peak() -> None:
 
 def main(tool: str, src: str, dst: str) -> None:
     if tool == "bnfold":
-        from bnfold.cli import main as cli
+        import atexit
+
+        from bnfold.cli import entry  # what the `bnfold` console script runs
 
         sys.argv = ["bnfold", src, "-o", dst, "--no-verify", "--quiet"]
-        try:
-            cli()
-        except SystemExit as exc:
-            if exc.code:
-                raise
-        return
+        atexit.register(_report_peak)  # entry() ends the process after the exit handlers
+        entry()
     import onnx
 
     if tool == "floor":

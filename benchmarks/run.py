@@ -93,6 +93,11 @@ def main() -> None:
     ap.add_argument("--json", default=str(HERE / "results.json"))
     args = ap.parse_args()
     tools = args.tools.split(",")
+    # Byte-compile bnfold as an installed wheel would be (the peers' site-packages are): with
+    # PYTHONDONTWRITEBYTECODE set, an editable checkout would otherwise be recompiled on every run.
+    import bnfold
+
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(bnfold.__file__).parent)], check=True)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmpdir = Path(tmp)

@@ -1,6 +1,6 @@
 """``python -m bnfold ...`` runs the command line."""
 
-from bnfold.cli import main
+from bnfold.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

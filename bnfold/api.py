@@ -15,7 +15,7 @@ import onnx
 from .errors import BadInput, VerificationFailed
 from .external import Embedded, Spill
 from .graph import SPILL
-from .io import PROTOBUF_LIMIT, has_external_data, open_model, same_file, save_model, save_model_located
+from .io import has_external_data, open_model, same_file, save_model, save_model_located
 from .onnx_pass import fold_model
 from .report import FoldReport, Verification
 from .verification import Inputs
@@ -74,7 +74,9 @@ class FoldResult:
                 and not force:
             raise BadInput(f"{target}: refusing to overwrite the input model (pass force=True)")
         self._check_not_input_data(target)
-        saved, moved = save_model_located(self.__dict__["_model"], target, self.base_dir, self.spill)
+        # the output keeps its weights in external data when the input did (or is over 2 GiB)
+        saved, moved = save_model_located(self.__dict__["_model"], target, self.base_dir, self.spill,
+                                          external=bool(self.input_files))
         if moved:  # saved over a data file it read from: its tensors now live beside the output
             self.base_dir = str(saved.resolve().parent)
         return saved
@@ -100,15 +102,14 @@ class FoldResult:
         if not self.input_files:
             return
         in_place = self.source is not None and same_file(target, self.source)
-        data_target = target.with_name(f"{target.name}.data")
-        writes_data = has_external_data(self.model) or self.model.ByteSize() > PROTOBUF_LIMIT
+        data_target = target.with_name(f"{target.name}.data")  # written: the input had external data
         for f in self.input_files:
             if same_file(target, f):
                 raise BadInput(
                     f"{target} holds the external data of the input model {self.source}; choose another "
                     "output name"
                 )
-            if writes_data and not in_place and same_file(data_target, f):
+            if not in_place and same_file(data_target, f):
                 raise BadInput(
                     f"{target}: its data file {data_target} would replace the external data of the input "
                     f"model {self.source}; choose another output name"

@@ -1713,10 +1713,40 @@ def _sigterm_as_interrupt() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Console-script entry point (``bnfold ...``, ``python -m bnfold``): exits with the command's code."""
+    """Run the command line and exit with the command's code (raises SystemExit)."""
     _sigterm_as_interrupt()
     sys.exit(run(argv))
 
 
+def entry() -> NoReturn:
+    """The ``bnfold`` console script and ``python -m bnfold``: :func:`main`, then a quick exit.
+
+    Interpreter shutdown would free a large model's objects one by one after all the work is
+    done (about 0.1 s for a 5000-layer model); instead the exit handlers run (temporary files
+    are removed), the output streams are flushed, and the process ends with the same code.
+    """
+    import atexit
+
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    run_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_handlers is None:  # pragma: no cover - not CPython: exit the normal way
+        sys.exit(code)
+    run_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

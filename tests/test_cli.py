@@ -95,8 +95,9 @@ def ops(path: Path) -> list[str]:
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
-def run_module(*args: Any, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_module(*args: Any, timeout: float = 120, env_extra: dict[str, str] | None = None,
+               **kw: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     env.pop("GITHUB_STEP_SUMMARY", None)
     return subprocess.run(
         [sys.executable, "-m", "bnfold", *map(str, args)], capture_output=True, text=True, timeout=timeout,
@@ -938,3 +939,26 @@ def test_bn_to_affine_flag(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
     plain = invoke(src, "-o", tmp_path / "plain.onnx")
     assert plain.exit_code == 0 and "unsupported_producer" in plain.output
+
+
+def test_the_quick_exit_keeps_codes_output_and_cleanup(tmp_path: Path) -> None:
+    """``python -m bnfold`` ends without interpreter teardown: the exit code, everything written
+    to stdout/stderr (a pipe here, so buffered) and the removal of temporary files survive."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    src = folder / "m.onnx"
+    onnx.save(conv_bn_model(blocks=2, channels=8), str(src), save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    ok = run_module(src, "-o", tmp_path / "out.onnx", "--json", "-", env_extra={"TMPDIR": str(scratch)})
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["models"][0]["exit_code"] == 0  # the whole JSON document arrived
+    assert FINAL_PASSED.match(last_line(ok.stderr))
+    # the spill file of the external-data model is gone (onnxruntime leaves a '.ses' file of its own)
+    assert [p.name for p in scratch.iterdir() if "bnfold" in p.name] == []
+    assert (tmp_path / "out.onnx.data").exists()
+    bad = run_module(tmp_path / "missing.onnx")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    help_ = run_module("--help")
+    assert help_.returncode == 0 and "fold" in help_.stdout
