@@ -126,6 +126,12 @@ class FoldResult:
         })
 
 
+def _folder_of(output: str | os.PathLike[str]) -> str | None:
+    """The existing folder ``output`` would be written in, else None (the save reports it)."""
+    folder = Path(output).parent
+    return str(folder) if folder.is_dir() else None
+
+
 def fold(
     model: Any,
     *,
@@ -143,6 +149,7 @@ def fold(
     stream_external: bool | None = None,
     bn_to_affine: bool = False,
     lazy: bool = True,
+    output: str | os.PathLike[str] | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization of ``model`` and (by default) verify the result.
 
@@ -157,6 +164,9 @@ def fold(
     in the file until :meth:`FoldResult.save` copies them, and keeps folded ones in memory, so no
     copy of the whole model is ever built; ``result.model`` still is a complete ModelProto
     (read on first access). ``False`` reads the whole file first.
+    ``output``: where the result will be saved, if known. Folded tensors of a model with
+    external data are then kept in a temporary file beside it, which becomes the output's data
+    file at that save (they are written once instead of being copied there).
     Raises :class:`bnfold.BadInput` for unreadable models and unusable verification options.
     """
     step = progress or (lambda _name: None)
@@ -170,8 +180,15 @@ def fold(
     original: Path | bytes = path if path is not None else (folded.SerializeToString() if verify else b"")
     step("folding")
     where = f"{path}: " if path is not None else ""
+    spill_dir = _folder_of(output) if external and output is not None else None
     try:
-        spill = Spill() if external else embedded
+        try:
+            spill = Spill(spill_dir) if external else embedded
+        except OSError:
+            if spill_dir is None:
+                raise
+            spill_dir = None  # not writable there: the save will say so; fold into the temp folder
+            spill = Spill()
     except OSError as exc:
         raise BadInput(
             f"{where}cannot create a temporary file for folded tensors in {tempfile.gettempdir()} "
@@ -184,7 +201,7 @@ def fold(
         if spill is not None:
             spill.close()
         hint = (f" (folded tensors go to {tempfile.gettempdir()}; set TMPDIR to a folder with space)"
-                if isinstance(spill, Spill) else "")
+                if isinstance(spill, Spill) and spill_dir is None else "")
         raise BadInput(f"{where}folding failed: {exc.strerror or exc}{hint}") from None
     except BaseException:
         if spill is not None:

@@ -299,7 +299,9 @@ def _process(job: FoldJob, rec: dict[str, Any], progress: Any) -> None:
     except OSError:
         pass  # load_model reports it
     opts = job.check
-    result = fold(job.input, verify=opts.enabled, progress=progress, bn_to_affine=job.bn_to_affine, **opts.kwargs())
+    # (the output path lets folded tensors of an external-data model be written once, in place)
+    result = fold(job.input, verify=opts.enabled, progress=progress, bn_to_affine=job.bn_to_affine,
+                  output=None if job.dry_run else job.output, **opts.kwargs())
     report, ver = result.report, result.verification
     rec["report"] = report.to_dict()  # plain JSON already: only verification figures can be non-finite
     rec["verification"] = jsonable(ver.to_dict()) if ver is not None else None

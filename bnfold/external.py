@@ -227,9 +227,15 @@ _NATIVE = _native_types()
 
 
 class Spill:
-    """A temporary file that holds folded tensors until the model is saved."""
+    """A temporary file that holds folded tensors until the model is saved.
 
-    def __init__(self, folder: str | None = None) -> None:
+    Created in the folder the result will be saved to, it becomes the output's data file at the
+    first save there (:meth:`adopt`): the folded tensors are then written once, not copied.
+    Tensors stored here keep referring to it by its first name (:meth:`holds`); reads go through
+    the open file, so they stay right whatever later happens to the name.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str] | None = None) -> None:
         from .io import signals_deferred  # (io imports graph, which imports this module)
 
         with signals_deferred():  # the file is removed when this object goes away, whatever happens
@@ -237,6 +243,8 @@ class Spill:
             self.path = Path(name)
             self._file = os.fdopen(fd, "w+b")
             self._cleanup = weakref.finalize(self, _remove, self._file, self.path)
+        self._location = name  # what stored tensors name as their location
+        self.adopted = False
         self.size = 0
 
     def store_array(self, name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -249,20 +257,21 @@ class Spill:
         offset = self.size + pad
         self._file.write(data)
         self.size = offset + len(data)
-        _set_external(tensor, str(self.path), offset, len(data))
+        _set_external(tensor, self._location, offset, len(data))
         return tensor
 
     def holds(self, tensor: onnx.TensorProto) -> bool:
         """True if ``tensor``'s data was moved to this spill file."""
-        return is_external(tensor) and _entries(tensor).get("location") == str(self.path)
+        return is_external(tensor) and _entries(tensor).get("location") == self._location
 
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The value of a tensor stored here."""
         e = _entries(tensor)
         self._file.flush()
-        with open(self.path, "rb") as f:
-            f.seek(int(e["offset"]))
-            raw = f.read(int(e["length"]))
+        offset, length = int(e["offset"]), int(e["length"])
+        raw = os.pread(self._file.fileno(), length, offset)
+        if len(raw) != length:
+            raise BadInput(f"the data of folded tensor '{tensor.name}' is truncated")
         return raw_to_array(tensor, raw)
 
     def write_to(self, tensor: onnx.TensorProto, fd: int) -> int:
@@ -272,6 +281,28 @@ class Spill:
         length = int(e["length"])
         _copy_range(self._file.fileno(), fd, int(e["offset"]), length)
         return length
+
+    def can_adopt(self, folder: Path) -> bool:
+        """True if this file may become a data file in ``folder`` (it is there, not yet adopted)."""
+        if self.adopted:
+            return False
+        try:
+            return os.path.samefile(self.path.parent, folder)
+        except OSError:
+            return False
+
+    def fileno(self) -> int:
+        self._file.flush()
+        return self._file.fileno()
+
+    def adopt(self, target: Path) -> None:
+        """Rename this file to ``target``: it is an output data file from now on, never removed
+        here (its tensors stay readable through the open file)."""
+        os.replace(self.path, target)
+        self._cleanup.detach()
+        self._cleanup = weakref.finalize(self, self._file.close)
+        self.path = target
+        self.adopted = True
 
     def close(self) -> None:
         self._cleanup()
@@ -364,15 +395,27 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
     sources: dict[str, int] = {}
     undo: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, bytes | None]] = []
     written = replaces_source = False
+    # A spill file in this folder becomes the data file: folded tensors stay where they are,
+    # the others are appended after them.
+    adopt = isinstance(spill, Spill) and spill.can_adopt(folder)
     try:
-        with signals_deferred():  # a Ctrl-C cannot land between creating a temp file and noting its name
-            fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
+        if adopt:
+            fd = spill.fileno()  # type: ignore[union-attr]
+            pos = spill.size  # type: ignore[union-attr]
+        else:
+            with signals_deferred():  # a Ctrl-C cannot land between creating a temp file and noting its name
+                fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)
+            pos = 0
         with signals_deferred():
             fd_model, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        pos = 0
         for t in iter_tensors(model):
             if is_external(t):
                 pad = (-pos) % ALIGN
+                if adopt and spill.holds(t):  # type: ignore[union-attr]  # already in the data file
+                    e = _entries(t)
+                    undo.append((t, [(x.key, x.value) for x in t.external_data], None))
+                    _set_external(t, data_name, int(e["offset"]), int(e["length"]))
+                    continue
                 if spill is not None and spill.holds(t):  # a folded tensor (or an Embedded one)
                     if pad:
                         _write_all(fd, b"\0" * pad)
@@ -405,18 +448,22 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
                 _set_external(t, data_name, pos, len(raw))
                 pos += len(raw)
         os.fsync(fd)
-        os.close(fd)
+        if not adopt:
+            os.close(fd)
         fd = -1
         with os.fdopen(fd_model, "wb") as f:
             fd_model = -1
             f.write(model.SerializeToString())
             f.flush()
             os.fsync(f.fileno())
-        for tmp in (tmp_data, tmp_model):
+        for tmp in (spill.path if adopt else tmp_data, tmp_model):  # type: ignore[union-attr]
             os.chmod(tmp, 0o644)
         replaces_source = _is_open_source(folder / data_name, sources)
         with signals_deferred():  # Ctrl-C/SIGTERM cannot split the pair: old pair or new pair
-            os.replace(tmp_data, folder / data_name)
+            if adopt:
+                spill.adopt(folder / data_name)  # type: ignore[union-attr]
+            else:
+                os.replace(tmp_data, folder / data_name)
             os.replace(tmp_model, path)
             written = True
         if not replaces_source:
@@ -425,6 +472,13 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
     except BaseException:
         if not (written and replaces_source):
             _restore(undo)  # the model in memory keeps referring to its old (still valid) data
+        if adopt:
+            fd = -1  # the spill's own file stays open
+            if not spill.adopted:  # type: ignore[union-attr]  # drop what was appended to it
+                try:
+                    os.ftruncate(spill.fileno(), spill.size)  # type: ignore[union-attr]
+                except OSError:
+                    pass
         for f_ in (fd, fd_model):
             if f_ >= 0:
                 os.close(f_)

@@ -108,3 +108,88 @@ def test_missing_and_truncated_external_data(tmp_path: Path) -> None:
     os.unlink(data)
     with pytest.raises(BadInput, match="missing"):
         bnfold.fold(src)
+
+
+def _spill_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".bnfold-spill-"))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_spill_beside_the_output_becomes_its_data_file(tmp_path: Path, stream: bool) -> None:
+    """With the output path known, folded tensors are written once: the spill file in the output
+    folder is renamed to ``<output>.data`` and the untouched tensors appended to it. Later saves
+    (same path, another folder) still write the right data."""
+    src_dir, out_dir, other = tmp_path / "src", tmp_path / "out", tmp_path / "other"
+    for d in (src_dir, out_dir, other):
+        d.mkdir()
+    src = _save_external(conv_bn_model(blocks=3, channels=16), src_dir)
+    before = _digest(src_dir)
+    out = out_dir / "f.onnx"
+    result = bnfold.fold(src, stream_external=stream, output=out)
+    assert result.verification is not None and result.verification.status == "passed"
+    assert len(_spill_files(out_dir)) == int(stream)  # folded tensors wait beside the output
+    result.save(out)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["f.onnx", "f.onnx.data"]
+    assert _digest(src_dir) == before
+    x = np.random.default_rng(3).standard_normal([1, 3, 8, 8]).astype(np.float32)
+    want = _run(src, x)
+    np.testing.assert_allclose(_run(out, x), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    onnx.checker.check_model(str(out), full_check=True)
+    first = (out.read_bytes(), (out_dir / "f.onnx.data").read_bytes())
+    result.save(out)  # again over itself: reads the adopted file through the open descriptor
+    result.save(other / "g.onnx")
+    (out_dir / "f.onnx.data").unlink()  # whatever happens to the written files afterwards
+    result.save(other / "h.onnx")
+    for p in (out, other / "g.onnx", other / "h.onnx"):
+        if p.exists() and Path(f"{p}.data").exists():
+            np.testing.assert_allclose(_run(p, x), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    assert onnx.load(str(other / "g.onnx")).SerializeToString() == onnx.load(str(other / "h.onnx")).SerializeToString()
+    assert len(first[1]) > 0
+    del result
+    assert _spill_files(out_dir) == [] and _spill_files(other) == []
+
+
+def test_spill_beside_the_output_with_in_place_save(tmp_path: Path) -> None:
+    src = _save_external(conv_bn_model(blocks=2, channels=8), tmp_path, location="model.onnx.data")
+    x = np.random.default_rng(1).standard_normal([1, 3, 8, 8]).astype(np.float32)
+    want = _run(src, x)
+    result = bnfold.fold(src, stream_external=True, verify=False, output=src)
+    result.save(src, force=True)
+    np.testing.assert_allclose(_run(src, x), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    del result
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def test_a_failed_save_leaves_the_spill_beside_the_output_reusable(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while appending to the spill file: no output, the spill file cut back to what
+    it held, and a retry writes a correct model."""
+    import errno
+
+    src_dir, out_dir = tmp_path / "src", tmp_path / "out"
+    src_dir.mkdir()
+    out_dir.mkdir()
+    model = conv_bn_model(blocks=3, channels=16)
+    y = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("Mul", [y, "untouched"], ["scaled"]))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.full((1, 16, 1, 1), 0.5, np.float32), "untouched"))
+    model.graph.output[0].name = "scaled"
+    src = _save_external(model, src_dir)
+    out = out_dir / "f.onnx"
+    result = bnfold.fold(src, stream_external=True, verify=False, output=out)
+    (spill,) = _spill_files(out_dir)
+    held = (out_dir / spill).read_bytes()
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "copy_file_range", full)
+        m.setattr(os, "write", full)
+        with pytest.raises(BadInput, match="No space left on device"):
+            result.save(out)
+    assert sorted(p.name for p in out_dir.iterdir()) == [spill]
+    assert (out_dir / spill).read_bytes() == held
+    result.save(out)
+    bnfold.testing.assert_models_close(src, out)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["f.onnx", "f.onnx.data"]
