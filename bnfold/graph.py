@@ -858,15 +858,7 @@ def _delete_indices(field: Any, indices: Iterable[int]) -> None:
 def _delete_where(field: Any, doomed: Callable[[Any], bool]) -> None:
     """Delete the items of a repeated message field for which ``doomed`` holds, run by run from
     the end: no item is copied (rebuilding the list would copy every kept tensor)."""
-    runs: list[list[int]] = []
-    for i, item in enumerate(field):
-        if doomed(item):
-            if runs and runs[-1][1] == i:
-                runs[-1][1] = i + 1
-            else:
-                runs.append([i, i + 1])
-    for start, stop in reversed(runs):
-        del field[start:stop]
+    _delete_indices(field, [i for i, item in enumerate(field) if doomed(item)])
 
 
 def subgraphs_present(node: onnx.NodeProto) -> bool:

@@ -14,8 +14,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from onnx import numpy_helper
 
 from bnfold import cli
 from bnfold.testing import assert_models_close, conv_bn_model
+from cli_runner import invoke, run_module
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "cli.md"
@@ -48,40 +48,6 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@dataclass
-class Result:
-    exit_code: int
-    stdout: str
-    stderr: str
-    output: str  # stdout and stderr interleaved, as a terminal shows them
-
-
-class _Capture(io.StringIO):
-    """One stream (stdout or stderr) that also copies what it receives into ``both``."""
-
-    def __init__(self, both: io.StringIO) -> None:
-        super().__init__()
-        self.both = both
-
-    def write(self, text: str) -> int:
-        self.both.write(text)
-        return super().write(text)
-
-
-def invoke(*args: Any, env: dict[str, str] | None = None) -> Result:
-    """``bnfold ARGS`` in this process (``cli.run``), with ``env`` added to the environment.
-    ``run`` turns every error into an exit code; anything it lets escape fails the test."""
-    both = io.StringIO()
-    out, err = _Capture(both), _Capture(both)
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in (env or {}).items():
-            mp.setenv(key, value)
-        with redirect_stdout(out), redirect_stderr(err):
-            code = cli.run([str(a) for a in args])
-    assert isinstance(code, int)
-    return Result(code, out.getvalue(), err.getvalue(), both.getvalue())
-
-
 def last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
@@ -93,16 +59,6 @@ def files(folder: Path) -> set[str]:
 
 def ops(path: Path) -> list[str]:
     return [n.op_type for n in onnx.load(str(path)).graph.node]
-
-
-def run_module(*args: Any, timeout: float = 120, env_extra: dict[str, str] | None = None,
-               **kw: Any) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    env.pop("GITHUB_STEP_SUMMARY", None)
-    return subprocess.run(
-        [sys.executable, "-m", "bnfold", *map(str, args)], capture_output=True, text=True, timeout=timeout,
-        env=env, **kw,
-    )
 
 
 def assert_usage_error(result: Any, stderr: str) -> None:

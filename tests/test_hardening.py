@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -35,9 +32,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 import bnfold
-from bnfold.cli import run as cli_run
 from bnfold.errors import BadInput
 from bnfold.testing import conv_bn_model
+from cli_runner import invoke, run_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,28 +51,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
-class _Capture(io.StringIO):
-    """One stream (stdout or stderr) that also copies what it receives into ``both``."""
-
-    def __init__(self, both: io.StringIO) -> None:
-        super().__init__()
-        self.both = both
-
-    def write(self, text: str) -> int:
-        self.both.write(text)
-        return super().write(text)
-
-
-def invoke(*args: Any) -> Any:
-    """``bnfold ARGS`` in this process: exit_code, stdout, stderr and output (both, interleaved)."""
-    both = io.StringIO()
-    out, err = _Capture(both), _Capture(both)
-    with redirect_stdout(out), redirect_stderr(err):
-        code = cli_run([str(a) for a in args])
-    assert isinstance(code, int)
-    return SimpleNamespace(exit_code=code, stdout=out.getvalue(), stderr=err.getvalue(), output=both.getvalue())
-
-
 def assert_one_line_error(code: int, stdout: str, stderr: str, expect: str = "") -> str:
     assert code == 2, (stdout, stderr)
     assert stdout.strip() == "", stdout
@@ -84,13 +59,6 @@ def assert_one_line_error(code: int, stdout: str, stderr: str, expect: str = "")
     assert "Traceback" not in stderr
     assert expect.lower() in lines[0].lower(), (expect, lines[0])
     return lines[0]
-
-
-def run_module(*args: Any, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("GITHUB_STEP_SUMMARY", None)
-    return subprocess.run([sys.executable, "-m", "bnfold", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def base_model() -> onnx.ModelProto:
