@@ -64,23 +64,28 @@ def count_bn(path: Path) -> int | None:
     return sum(n.op_type == "BatchNormalization" for n in m.graph.node)
 
 
-def latency(path: Path, level: str, shape: list[int], repeats: int = 20) -> float:
+def latencies(paths: dict[str, Path], level: str, shape: list[int], rounds: int = 15, per_round: int = 3) -> dict[str, float]:
+    """Median onnxruntime run time (ms, one thread) of each model, measured interleaved: in each
+    round every model runs ``per_round`` times, so a disturbance of the machine hits all alike."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    name = sess.get_inputs()[0].name
-    for _ in range(3):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(3):
+            s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
 def main() -> None:
@@ -114,12 +119,14 @@ def main() -> None:
             results[name] = bench(name, src, tmpdir, tools, args)
             folded = tmpdir / f"{name}_bnfold.onnx"
             if folded.exists() and name != "chain5000":
+                off = latencies({"original": src, "folded": folded, "no_bn": nobn}, "ORT_DISABLE_ALL", shape)
+                default = latencies({"original": src, "folded": folded}, "ORT_ENABLE_ALL", shape)
                 results[name]["latency_ms"] = {
-                    "original_disable_all": latency(src, "ORT_DISABLE_ALL", shape),
-                    "folded_disable_all": latency(folded, "ORT_DISABLE_ALL", shape),
-                    "no_bn_disable_all": latency(nobn, "ORT_DISABLE_ALL", shape),
-                    "original_default": latency(src, "ORT_ENABLE_ALL", shape),
-                    "folded_default": latency(folded, "ORT_ENABLE_ALL", shape),
+                    "original_disable_all": off["original"],
+                    "folded_disable_all": off["folded"],
+                    "no_bn_disable_all": off["no_bn"],
+                    "original_default": default["original"],
+                    "folded_default": default["folded"],
                 }
             for f in tmpdir.glob(f"{name}*"):
                 f.unlink()

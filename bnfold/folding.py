@@ -320,24 +320,24 @@ def fold_conv_many(
     ok = (np.add.reduceat(~valid, starts) == 0) & np.isfinite(eps)
 
     out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n
-    by_dtype: dict[np.dtype, list[int]] = {}
+    # pairs with one weight dtype and one row length (elements per output channel) are stacked
+    # as rows [sum of C_k, row length] and scaled by broadcasting one factor per row
+    groups: dict[tuple[np.dtype, int], list[int]] = {}
     for k in range(n):
         if ok[k]:
-            by_dtype.setdefault(weights[k].dtype, []).append(k)
-    for dtype, group in by_dtype.items():
-        sizes = np.fromiter((weights[k].size for k in group), dtype=np.int64, count=len(group))
+            w = weights[k]
+            groups.setdefault((w.dtype, w.size // w.shape[0]), []).append(k)
+    for (dtype, row), group in groups.items():
         chans = counts[group]
-        flat = np.concatenate([weights[k].reshape(-1) for k in group])
+        c_starts = np.zeros(len(group), dtype=np.int64)
+        np.cumsum(chans[:-1], out=c_starts[1:])
+        rows = np.concatenate([weights[k].reshape(-1, row) for k in group])
         channel_scale = np.concatenate([scale[starts[k]:starts[k] + counts[k]] for k in group])
-        per_channel = np.repeat(sizes // chans, chans)
-        folded = np.empty(flat.shape, dtype=dtype)
+        folded = np.empty(rows.shape, dtype=dtype)
         with np.errstate(all="ignore"):  # as scale_and_round: float64 product, one rounding
-            np.multiply(flat, np.repeat(channel_scale, per_channel), out=folded, dtype=np.float64,
-                        casting="same_kind")
-        w_starts = np.zeros(len(group), dtype=np.int64)
-        np.cumsum(sizes[:-1], out=w_starts[1:])
+            np.multiply(rows, channel_scale[:, None], out=folded, dtype=np.float64, casting="same_kind")
         # a non-finite product means a non-finite weight or an overflow: both refused by fold_conv
-        w_ok = np.add.reduceat(~np.isfinite(folded), w_starts) == 0
+        w_ok = np.add.reduceat(~np.isfinite(folded).all(axis=1), c_starts) == 0
         channel_shift = np.concatenate([shift[starts[k]:starts[k] + counts[k]] for k in group])
         has_bias = np.repeat(np.fromiter((biases[k] is not None for k in group), dtype=bool, count=len(group)), chans)
         bias64 = np.concatenate([
@@ -347,15 +347,12 @@ def fold_conv_many(
         with np.errstate(all="ignore"):  # as _folded_bias: s * b + t, or t itself without a bias
             new_bias = np.where(has_bias, bias64 * channel_scale + channel_shift, channel_shift)
             rounded = new_bias.astype(dtype)
-        c_starts = np.zeros(len(group), dtype=np.int64)
-        np.cumsum(chans[:-1], out=c_starts[1:])
         b_ok = np.add.reduceat(~(np.isfinite(rounded) & np.isfinite(bias64)), c_starts) == 0
         c0 = 0
         for j, k in enumerate(group):
             c1 = c0 + int(chans[j])
             if w_ok[j] and b_ok[j]:
-                w = weights[k]
-                out[k] = (folded[w_starts[j]:w_starts[j] + sizes[j]].reshape(w.shape), rounded[c0:c1])
+                out[k] = (folded[c0:c1].reshape(weights[k].shape), rounded[c0:c1])
             c0 = c1
     return out
 

@@ -261,7 +261,19 @@ def make_tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
     spill = SPILL.get()
     if spill is not None and array.nbytes >= EXTERNAL_THRESHOLD:
         return spill.store_array(name, array)
-    return numpy_helper.from_array(array, name)
+    data_type = _PLAIN_TYPES.get(array.dtype)
+    if data_type is None or not name:
+        return numpy_helper.from_array(array, name)
+    # what numpy_helper.from_array builds for these types, without its generic checks
+    return onnx.TensorProto(dims=array.shape, data_type=data_type, name=name, raw_data=array.tobytes())
+
+
+# Fixed-size numbers on a little-endian machine: raw_data is the array's own bytes.
+_PLAIN_TYPES: dict[np.dtype, int] = {
+    np.dtype(t): onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t))
+    for t in (np.float16, np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16, np.int32,
+              np.uint32, np.int64, np.uint64)
+} if np.little_endian else {}
 
 
 class BadTensor(NotConstant):

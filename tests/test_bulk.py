@@ -202,3 +202,16 @@ def test_fold_conv_many_matches_fold_conv_bit_for_bit() -> None:
         for e, g_ in zip(expected, got):
             assert e.dtype == g_.dtype and e.shape == g_.shape and e.tobytes() == g_.tobytes(), k
     assert 20 < refused < 100  # the refusals were exercised, and most pairs fold
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16,
+                                   np.int32, np.uint32, np.int64, np.uint64])
+def test_new_tensors_are_what_numpy_helper_builds(dtype: type) -> None:
+    """graph.make_tensor builds plain numeric tensors itself: the bytes must be from_array's."""
+    from bnfold.graph import make_tensor
+
+    rng = np.random.default_rng(5)
+    for shape in ((), (3,), (2, 3, 4), (0, 2)):
+        a = (rng.standard_normal(shape) * 10).astype(dtype)
+        for arr in (a, a.T):  # a transposed view is not C-contiguous
+            assert make_tensor(arr, "t").SerializeToString() == numpy_helper.from_array(arr, "t").SerializeToString()
