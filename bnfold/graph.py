@@ -464,6 +464,11 @@ class Scope:
             self._cache[name] = c
         return c
 
+    def close(self) -> None:
+        """Drop the cached constants (they refer back to this scope): the index can be freed
+        without the cyclic garbage collector."""
+        self._cache.clear()
+
     def initializer_constant(self, name: str, value: np.ndarray) -> Const:
         """The constant for initializer ``name`` of this scope whose current ``value`` the caller
         has just read from the graph (what :meth:`constant` would return, without reading again)."""
