@@ -32,12 +32,7 @@ Other exact affine folds built on the same map:
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -186,83 +181,25 @@ def _check_finite(label: str, arr: np.ndarray | None) -> None:
     if arr is None or not arr.size:
         return
     native = arr.dtype.kind == "f" or _is_bfloat16(arr.dtype)
-    if not _all_finite(arr if native else _as_f64(arr)):
+    if not np.isfinite(arr if native else _as_f64(arr)).all():
         raise FoldError("non_finite", f"{label} contains NaN or Inf")
-
-
-# Large tensors are processed in row blocks on a few threads (numpy releases the GIL in ufuncs);
-# the result is the same element by element, whatever the split.
-PARALLEL_BYTES = 8 << 20
-_T = TypeVar("_T")
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _workers() -> int:
-    try:
-        return min(len(os.sched_getaffinity(0)), 8)
-    except AttributeError:  # not on Linux
-        return min(os.cpu_count() or 1, 8)
-
-
-def _forget_pool() -> None:
-    global _pool
-    _pool = None  # a forked child has none of the parent's threads
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _map_rows(fn: Callable[[slice], _T], rows: int, nbytes: int) -> list[_T]:
-    """``fn`` over row blocks covering ``range(rows)``: one block for small data, else a few per
-    worker thread."""
-    global _pool
-    workers = _workers()
-    if workers < 2 or nbytes < PARALLEL_BYTES or rows < 2:
-        return [fn(slice(0, rows))]
-    blocks = min(rows, workers * 2)
-    bounds = [rows * i // blocks for i in range(blocks + 1)]
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bnfold-fold")
-        pool = _pool
-    return list(pool.map(fn, [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]))
-
-
-def _all_finite(arr: np.ndarray) -> bool:
-    if arr.ndim == 0 or arr.nbytes < PARALLEL_BYTES:
-        return bool(np.isfinite(arr).all())
-    return all(_map_rows(lambda rows: bool(np.isfinite(arr[rows]).all()), arr.shape[0], arr.nbytes))
 
 
 def scale_and_round(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     """``weight * scale`` along ``axis``, computed in float64 and rounded once to weight's dtype.
 
     For float16/32/64 the product is formed in float64 and cast in one pass (numpy's ufunc
-    buffering), without a full float64 copy of the weight, on a few threads for large weights;
-    bfloat16 takes the exact two-step path of :func:`round_to_dtype`. Raises FoldError
-    ``overflow`` like round_to_dtype.
+    buffering), without a full float64 copy of the weight; bfloat16 takes the exact two-step path
+    of :func:`round_to_dtype`. Raises FoldError ``overflow`` like round_to_dtype.
     """
     if _is_bfloat16(weight.dtype) or weight.dtype.kind != "f":
         return round_to_dtype(scale_output_channels(weight, scale, axis), weight.dtype)
     shape = [1] * weight.ndim
     shape[axis] = scale.shape[0]
-    factor = scale.reshape(shape)
     out = np.empty(weight.shape, dtype=weight.dtype)
-    if weight.ndim == 0:
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.multiply(weight, factor, out=out, dtype=np.float64, casting="same_kind")
-        finite = bool(np.isfinite(out))
-    else:
-        def block(rows: slice) -> bool:
-            with np.errstate(over="ignore", invalid="ignore"):  # error state is per thread
-                np.multiply(weight[rows], factor[rows] if axis == 0 else factor, out=out[rows],
-                            dtype=np.float64, casting="same_kind")
-            return bool(np.isfinite(out[rows]).all())
-
-        finite = all(_map_rows(block, weight.shape[0], weight.nbytes))
-    if out.size and not finite:
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.multiply(weight, scale.reshape(shape), out=out, dtype=np.float64, casting="same_kind")
+    if out.size and not np.isfinite(out).all():
         raise FoldError("overflow", f"a folded value does not fit in {weight.dtype.name}")
     return out
 

@@ -465,30 +465,3 @@ def test_affine_constants_shapes(rank: int) -> None:
     assert s.shape == t.shape == (3,) + (1,) * (rank - 2) and s.dtype == np.float16
     with pytest.raises(FoldError):
         affine_constants(aff, 1, np.dtype(np.float32))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
-@pytest.mark.parametrize("axis", [0, 1])
-def test_row_blocks_on_threads_give_the_same_bits(dtype: type, axis: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large weights are scaled in row blocks on worker threads: same result, same refusals."""
-    from bnfold import folding
-
-    rng = np.random.default_rng(7)
-    weight = rng.standard_normal((37, 11, 3, 3)).astype(dtype)
-    scale = rng.standard_normal(weight.shape[axis]) * 3
-    monkeypatch.setattr(folding, "PARALLEL_BYTES", 1 << 40)
-    single = folding.scale_and_round(weight, scale, axis)
-    monkeypatch.setattr(folding, "PARALLEL_BYTES", 1)
-    monkeypatch.setattr(folding, "_workers", lambda: 3)
-    blocks = folding.scale_and_round(weight, scale, axis)
-    assert blocks.tobytes() == single.tobytes()
-    exact = weight.astype(np.float64) * scale.reshape([-1 if i == axis else 1 for i in range(4)])
-    assert blocks.tobytes() == exact.astype(dtype).tobytes()  # one rounding of the float64 product
-    weight[30, 5, 1, 1] = np.finfo(dtype).max
-    with pytest.raises(FoldError) as err:
-        folding.scale_and_round(weight, np.full(weight.shape[axis], 4.0), axis)
-    assert err.value.code == "overflow"
-    weight[30, 5, 1, 1] = np.nan
-    with pytest.raises(FoldError) as err:
-        folding.fold_conv(weight, None, bn_affine(*np.ones((3, weight.shape[0])), np.ones(weight.shape[0]), 1e-5))
-    assert err.value.code == "non_finite"
