@@ -76,10 +76,19 @@ class FoldResult:
         self._check_not_input_data(target)
         # the output keeps its weights in external data when the input did (or is over 2 GiB)
         saved, moved = save_model_located(self.__dict__["_model"], target, self.base_dir, self.spill,
-                                          external=bool(self.input_files))
+                                          external=self._external())
         if moved:  # saved over a data file it read from: its tensors now live beside the output
             self.base_dir = str(saved.resolve().parent)
         return saved
+
+    def _external(self) -> bool | None:
+        """Whether the output gets external data: yes when the input had it; no for a model read
+        from a file without any (the pass adds none but through ``spill``); else look."""
+        if self.input_files:
+            return True
+        if self.source is not None and self.spill is None:
+            return False
+        return None
 
     def byte_size(self) -> int:
         """The size in bytes of the model as :meth:`save` writes it in one file (its
@@ -174,7 +183,8 @@ def fold(
     input_files: list[Path] = []
     # A large model file is read lazily: its big weights stay in the file (see FoldResult.model).
     folded, base_dir, path, embedded = open_model(model, stream_external, input_files, lazy=lazy)
-    external = embedded is None and has_external_data(folded)
+    # a file whose model names no external data file has none (input_files lists them)
+    external = embedded is None and (bool(input_files) if path is not None else True) and has_external_data(folded)
     # The reference for verification: the file itself when there is one (onnxruntime resolves its
     # external data), else a snapshot of the proto taken before folding.
     original: Path | bytes = path if path is not None else (folded.SerializeToString() if verify else b"")

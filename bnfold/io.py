@@ -459,15 +459,16 @@ def save_model(
 
 def save_model_located(
     model: onnx.ModelProto, path: str | os.PathLike[str], base_dir: str = "", spill: Any = None,
-    durable: bool = True, external: bool = False,
+    durable: bool = True, external: bool | None = None,
 ) -> tuple[Path, bool]:
     """:func:`save_model`, also saying whether ``model`` now reads its data from beside ``path``.
 
     ``spill`` may be a :class:`bnfold.external.Embedded` (a model from :func:`open_model` with
     ``lazy``): the file is then written in pieces, never serialized whole in memory, with the
     bytes a complete model would have. ``durable=False`` skips fsync (scratch copies).
-    ``external``: write ``<name>.data`` even for a model whose data is all in memory (its input
-    kept its weights in external data).
+    ``external``: True writes ``<name>.data`` even for a model whose data is all in memory (its
+    input kept its weights in external data); False says the caller knows no tensor refers to
+    external data (a model read from a file without any); None (default) checks.
     """
     path = Path(path)
     from .external import Embedded
@@ -478,7 +479,7 @@ def save_model_located(
             return written, False
         # over protobuf's limit: the data goes to <name>.data below, read through ``spill``
     data = None
-    if not external and not has_external_data(model):
+    if external is False or (external is None and not has_external_data(model)):
         try:
             data = model.SerializeToString()  # one pass; ByteSize() first would cost another
         except (ValueError, EncodeError):

@@ -48,6 +48,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -141,22 +142,26 @@ class _BulkJob:
     new_bias: np.ndarray
 
 
-def _plain_initializer(scope: Scope, name: str) -> np.ndarray | None:
+def _plain_initializer(scope: Scope, initializers: Any, name: str) -> np.ndarray | None:
     """The value of ``name`` when it is an initializer of ``scope`` (not a graph input) stored as
-    raw float16/32/64 bytes of the right length; else None."""
+    raw float16/32/64 bytes of the right length; else None. ``initializers``: the graph's
+    initializer list (looked up once by the caller)."""
     i = scope.initializers.get(name)
     if i is None or name in scope.inputs:
         return None
-    t = scope.proto.initializer[i]
+    t = initializers[i]
     dtype = _BULK_DTYPES.get(t.data_type)
     if dtype is None or t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") \
             or t.HasField("segment"):
         return None
     raw = t.raw_data
-    dims = tuple(t.dims)
-    if len(raw) != math.prod(dims) * dtype.itemsize:
+    dims = t.dims
+    if len(dims) == 1:  # BN parameters and biases: no reshape
+        return np.frombuffer(raw, dtype=dtype) if dims[0] * dtype.itemsize == len(raw) else None
+    shape = tuple(dims)
+    if len(raw) != math.prod(shape) * dtype.itemsize:
         return None
-    return np.frombuffer(raw, dtype=dtype).reshape(dims)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 class _Pass:
@@ -336,6 +341,7 @@ class _Pass:
             return {}
         version = bn_version(scope.opset.get("", 1))
         nodes = scope.proto.node
+        initializers = scope.proto.initializer
         jobs: list[tuple[int, int, str, str, np.ndarray, np.ndarray | None]] = []
         weights: list[np.ndarray] = []
         biases: list[np.ndarray | None] = []
@@ -363,16 +369,16 @@ class _Pass:
                 group = attr_int(conv, "group", 1)
             except (FoldError, AttributeRef, BadAttribute):
                 continue
-            bn_params = [_plain_initializer(scope, name) for name in inputs[1:5]]
+            bn_params = [_plain_initializer(scope, initializers, name) for name in inputs[1:5]]
             if any(p is None or p.ndim != 1 for p in bn_params):
                 continue
             channels = bn_params[0].shape[0]  # type: ignore[union-attr]
-            weight = _plain_initializer(scope, conv.input[1])
+            weight = _plain_initializer(scope, initializers, conv.input[1])
             if weight is None or weight.nbytes > _BULK_MAX_WEIGHT or weight.ndim < 3 or weight.shape[0] != channels or channels == 0 \
                     or any(p.shape[0] != channels for p in bn_params) or group < 1 or channels % group:  # type: ignore[union-attr]
                 continue
             bias_name = conv.input[2] if len(conv.input) > 2 else ""
-            bias = _plain_initializer(scope, bias_name) if bias_name else None
+            bias = _plain_initializer(scope, initializers, bias_name) if bias_name else None
             if bias_name and (bias is None or bias.dtype != weight.dtype or bias.shape != (channels,)):
                 continue
             targets.add(t_idx)
