@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the 500-chain and ResNet-50 shape")
     ap.add_argument("--big", action="store_true", help="also a > 2 GB external-data model")
     ap.add_argument("--only-big", action="store_true", help="just the > 2 GB external-data model")
+    ap.add_argument("--models", default="", help="comma-separated subset: resnet50,chain500,mobilenet,chain5000")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--json", default=str(HERE / "results.json"))
     args = ap.parse_args()
@@ -111,6 +112,10 @@ def main() -> None:
         if not args.quick:
             cases["mobilenet"] = (mobilenet_like, [1, 3, 224, 224])
             cases["chain5000"] = (lambda **k: chain(5000, **k), [1, 3, 16, 16])
+        if args.models:
+            cases["mobilenet"] = (mobilenet_like, [1, 3, 224, 224])
+            cases["chain5000"] = (lambda **k: chain(5000, **k), [1, 3, 16, 16])
+            cases = {k: v for k, v in cases.items() if k in args.models.split(",")}
         for name, (builder, shape) in ({} if args.only_big else cases).items():
             src = tmpdir / f"{name}.onnx"
             onnx.save(builder(), str(src))
