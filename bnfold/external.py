@@ -402,6 +402,7 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
         if adopt:
             fd = spill.fileno()  # type: ignore[union-attr]
             pos = spill.size  # type: ignore[union-attr]
+            os.lseek(fd, pos, os.SEEK_SET)  # (a failed earlier save may have moved it)
         else:
             with signals_deferred():  # a Ctrl-C cannot land between creating a temp file and noting its name
                 fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=folder)

@@ -180,12 +180,18 @@ def test_a_failed_save_leaves_the_spill_beside_the_output_reusable(tmp_path: Pat
     (spill,) = _spill_files(out_dir)
     held = (out_dir / spill).read_bytes()
 
+    real_write = os.write
+
     def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def partly(fd: int, data: bytes) -> int:  # some bytes land, then the disk is full
+        real_write(fd, bytes(memoryview(data)[:max(1, len(data) // 2)]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as m:
         m.setattr(os, "copy_file_range", full)
-        m.setattr(os, "write", full)
+        m.setattr(os, "write", partly)
         with pytest.raises(BadInput, match="No space left on device"):
             result.save(out)
     assert sorted(p.name for p in out_dir.iterdir()) == [spill]
