@@ -353,7 +353,7 @@ def _process(job: FoldJob, rec: dict[str, Any], progress: Any) -> None:
         data = Path(f"{job.output}.data")
         rec["size_after"] = Path(job.output).stat().st_size + (data.stat().st_size if data.exists() else 0)
     else:
-        rec["size_after"] = result.model.ByteSize() if report.changed else rec["size_before"]
+        rec["size_after"] = result.byte_size() if report.changed else rec["size_before"]
     rec["exit_code"] = code
     rec["status"] = "passed" if code == EXIT_OK else "failed"
     rec["message"] = message
