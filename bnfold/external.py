@@ -449,9 +449,9 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
                 _set_external(t, data_name, pos, len(raw))
                 pos += len(raw)
         os.fsync(fd)
+        closing, fd = fd, -1  # forget it first: a Ctrl-C here must not close it twice below
         if not adopt:
-            os.close(fd)
-        fd = -1
+            os.close(closing)
         with os.fdopen(fd_model, "wb") as f:
             fd_model = -1
             f.write(model.SerializeToString())
@@ -482,7 +482,10 @@ def save_external(model: onnx.ModelProto, path: Path, base_dir: str, spill: Spil
                     pass
         for f_ in (fd, fd_model):
             if f_ >= 0:
-                os.close(f_)
+                try:
+                    os.close(f_)
+                except OSError:  # already closed (interrupted right after a close): the cleanup goes on
+                    pass
         for tmp in (tmp_data, tmp_model):
             try:
                 if tmp:
