@@ -49,6 +49,7 @@ __all__ = [
     "scale_output_channels",
     "channel_vector",
     "compose_add",
+    "compose_affine",
     "affine_of",
     "fold_conv_input",
     "fold_gemm_input",
@@ -405,6 +406,11 @@ def channel_vector(value: np.ndarray, channels: int, out_rank: int, axis: int = 
 def compose_add(add: np.ndarray, affine: BNAffine) -> BNAffine:
     """``BN(z + a)`` as one affine map of ``z``: ``s * z + (s * a + t)`` (``a`` per channel)."""
     return BNAffine(scale=affine.scale, shift=affine.scale * _as_f64(add) + affine.shift)
+
+
+def compose_affine(first: BNAffine, then: BNAffine) -> BNAffine:
+    """``then(first(z))`` as one affine map: ``s2 * s1 * z + (s2 * t1 + t2)`` (float64)."""
+    return BNAffine(scale=then.scale * first.scale, shift=then.scale * first.shift + then.shift)
 
 
 def affine_of(mul: np.ndarray | None, add: np.ndarray | None, channels: int) -> BNAffine:

@@ -62,6 +62,7 @@ from .folding import (
     bn_affine,
     channel_vector,
     compose_add,
+    compose_affine,
     fold_bias,
     fold_conv,
     fold_conv_input,
@@ -305,10 +306,16 @@ class _Pass:
         epsilon = attr_float(bn, "epsilon", 1e-5)
         params = [self.constant(scope, n, "param_not_constant", "BN parameter") for n in bn.input[1:5]]
         affine = bn_affine(*(p.value for p in params), epsilon=epsilon)
+        after, combined = self.following_bns(scope, bn, affine, version)
         try:
-            return self.backward(scope, idx, bn, affine)
+            return self.backward(scope, idx, bn, combined, after)
         except FoldError as back:
             err = back
+            if after:  # what stops the fold may be the BNs after it (an overflow): try it alone
+                try:
+                    return self.backward(scope, idx, bn, affine, [])
+                except FoldError as alone:
+                    err = back = alone
             if back.code in STRUCTURAL:
                 try:
                     forward = self.forward(scope, idx, bn, affine)
@@ -363,6 +370,9 @@ class _Pass:
             source = scope.node_of(conv.input[0])
             if source is not None and source.op_type == "BatchNormalization":
                 continue  # that BN may fold into this Conv's input side first
+            following = scope.consumer_of(bn.output[0])
+            if following is not None and following[1].op_type == "BatchNormalization":
+                continue  # folded together with the BN after it, one by one
             try:
                 self.check_inference_mode(bn, version)
                 epsilon = attr_float(bn, "epsilon", 1e-5)
@@ -429,8 +439,39 @@ class _Pass:
         if version < 9 and attr_int(bn, "spatial", 1) == 0:
             raise FoldError("spatial_mode", "spatial=0: per-activation statistics, not per channel")
 
-    def backward(self, scope: Scope, idx: int, bn: onnx.NodeProto, affine: BNAffine) -> Callable[[], None]:
-        """BN into the layer before it, possibly through one constant per-channel Add."""
+    def following_bns(self, scope: Scope, bn: onnx.NodeProto, affine: BNAffine,
+                      version: int) -> tuple[list[tuple[int, onnx.NodeProto]], BNAffine]:
+        """The BNs that directly follow ``bn`` (each the only consumer of the one before, in
+        inference mode, with constant parameters) and the affine map of ``bn`` and all of them:
+        folded together, the layer is rounded once rather than once per BN."""
+        after: list[tuple[int, onnx.NodeProto]] = []
+        y = bn.output[0]
+        while True:
+            found = scope.consumer_of(y)
+            if found is None:
+                break
+            i, nxt = found
+            if nxt.op_type != "BatchNormalization" or nxt.domain not in ONNX_DOMAINS or len(nxt.input) < 5 \
+                    or not all(nxt.input[:5]) or nxt.input[0] != y or not nxt.output or not nxt.output[0]:
+                break
+            try:
+                self.check_inference_mode(nxt, version)
+                epsilon = attr_float(nxt, "epsilon", 1e-5)
+                params = [self.constant(scope, n, "param_not_constant", "BN parameter") for n in nxt.input[1:5]]
+                then = bn_affine(*(p.value for p in params), epsilon=epsilon)
+            except (FoldError, AttributeRef, BadAttribute):
+                break
+            if then.scale.shape != affine.scale.shape:
+                break
+            affine = compose_affine(affine, then)
+            after.append((i, nxt))
+            y = nxt.output[0]
+        return after, affine
+
+    def backward(self, scope: Scope, idx: int, bn: onnx.NodeProto, affine: BNAffine,
+                 after: Sequence[tuple[int, onnx.NodeProto]] = ()) -> Callable[[], None]:
+        """BN into the layer before it, possibly through one constant per-channel Add; ``after``:
+        BNs that follow it, folded in the same step (``affine`` is then the map of them all)."""
         target, add = self.producer_chain(scope, bn.input[0], released=bn.input[1:5])
         if add is None:
             make_affine: Callable[[int, int], BNAffine] = lambda c, r: affine  # noqa: E731
@@ -444,12 +485,14 @@ class _Pass:
         write, pattern = self.plan(scope, target, make_affine)
         if pattern == "bn_after" and (add is not None or (scope.label, scope.producer[target.output[0]]) in self.touched):
             pattern = "bn_after_chain"
-        chain = ([] if add is None else [(add[0], add[1])]) + [(idx, bn)]
+        chain = ([] if add is None else [(add[0], add[1])]) + [(idx, bn)] + list(after)
 
         def rewrite() -> None:
             write()
             self.absorb(scope, target, chain)
             self.record(scope, bn, target, kind, pattern)
+            for _, later in after:
+                self.record(scope, later, target, kind, "bn_after_chain")
 
         return rewrite
 

@@ -642,3 +642,29 @@ def test_api_bn_to_affine_flag() -> None:
     want = ort.InferenceSession(model.SerializeToString(), opts).run(None, feed)[0]
     got = ort.InferenceSession(result.model.SerializeToString(), opts).run(None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("count", [2, 3])
+def test_conv_then_several_bns_is_rounded_once(seed: int, count: int) -> None:
+    """Conv -> BN -> BN (-> BN): the BNs fold in one step, so every folded weight and bias is
+    within half an ulp of the float64 value computed here (one rounding); folding them one after
+    the other would round the weights once per BN."""
+    model, feeds = conv_chain(ops=[("bn", None)] * count, cout=16, seed=seed)
+    assert_pattern(model, feeds, ["bn_after"] + ["bn_after_chain"] * (count - 1), gone=["BatchNormalization"])
+    folded = copy.deepcopy(model)
+    fold_model(folded)
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    w, b = values["W"], values["Bc"]
+    for i in range(count):
+        g, beta, mean, var = (values[f"bn{i}_{k}"] for k in ("scale", "B", "mean", "var"))
+        node = next(n for n in model.graph.node if n.name == f"bn{i}")
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        s = g / np.sqrt(var + eps)
+        w = w * s.reshape(-1, 1, 1, 1)
+        b = b * s + (beta - s * mean)
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    got = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in folded.graph.initializer}
+    for exact, name in ((w, conv.input[1]), (b, conv.input[2])):
+        ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+        assert np.all(np.abs(got[name] - exact) <= 0.5 * ulp * (1 + 1e-6)), name
