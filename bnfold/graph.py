@@ -180,14 +180,10 @@ def _node_names(nodes: Iterable[onnx.NodeProto], names: set[str]) -> None:
             _graph_names(g, names)
 
 
-def all_names(model: onnx.ModelProto, top: Scope | None = None) -> set[str]:
+def all_names(model: onnx.ModelProto, top: Scope) -> set[str]:
     """Every value name used anywhere in the model (graphs, subgraphs, functions). ``top``: the
     main graph's index, built before any rewrite, which already holds the main graph's names."""
-    if top is not None:
-        names = top.all_names()
-    else:
-        names = set()
-        _graph_names(model.graph, names)
+    names = top.all_names()
     for f in model.functions:
         names.update(f.input)
         names.update(f.output)

@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 import bnfold  # noqa: E402
 from models.cases import CASES, TORCH_CASES, Case  # noqa: E402
+from onnx_builders import run_ort  # noqa: E402
 
 # (rtol, atol as a fraction of max|reference|) per output dtype: |a - b| <= atol + rtol * |b|
 TOLERANCES = {
@@ -99,17 +100,6 @@ def make_feeds(model: onnx.ModelProto, seed: int) -> list[dict[str, np.ndarray]]
         feeds.update({n: np.array(b) for n, b in zip(bools, values)})
         out.append(feeds)
     return out
-
-
-def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in sess.run(None, feeds)]
 
 
 def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
