@@ -15,7 +15,7 @@ import onnx
 from .errors import BadInput, VerificationFailed
 from .external import Embedded, Spill
 from .graph import SPILL
-from .io import has_external_data, open_model, same_file, save_model, save_model_located
+from .io import has_external_data, open_model, same_file, save_model_located
 from .onnx_pass import fold_model
 from .report import FoldReport, Verification
 from .verification import Inputs
@@ -244,20 +244,12 @@ def fold(
                 inputs=inputs, shapes=shapes, dims=dims, seed=seed, runs=runs, atol=atol,
                 rtol=rtol, provider=provider, threads=threads,
             )
-            if embedded is not None:
-                # the candidate, written as the output would be, to a scratch file for onnxruntime
+            if embedded is not None or external:
+                # onnxruntime needs the candidate's weights on disk: write it as the output would
+                # be written, to a scratch folder (the model in memory is left as it was)
                 with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
                     target = Path(scratch) / "candidate.onnx"
                     save_model_located(folded, target, base_dir, spill, durable=False)
-                    result.verification = run_verify(reference, target, **kwargs)
-            elif external:
-                # onnxruntime needs the candidate's data on disk: write a copy to a scratch folder.
-                with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
-                    candidate = onnx.ModelProto()
-                    candidate.CopyFrom(folded)
-                    target = Path(scratch) / "candidate.onnx"
-                    save_model(candidate, target, base_dir, spill)
-                    del candidate
                     result.verification = run_verify(reference, target, **kwargs)
             else:
                 result.verification = run_verify(reference, folded, **kwargs)
