@@ -121,9 +121,9 @@ def _is_bfloat16(dtype: np.dtype) -> bool:
 def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Round float64 ``values`` once to ``dtype`` (nearest, ties to even).
 
-    numpy rounds float64 to float32/float16 directly and correctly; ml_dtypes rounds float64 to
-    bfloat16 through float32 (a double rounding), so bfloat16 goes through float32 rounded to odd
-    instead, which makes the second rounding exact (see :func:`_to_bfloat16`).
+    numpy rounds float64 to float32/float16 directly and correctly. bfloat16 is rounded here, with
+    integer bit arithmetic, whatever the installed ml_dtypes does (releases before 0.7 rounded
+    float64 -> bfloat16 twice, through float32; see :func:`_to_bfloat16`).
     Raises FoldError ``overflow`` when a finite value does not fit the dtype.
     """
     dtype = np.dtype(dtype)
@@ -145,16 +145,22 @@ def _to_bfloat16(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
     float64 to float32 *to odd* (truncate toward zero, then set the last bit if anything was
     lost) and then float32 to bfloat16 to nearest-even equals a single correct rounding. Values
     beyond float32's range truncate to float32's largest finite value, which still rounds to
-    infinity in bfloat16, as the exact value would.
+    infinity in bfloat16, as the exact value would. The float32 -> bfloat16 step is integer
+    arithmetic on the bits (add half an ulp minus one plus the kept last bit, then truncate), so
+    no library's conversion is involved; ml_dtypes only names the dtype.
     """
-    f32 = exact.astype(np.float32)  # nearest-even; may be inf past float32's range
+    f32 = np.asarray(exact.astype(np.float32))  # nearest-even; may be inf past float32's range
     back = f32.astype(np.float64)
     inexact = back != exact
     # truncate toward zero where float32 rounding went away from zero
     away = inexact & (np.abs(back) > np.abs(exact))
     f32 = np.where(away, np.nextafter(f32, np.float32(0)), f32)
-    bits = f32.view(np.uint32) | inexact.astype(np.uint32)
-    return bits.view(np.float32).astype(dtype)
+    bits = (f32.view(np.uint32) | inexact.astype(np.uint32)).astype(np.uint64)
+    # nearest, ties to even: a carry out of the significand moves to the next binade (or to inf)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    # a NaN keeps its sign and stays a (quiet) NaN instead of carrying into the sign bit
+    rounded = np.where(np.isnan(f32), (bits >> 16) | 0x0040, rounded)
+    return rounded.astype(np.uint16).view(dtype)
 
 
 def scale_output_channels(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:

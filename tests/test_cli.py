@@ -673,14 +673,15 @@ def corrupt(src: Path, dst: Path) -> Path:
 
 
 def ort_fold(src: Path, dst: Path) -> Path:
-    """onnxruntime's own Conv+BN fusion, saved with optimized_model_filepath."""
+    """The model as onnxruntime's optimizer rewrites it (saved with optimized_model_filepath): a
+    candidate made by another tool. Whether that release fuses Conv+BN does not matter to the
+    tests that use it: the candidate computes the same function either way."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.optimized_model_filepath = str(dst)
     ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
-    assert "BatchNormalization" not in ops(dst)
     return dst
 
 

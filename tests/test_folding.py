@@ -119,12 +119,50 @@ def test_round_to_dtype_random_values(fmt: str) -> None:
     assert np.array_equal(got, expected)
 
 
-def test_bfloat16_double_rounding_case_is_corrected() -> None:
-    # 1 + 2**-8 + 2**-30: float32 drops 2**-30 and leaves an exact tie, which rounds to even (1.0);
-    # the correctly rounded bfloat16 value is 1 + 2**-7.
-    x = np.array([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30)])
-    assert np.array(x).astype(BF16).astype(np.float64)[0] == 1.0  # what ml_dtypes does
-    assert list(round_to_dtype(x, BF16).astype(np.float64)) == [1 + 2**-7, -(1 + 2**-7)]
+def _double_rounding_cases(n: int = 200) -> np.ndarray:
+    """float64 values just above or below a bfloat16 tie by less than half a float32 ulp: rounding
+    through float32 first lands exactly on the tie, and ties-to-even then picks the wrong side."""
+    rng = np.random.default_rng(3)
+    out = []
+    for _ in range(n):
+        e = int(rng.integers(-120, 120))
+        m = int(rng.integers(2**7, 2**8))
+        tie = Fraction(2 * m + 1, 2**8) * Fraction(2) ** e  # halfway between two bfloat16 values
+        # less than half a float32 ulp, away from the even neighbour that a tie would round to
+        nudge = Fraction(2) ** (e - 30) * (1 if m % 2 == 0 else -1)
+        v = float(tie + nudge)
+        out += [v, -v]
+    return np.array(out)
+
+
+def test_bfloat16_double_rounding_cases_are_rounded_once() -> None:
+    # independent of ml_dtypes: the expected values come from exact rational rounding, and the
+    # test first shows that each value is one that a rounding through float32 gets wrong
+    x = _double_rounding_cases()
+    once = np.array([exact_round(float(v), "bfloat16") for v in x])
+    twice = np.array([exact_round(exact_round(float(v), "float32"), "bfloat16") for v in x])
+    assert (once != twice).all()
+    got = round_to_dtype(x, BF16)
+    assert got.dtype == BF16
+    assert np.array_equal(got.astype(np.float64), once)
+    # 1 + 2**-8 + 2**-30, the case written out: correctly rounded it is 1 + 2**-7 (not 1.0)
+    y = np.array([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30)])
+    assert list(round_to_dtype(y, BF16).astype(np.float64)) == [1 + 2**-7, -(1 + 2**-7)]
+
+
+def test_bfloat16_rounding_keeps_nan_inf_and_signed_zero() -> None:
+    from bnfold.folding import _to_bfloat16  # round_to_dtype itself refuses non-finite results
+
+    special = np.array([np.inf, -np.inf, 0.0, -0.0])
+    got = _to_bfloat16(special, BF16).astype(np.float64)
+    assert np.array_equal(got, special) and np.array_equal(np.signbit(got), np.signbit(special))
+    # every NaN bit pattern of float32 (sign, quiet/signalling, largest payload) stays a NaN
+    patterns = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0xFFFFFFFF, 0x7FFFFFFF],
+                        dtype=np.uint32)
+    nans = patterns.view(np.float32).astype(np.float64)
+    out = _to_bfloat16(nans, BF16).view(np.uint16)
+    assert ((out & 0x7F80) == 0x7F80).all() and ((out & 0x007F) != 0).all()  # exponent all ones, fraction non-zero
+    assert list(out >> 15) == [0, 1, 0, 1, 1, 0]  # the sign is kept
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,9 @@ def conv_cases(draw: st.DrawFn) -> dict:
     if auto_pad == "NOTSET":
         pads = [draw(st.integers(0, max(0, e - 1))) for e in eff] + [draw(st.integers(0, max(0, e - 1))) for e in eff]
     if op == "ConvTranspose" and auto_pad in ("NOTSET", "VALID") and draw(st.booleans()):
-        output_padding = [draw(st.integers(0, max(s, d) - 1)) for s, d in zip(strides, dilations)]
+        # below the stride: onnxruntime releases differ beyond it (1.24 computes uninitialised
+        # values for output_padding >= stride with dilation, 1.32 refuses the model)
+        output_padding = [draw(st.integers(0, s - 1)) for s in strides]
     # the output must not be empty
     for i in range(rank):
         p = (pads[i] + pads[i + rank]) if pads else 0
