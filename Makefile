@@ -19,19 +19,19 @@ FLOOR_VENV := .venv-floor
 .PHONY: demo test test-latest test-floor lock install install-test clean
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install $(PIP_QUIET) "$$(grep '^pip==' $(TEST_LOCK))"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install $(PIP_QUIET) "$$(grep '^pip==' $(TEST_LOCK))"
 
 # Each install is stamped with the lock it came from; a changed lock reinstalls.
 $(VENV)/.demo-installed: $(DEMO_LOCK) pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install $(PIP_QUIET) -r $(DEMO_LOCK)
-	$(BIN)/python -m pip install $(PIP_QUIET) --no-deps --no-build-isolation -e .
-	touch $@
+	@$(BIN)/python -m pip install $(PIP_QUIET) -r $(DEMO_LOCK)
+	@$(BIN)/python -m pip install $(PIP_QUIET) --no-deps --no-build-isolation -e .
+	@touch $@
 
 $(VENV)/.test-installed: $(TEST_LOCK) pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install $(PIP_QUIET) -r $(TEST_LOCK)
-	$(BIN)/python -m pip install $(PIP_QUIET) --no-deps --no-build-isolation -e .
-	touch $@ $(VENV)/.demo-installed
+	@$(BIN)/python -m pip install $(PIP_QUIET) -r $(TEST_LOCK)
+	@$(BIN)/python -m pip install $(PIP_QUIET) --no-deps --no-build-isolation -e .
+	@touch $@ $(VENV)/.demo-installed
 
 install: $(VENV)/.demo-installed
 
