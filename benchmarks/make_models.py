@@ -27,26 +27,46 @@ class _Builder:
         self.inits: list[onnx.TensorProto] = []
         self.n = 0
 
-    def conv_bn(self, x: str, cin: int, cout: int, k: int, stride: int = 1, relu: bool = True,
-                with_bn: bool = True) -> str:
+    def conv_bn(
+        self, x: str, cin: int, cout: int, k: int, stride: int = 1, relu: bool = True, with_bn: bool = True
+    ) -> str:
         i = self.n
         self.n += 1
-        w = self.rng.standard_normal((cout, cin, k, k)).astype(np.float32) * np.float32(np.sqrt(2.0 / (cin * k * k)))
+        w = self.rng.standard_normal((cout, cin, k, k)).astype(np.float32) * np.float32(
+            np.sqrt(2.0 / (cin * k * k))
+        )
         self.inits.append(numpy_helper.from_array(w, f"conv{i}.w"))
         pad = k // 2
         out = f"conv{i}.y"
         inputs = [x, f"conv{i}.w"]
         if not with_bn:
-            self.inits.append(numpy_helper.from_array(self.rng.normal(0, 0.1, cout).astype(np.float32), f"conv{i}.b"))
+            self.inits.append(
+                numpy_helper.from_array(self.rng.normal(0, 0.1, cout).astype(np.float32), f"conv{i}.b")
+            )
             inputs.append(f"conv{i}.b")
-        self.nodes.append(helper.make_node("Conv", inputs, [out], name=f"conv{i}", kernel_shape=[k, k],
-                                           strides=[stride, stride], pads=[pad] * 4))
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                inputs,
+                [out],
+                name=f"conv{i}",
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[pad] * 4,
+            )
+        )
         if with_bn:
             self.inits.extend(_bn_params(self.rng, f"bn{i}", cout))
             bn_out = f"bn{i}.y"
-            self.nodes.append(helper.make_node(
-                "BatchNormalization", [out, f"bn{i}.gamma", f"bn{i}.beta", f"bn{i}.mean", f"bn{i}.var"],
-                [bn_out], name=f"bn{i}", epsilon=1e-5))
+            self.nodes.append(
+                helper.make_node(
+                    "BatchNormalization",
+                    [out, f"bn{i}.gamma", f"bn{i}.beta", f"bn{i}.mean", f"bn{i}.var"],
+                    [bn_out],
+                    name=f"bn{i}",
+                    epsilon=1e-5,
+                )
+            )
             out = bn_out
         if relu:
             self.nodes.append(helper.make_node("Relu", [out], [f"relu{i}.y"], name=f"relu{i}"))
@@ -55,9 +75,15 @@ class _Builder:
 
     def model(self, x_shape: list[int], out: str, name: str) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-            [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bnfold-bench")
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+            self.inits,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bnfold-bench"
+        )
         # give the output its inferred shape (some peers require it), without keeping value_info
         inferred = onnx.shape_inference.infer_shapes(model)
         model.graph.output[0].CopyFrom(inferred.graph.output[0])
@@ -107,20 +133,42 @@ def mobilenet_like(with_bn: bool = True) -> onnx.ModelProto:
         if not with_bn:
             b.inits.append(numpy_helper.from_array(b.rng.normal(0, 0.1, c).astype(np.float32), f"dw{i}.b"))
             inputs.append(f"dw{i}.b")
-        b.nodes.append(helper.make_node("Conv", inputs, [f"dw{i}.y"], group=c, kernel_shape=[3, 3],
-                                        strides=[stride, stride], pads=[1, 1, 1, 1]))
+        b.nodes.append(
+            helper.make_node(
+                "Conv",
+                inputs,
+                [f"dw{i}.y"],
+                group=c,
+                kernel_shape=[3, 3],
+                strides=[stride, stride],
+                pads=[1, 1, 1, 1],
+            )
+        )
         out = f"dw{i}.y"
         if with_bn:
             b.inits.extend(_bn_params(b.rng, f"dwbn{i}", c))
-            b.nodes.append(helper.make_node("BatchNormalization", [out] + [f"dwbn{i}.{p}" for p in ("gamma", "beta", "mean", "var")],
-                                            [f"dwbn{i}.y"]))
+            b.nodes.append(
+                helper.make_node(
+                    "BatchNormalization",
+                    [out] + [f"dwbn{i}.{p}" for p in ("gamma", "beta", "mean", "var")],
+                    [f"dwbn{i}.y"],
+                )
+            )
             out = f"dwbn{i}.y"
         b.nodes.append(helper.make_node("Relu", [out], [f"dwr{i}.y"]))
         return f"dwr{i}.y"
 
     x = b.conv_bn("x", 3, 32, 3, stride=2, with_bn=with_bn)
     cin = 32
-    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+    for t, c, n, s in (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ):
         for j in range(n):
             stride = s if j == 0 else 1
             h = cin * t
@@ -138,7 +186,7 @@ def mobilenet_like(with_bn: bool = True) -> onnx.ModelProto:
     return b.model([1, 3, 224, 224], "pool", "mobilenet_like")
 
 
-def big_external(folder, layers: int = 64, channels: int = 1024):  # noqa: ANN001, ANN201
+def big_external(folder, layers: int = 64, channels: int = 1024):
     """Write a model above 2 GB (``layers`` Conv 3x3 ``channels``x``channels`` + BN) with its weights
     in one external data file, streaming tensor by tensor; returns the model path."""
     from pathlib import Path
@@ -166,11 +214,22 @@ def big_external(folder, layers: int = 64, channels: int = 1024):  # noqa: ANN00
             inits.append(t)
             inits.extend(_bn_params(rng, f"bn{i}", channels))
             nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
-            nodes.append(helper.make_node("BatchNormalization", [f"c{i}", f"bn{i}.gamma", f"bn{i}.beta", f"bn{i}.mean", f"bn{i}.var"], [f"b{i}"]))
+            nodes.append(
+                helper.make_node(
+                    "BatchNormalization",
+                    [f"c{i}", f"bn{i}.gamma", f"bn{i}.beta", f"bn{i}.mean", f"bn{i}.var"],
+                    [f"b{i}"],
+                )
+            )
             nodes.append(helper.make_node("Relu", [f"b{i}"], [f"r{i}"]))
             x = f"r{i}"
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4, 4])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4, 4])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = folder / "big.onnx"
     with open(path, "wb") as f:

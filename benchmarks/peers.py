@@ -37,7 +37,10 @@ def main(tool: str, src: str, dst: str) -> None:
 
     if tool == "floor":
         model = onnx.load(src)
-        big = any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(src, load_external_data=False).graph.initializer)
+        big = any(
+            t.data_location == onnx.TensorProto.EXTERNAL
+            for t in onnx.load(src, load_external_data=False).graph.initializer
+        )
         if big:
             onnx.save(model, dst, save_as_external_data=True, location=os.path.basename(dst) + ".data")
         else:
@@ -57,8 +60,11 @@ def main(tool: str, src: str, dst: str) -> None:
             fuse_batchnorm_into_gemm_rule,
         )
 
-        rules = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule,
-                 fuse_batchnorm_into_gemm_rule]
+        rules = [
+            fuse_batchnorm_into_conv_rule,
+            fuse_batchnorm_into_conv_transpose_rule,
+            fuse_batchnorm_into_gemm_rule,
+        ]
         onnx.save(rewriter.rewrite(onnx.load(src), pattern_rewrite_rules=rules), dst)
     elif tool == "onnxslim":
         import onnxslim

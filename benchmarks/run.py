@@ -37,8 +37,12 @@ def run_tool(tool: str, src: Path, dst: Path, timeout: float) -> tuple[float, fl
     rss_file = dst.with_suffix(".rss")
     env = dict(os.environ, BENCH_RSS_FILE=str(rss_file))
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(HERE / "peers.py"), tool, str(src), str(dst)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "peers.py"), tool, str(src), str(dst)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     deadline = start + timeout
     while True:
         pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
@@ -59,12 +63,14 @@ def run_tool(tool: str, src: Path, dst: Path, timeout: float) -> tuple[float, fl
 def count_bn(path: Path) -> int | None:
     try:
         m = onnx.load(str(path), load_external_data=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - reported, never raised
         return None
     return sum(n.op_type == "BatchNormalization" for n in m.graph.node)
 
 
-def latencies(paths: dict[str, Path], level: str, shape: list[int], rounds: int = 15, per_round: int = 3) -> dict[str, float]:
+def latencies(
+    paths: dict[str, Path], level: str, shape: list[int], rounds: int = 15, per_round: int = 3
+) -> dict[str, float]:
     """Median onnxruntime run time (ms, one thread) of each model, measured interleaved: in each
     round every model runs ``per_round`` times, so a disturbance of the machine hits all alike."""
     import onnxruntime as ort
@@ -72,7 +78,9 @@ def latencies(paths: dict[str, Path], level: str, shape: list[int], rounds: int 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     opts.intra_op_num_threads = 1
-    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    sessions = {
+        k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()
+    }
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for k, s in sessions.items():
@@ -95,7 +103,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the 500-chain and ResNet-50 shape")
     ap.add_argument("--big", action="store_true", help="also a > 2 GB external-data model")
     ap.add_argument("--only-big", action="store_true", help="just the > 2 GB external-data model")
-    ap.add_argument("--models", default="", help="comma-separated subset: resnet50,chain500,mobilenet,chain5000")
+    ap.add_argument(
+        "--models", default="", help="comma-separated subset: resnet50,chain500,mobilenet,chain5000"
+    )
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--json", default=str(HERE / "results.json"))
     args = ap.parse_args()
@@ -108,7 +118,10 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         tmpdir = Path(tmp)
-        cases = {"resnet50": (resnet50_like, [1, 3, 224, 224]), "chain500": (lambda **k: chain(500, **k), [1, 3, 16, 16])}
+        cases = {
+            "resnet50": (resnet50_like, [1, 3, 224, 224]),
+            "chain500": (lambda **k: chain(500, **k), [1, 3, 16, 16]),
+        }
         if not args.quick:
             cases["mobilenet"] = (mobilenet_like, [1, 3, 224, 224])
             cases["chain5000"] = (lambda **k: chain(5000, **k), [1, 3, 16, 16])
@@ -137,7 +150,9 @@ def main() -> None:
                 f.unlink()
         if args.big or args.only_big:
             src = big_external(tmpdir / "big")
-            results["big_external"] = bench("big_external", src, tmpdir, ["floor", "bnfold", "copy", "copy+fsync"], args)
+            results["big_external"] = bench(
+                "big_external", src, tmpdir, ["floor", "bnfold", "copy", "copy+fsync"], args
+            )
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")
 
@@ -155,7 +170,7 @@ def bench(name: str, src: Path, tmpdir: Path, tools: list[str], args: argparse.N
     rss: dict[str, list[float]] = {t: [] for t in tools}
     status: dict[str, str] = {}
     for rep in range(args.repeats):
-        order = tools[rep % len(tools):] + tools[: rep % len(tools)]  # alternate who goes first
+        order = tools[rep % len(tools) :] + tools[: rep % len(tools)]  # alternate who goes first
         for tool in order:
             if status.get(tool, "ok") != "ok":
                 continue
@@ -180,9 +195,14 @@ def bench(name: str, src: Path, tmpdir: Path, tools: list[str], args: argparse.N
     for tool in tools:
         if not times[tool]:
             continue
-        row[tool] = {"seconds": statistics.median(times[tool]), "peak_rss_mb": statistics.median(rss[tool]),
-                     "status": status[tool],
-                     "bn_left": count_bn(tmpdir / f"{name}_{tool}.onnx") if tool not in ("floor", "copy", "copy+fsync") else None}
+        row[tool] = {
+            "seconds": statistics.median(times[tool]),
+            "peak_rss_mb": statistics.median(rss[tool]),
+            "status": status[tool],
+            "bn_left": count_bn(tmpdir / f"{name}_{tool}.onnx")
+            if tool not in ("floor", "copy", "copy+fsync")
+            else None,
+        }
     base = row.get("bnfold", {}).get("seconds")
     print(f"\n{name} ({size:.1f} MB on disk)")
     print(f"{'tool':<14}{'seconds':>10}{'peak MB':>10}{'BN left':>9}{'bnfold/x':>10}  status")
@@ -190,7 +210,9 @@ def bench(name: str, src: Path, tmpdir: Path, tools: list[str], args: argparse.N
         ratio = base / r["seconds"] if base and r["status"] == "ok" else float("nan")
         r["bnfold_ratio"] = ratio
         bn = "-" if r["bn_left"] is None else str(r["bn_left"])
-        print(f"{tool:<14}{r['seconds']:>10.3f}{r['peak_rss_mb']:>10.0f}{bn:>9}{ratio:>10.2f}  {r['status'][:60]}")
+        print(
+            f"{tool:<14}{r['seconds']:>10.3f}{r['peak_rss_mb']:>10.0f}{bn:>9}{ratio:>10.2f}  {r['status'][:60]}"
+        )
     return {"size_mb": size, "tools": row}
 
 

@@ -70,13 +70,18 @@ class FoldResult:
                 f"({self.verification.message if self.verification else ''})"
             )
         target = Path(path)
-        if self.source is not None and target.exists() and target.resolve() == self.source.resolve() \
-                and not force:
+        if (
+            self.source is not None
+            and target.exists()
+            and target.resolve() == self.source.resolve()
+            and not force
+        ):
             raise BadInput(f"{target}: refusing to overwrite the input model (pass force=True)")
         self._check_not_input_data(target)
         # the output keeps its weights in external data when the input did (or is over 2 GiB)
-        saved, moved = save_model_located(self.__dict__["_model"], target, self.base_dir, self.spill,
-                                          external=self._external())
+        saved, moved = save_model_located(
+            self.__dict__["_model"], target, self.base_dir, self.spill, external=self._external()
+        )
         if moved:  # saved over a data file it read from: its tensors now live beside the output
             self.base_dir = str(saved.resolve().parent)
         return saved
@@ -128,11 +133,13 @@ class FoldResult:
         """A JSON-ready dict: non-finite numbers (an infinite relative error) become None."""
         from .verification import jsonable
 
-        return jsonable({
-            "source": str(self.source) if self.source else None,
-            "report": self.report.to_dict(),
-            "verification": self.verification.to_dict() if self.verification else None,
-        })
+        return jsonable(
+            {
+                "source": str(self.source) if self.source else None,
+                "report": self.report.to_dict(),
+                "verification": self.verification.to_dict() if self.verification else None,
+            }
+        )
 
 
 def _folder_of(output: str | os.PathLike[str]) -> str | None:
@@ -184,7 +191,9 @@ def fold(
     # A large model file is read lazily: its big weights stay in the file (see FoldResult.model).
     folded, base_dir, path, embedded = open_model(model, stream_external, input_files, lazy=lazy)
     # a file whose model names no external data file has none (input_files lists them)
-    external = embedded is None and (bool(input_files) if path is not None else True) and has_external_data(folded)
+    external = (
+        embedded is None and (bool(input_files) if path is not None else True) and has_external_data(folded)
+    )
     # The reference for verification: the file itself when there is one (onnxruntime resolves its
     # external data), else a snapshot of the proto taken before folding.
     original: Path | bytes = path if path is not None else (folded.SerializeToString() if verify else b"")
@@ -210,8 +219,11 @@ def fold(
     except OSError as exc:  # the spill file's disk is full, or external data became unreadable
         if spill is not None:
             spill.close()
-        hint = (f" (folded tensors go to {tempfile.gettempdir()}; set TMPDIR to a folder with space)"
-                if isinstance(spill, Spill) and spill_dir is None else "")
+        hint = (
+            f" (folded tensors go to {tempfile.gettempdir()}; set TMPDIR to a folder with space)"
+            if isinstance(spill, Spill) and spill_dir is None
+            else ""
+        )
         raise BadInput(f"{where}folding failed: {exc.strerror or exc}{hint}") from None
     except BaseException:
         if spill is not None:
@@ -229,8 +241,12 @@ def fold(
         if not report.changed:
             check_request(folded, inputs, shapes, dims)  # bad options are errors even with nothing to do
             result.verification = Verification(
-                passed=True, status="passed", message="nothing folded: the model is unchanged",
-                runs=0, seed=seed, provider=normalize_provider(provider),
+                passed=True,
+                status="passed",
+                message="nothing folded: the model is unchanged",
+                runs=0,
+                seed=seed,
+                provider=normalize_provider(provider),
             )
         else:
             step("verifying")
@@ -241,8 +257,15 @@ def fold(
             else:
                 reference = original
             kwargs: dict[str, Any] = dict(
-                inputs=inputs, shapes=shapes, dims=dims, seed=seed, runs=runs, atol=atol,
-                rtol=rtol, provider=provider, threads=threads,
+                inputs=inputs,
+                shapes=shapes,
+                dims=dims,
+                seed=seed,
+                runs=runs,
+                atol=atol,
+                rtol=rtol,
+                provider=provider,
+                threads=threads,
             )
             if embedded is not None or external:
                 # onnxruntime needs the candidate's weights on disk: write it as the output would

@@ -22,10 +22,11 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Sequence, TextIO
+from typing import Any, NoReturn, TextIO
 
 from .errors import printable  # standard library only
 
@@ -66,7 +67,9 @@ def parse_shapes(values: list[str] | None) -> dict[str, list[int]]:
         try:
             dims = [] if spec in ("", "scalar") else [int(d) for d in spec.replace(",", "x").split("x")]
         except ValueError:
-            raise UsageProblem(f"--shape {value!r}: dimensions must be integers, e.g. {name}=1x3x224x224") from None
+            raise UsageProblem(
+                f"--shape {value!r}: dimensions must be integers, e.g. {name}=1x3x224x224"
+            ) from None
         if any(d < 0 for d in dims):
             raise UsageProblem(f"--shape {value!r}: dimensions must not be negative")
         if name in shapes:
@@ -111,8 +114,14 @@ class CheckOptions:
 
     def kwargs(self) -> dict[str, Any]:
         return {
-            "inputs": self.inputs, "shapes": self.shapes, "dims": self.dims, "seed": self.seed,
-            "runs": self.runs, "atol": self.atol, "rtol": self.rtol, "provider": self.provider,
+            "inputs": self.inputs,
+            "shapes": self.shapes,
+            "dims": self.dims,
+            "seed": self.seed,
+            "runs": self.runs,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "provider": self.provider,
             "threads": self.threads,
         }
 
@@ -132,8 +141,15 @@ class FoldJob:
 
 
 def _check_options(
-    verify: bool, atol: float | None, rtol: float | None, seed: int, runs: int, shape: list[str] | None,
-    dim: list[str] | None, inputs: Path | None, provider: str,
+    verify: bool,
+    atol: float | None,
+    rtol: float | None,
+    seed: int,
+    runs: int,
+    shape: list[str] | None,
+    dim: list[str] | None,
+    inputs: Path | None,
+    provider: str,
 ) -> CheckOptions:
     if runs < 1:
         raise UsageProblem(f"--runs must be at least 1, got {runs}")
@@ -152,8 +168,15 @@ def _check_options(
         except BadInput as exc:
             raise UsageProblem(f"--provider: {exc}") from None
     return CheckOptions(
-        enabled=verify, atol=atol, rtol=rtol, seed=seed, runs=runs, shapes=parse_shapes(shape),
-        dims=parse_dims(dim), inputs=str(inputs) if inputs is not None else None, provider=full_provider,
+        enabled=verify,
+        atol=atol,
+        rtol=rtol,
+        seed=seed,
+        runs=runs,
+        shapes=parse_shapes(shape),
+        dims=parse_dims(dim),
+        inputs=str(inputs) if inputs is not None else None,
+        provider=full_provider,
     )
 
 
@@ -300,8 +323,14 @@ def _process(job: FoldJob, rec: dict[str, Any], progress: Any) -> None:
         pass  # load_model reports it
     opts = job.check
     # (the output path lets folded tensors of an external-data model be written once, in place)
-    result = fold(job.input, verify=opts.enabled, progress=progress, bn_to_affine=job.bn_to_affine,
-                  output=None if job.dry_run else job.output, **opts.kwargs())
+    result = fold(
+        job.input,
+        verify=opts.enabled,
+        progress=progress,
+        bn_to_affine=job.bn_to_affine,
+        output=None if job.dry_run else job.output,
+        **opts.kwargs(),
+    )
     report, ver = result.report, result.verification
     rec["report"] = report.to_dict()  # plain JSON already: only verification figures can be non-finite
     rec["verification"] = jsonable(ver.to_dict()) if ver is not None else None
@@ -424,20 +453,34 @@ def verification_lines(v: dict[str, Any], verbose: bool = False, indent: str = "
     )
     lines.append(head)
     if inputs:
-        lines.append(f"{indent}  inputs: {inputs}" + (f" (assumed dims: {assumed}; set with --dim)" if assumed else ""))
+        lines.append(
+            f"{indent}  inputs: {inputs}" + (f" (assumed dims: {assumed}; set with --dim)" if assumed else "")
+        )
     outputs = v.get("outputs") or []
     if outputs:
-        rows = [["output", "dtype", "shape", "max abs err", "max rel err", "atol", "rtol", "min atol", "result"]]
+        rows = [
+            ["output", "dtype", "shape", "max abs err", "max rel err", "atol", "rtol", "min atol", "result"]
+        ]
         shown = outputs if verbose or len(outputs) <= MAX_ROWS else outputs[:MAX_ROWS]
         for o in shown:
-            rows.append([
-                o["name"], o["dtype"], _shape(o["shape"]), fmt_err(o["max_abs_err"]), fmt_err(o["max_rel_err"]),
-                fmt_err(o["atol"]), fmt_err(o["rtol"]), fmt_err(o["min_atol"]),
-                "PASSED" if o["passed"] else f"FAILED ({o['mismatches']} elements)",
-            ])
+            rows.append(
+                [
+                    o["name"],
+                    o["dtype"],
+                    _shape(o["shape"]),
+                    fmt_err(o["max_abs_err"]),
+                    fmt_err(o["max_rel_err"]),
+                    fmt_err(o["atol"]),
+                    fmt_err(o["rtol"]),
+                    fmt_err(o["min_atol"]),
+                    "PASSED" if o["passed"] else f"FAILED ({o['mismatches']} elements)",
+                ]
+            )
         lines.extend(table(rows, indent + "  "))
         if len(shown) < len(outputs):
-            lines.append(f"{indent}  ... {len(outputs) - len(shown)} more outputs (--verbose or --json for all)")
+            lines.append(
+                f"{indent}  ... {len(outputs) - len(shown)} more outputs (--verbose or --json for all)"
+            )
     if v.get("message"):
         lines.append(f"{indent}  {v['message']}")
     return lines
@@ -486,7 +529,11 @@ def model_lines(rec: dict[str, Any], verbose: bool = False) -> list[str]:
     timing = f"  time: {fmt_seconds(rec['seconds'])}"
     if rec.get("fold_seconds") is not None:
         timing += f" (fold {fmt_seconds(rec['fold_seconds'])}"
-        timing += f", verify {fmt_seconds(rec['verify_seconds'])})" if rec.get("verify_seconds") is not None else ")"
+        timing += (
+            f", verify {fmt_seconds(rec['verify_seconds'])})"
+            if rec.get("verify_seconds") is not None
+            else ")"
+        )
     lines.append(timing)
     if rec["written"]:
         lines.append(f"  wrote {rec['output']}" + (" (--force)" if rec["exit_code"] else ""))
@@ -522,7 +569,11 @@ def model_final_line(rec: dict[str, Any]) -> str:
             tail = rec["message"]
         tail += ", written anyway (--force)" if rec["written"] else ", not written"
     else:  # unverifiable / skipped
-        tail = rec["message"] if rec["message"].startswith("not verified") else f"not verified: {v.get('message', '')}"
+        tail = (
+            rec["message"]
+            if rec["message"].startswith("not verified")
+            else f"not verified: {v.get('message', '')}"
+        )
     if rec["exit_code"] == EXIT_FAILED and vstat != "failed":
         tail = rec["message"]
     return f"{word} {counts}, {tail}"
@@ -534,7 +585,8 @@ def overall_final_line(records: list[dict[str, Any]]) -> str:
     folded = sum(r["folded"] for r in records)
     kept = sum(r["kept"] for r in records)
     errs = [
-        (r["verification"] or {}).get("max_abs_err") for r in records
+        (r["verification"] or {}).get("max_abs_err")
+        for r in records
         if r.get("verification_status") in ("passed", "failed")
     ]
     text = f"{folded} folded, {kept} kept"
@@ -551,7 +603,8 @@ def overall_final_line(records: list[dict[str, Any]]) -> str:
 
 def summary_of(records: list[dict[str, Any]]) -> dict[str, Any]:
     errs = [
-        (r["verification"] or {}).get("max_abs_err") for r in records
+        (r["verification"] or {}).get("max_abs_err")
+        for r in records
         if r.get("verification_status") in ("passed", "failed")
     ]
     worst: float | None = None
@@ -565,7 +618,9 @@ def summary_of(records: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": sum(1 for r in records if r["status"] == "error"),
         "folded": sum(r["folded"] for r in records),
         "kept": sum(r["kept"] for r in records),
-        "not_verified": sum(1 for r in records if r.get("verification_status") in ("unverifiable", "skipped")),
+        "not_verified": sum(
+            1 for r in records if r.get("verification_status") in ("unverifiable", "skipped")
+        ),
         "written": sum(1 for r in records if r["written"]),
         "max_abs_err": worst,
     }
@@ -832,7 +887,9 @@ def junit_xml(suite_name: str, cases: list[tuple[str, dict[str, Any]]], kind: st
         case = _junit_case(suite, classname, kind, rec.get("seconds") or 0.0)
         status, msg = rec["status"], rec.get("message") or ""
         if status == "error":
-            ET.SubElement(case, "error", message=msg, type="BadInput" if rec["exit_code"] == 2 else "Error").text = msg
+            ET.SubElement(
+                case, "error", message=msg, type="BadInput" if rec["exit_code"] == 2 else "Error"
+            ).text = msg
         elif status == "failed":
             ET.SubElement(case, "failure", message=msg, type="Failed").text = msg
         elif rec.get("verification_status") in ("unverifiable", "skipped"):
@@ -871,7 +928,11 @@ def github_summary_fold(records: list[dict[str, Any]], final: str) -> str:
         lines.append(
             f"| `{_md(r['input'])}` | {res} | {r['folded']} | {r['kept']} | {nodes} | {err} | {out} |"
         )
-    problems = [r for r in records if r["message"] and r["status"] != "passed" or r.get("verification_status") == "unverifiable"]
+    problems = [
+        r
+        for r in records
+        if r["message"] and r["status"] != "passed" or r.get("verification_status") == "unverifiable"
+    ]
     if problems:
         lines.append("")
         for r in problems:
@@ -889,7 +950,10 @@ def github_summary_verify(rec: dict[str, Any], final: str) -> str:
     ]
     v = rec.get("verification") or {}
     if v.get("outputs"):
-        lines += ["| output | dtype | max abs err | max rel err | atol | rtol | result |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| output | dtype | max abs err | max rel err | atol | rtol | result |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for o in v["outputs"]:
             lines.append(
                 f"| `{_md(o['name'])}` | {o['dtype']} | {fmt_err(o['max_abs_err'])} | {fmt_err(o['max_rel_err'])} "
@@ -1117,7 +1181,9 @@ def _fill(text: str, width: int) -> str:
         if para.startswith("\b\n"):
             out.append("\n".join("  " + line for line in para.splitlines()[1:]))
         else:
-            out.append(textwrap.fill(" ".join(para.split()), width - 2, initial_indent="  ", subsequent_indent="  "))
+            out.append(
+                textwrap.fill(" ".join(para.split()), width - 2, initial_indent="  ", subsequent_indent="  ")
+            )
     return "\n\n".join(out)
 
 
@@ -1141,7 +1207,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 class _HelpAction(argparse.Action):
-    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None
+    ) -> None:
         sys.stdout.write(parser.format_help())
         sys.stdout.flush()
         raise _Exit(EXIT_OK)
@@ -1152,8 +1220,12 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, command: str, usage: str, description: str) -> None:
         super().__init__(
-            prog=f"bnfold {command}", usage=usage, description=description, add_help=False,
-            allow_abbrev=False, formatter_class=_HelpFormatter,
+            prog=f"bnfold {command}",
+            usage=usage,
+            description=description,
+            add_help=False,
+            allow_abbrev=False,
+            formatter_class=_HelpFormatter,
         )
         self.arguments = self.add_argument_group("Arguments")
         self.options = self.add_argument_group("Options")
@@ -1165,7 +1237,9 @@ class _Parser(argparse.ArgumentParser):
     def add_positional(self, dest: str, metavar: str, help: str, many: bool = False) -> None:
         """A required positional argument, checked after the options so that an unknown option is
         reported as such, not as a missing model."""
-        self.arguments.add_argument(dest, nargs="*" if many else "?", type=Path, metavar=metavar, help=f"{help}  [required]")
+        self.arguments.add_argument(
+            dest, nargs="*" if many else "?", type=Path, metavar=metavar, help=f"{help}  [required]"
+        )
         self.required_positionals.append((dest, metavar))
 
     def parse(self, args: list[str]) -> dict[str, Any]:
@@ -1192,7 +1266,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser_message(message: str) -> str:
     """argparse's ``argument --runs: ...`` reads ``--runs: ...``."""
     if message.startswith("argument "):
-        what, sep, rest = message[len("argument "):].partition(": ")
+        what, sep, rest = message[len("argument ") :].partition(": ")
         if sep:
             return f"{what.replace('/', ', ')}: {rest}"
     return message
@@ -1214,14 +1288,49 @@ def _number(text: str) -> float:
 
 # Help texts of the options shared by fold and verify (the same names and meaning in both).
 def _add_check_options(opts: Any) -> None:
-    opts.add_argument("--atol", type=_number, metavar="<float>", help="Absolute tolerance [default: 1e-4 x max|ref| for float32, per dtype].")
-    opts.add_argument("--rtol", type=_number, metavar="<float>", help="Relative tolerance [default: 1e-4 for float32, per dtype].")
-    opts.add_argument("--seed", type=_integer, default=0, metavar="<int>", help="Seed of the random inputs.  [default: 0]")
-    opts.add_argument("--runs", type=_integer, default=1, metavar="N", help="Number of random input sets; the worst is reported.  [default: 1]")
-    opts.add_argument("--shape", action="append", metavar="NAME=1x3x224x224", help="Shape of a graph input (repeatable).")
-    opts.add_argument("--dim", action="append", metavar="NAME=VALUE", help="Value of a symbolic dimension (repeatable); unset ones are assumed (1 for axis 0, else 32) and reported.")
-    opts.add_argument("--inputs", type=Path, metavar="FILE.npz", help="Arrays to feed, by input name (numpy.savez); the others are random.")
-    opts.add_argument("--provider", default="CPUExecutionProvider", metavar="<str>", help="onnxruntime execution provider (full name, or cpu/cuda/tensorrt/...).  [default: CPUExecutionProvider]")
+    opts.add_argument(
+        "--atol",
+        type=_number,
+        metavar="<float>",
+        help="Absolute tolerance [default: 1e-4 x max|ref| for float32, per dtype].",
+    )
+    opts.add_argument(
+        "--rtol",
+        type=_number,
+        metavar="<float>",
+        help="Relative tolerance [default: 1e-4 for float32, per dtype].",
+    )
+    opts.add_argument(
+        "--seed", type=_integer, default=0, metavar="<int>", help="Seed of the random inputs.  [default: 0]"
+    )
+    opts.add_argument(
+        "--runs",
+        type=_integer,
+        default=1,
+        metavar="N",
+        help="Number of random input sets; the worst is reported.  [default: 1]",
+    )
+    opts.add_argument(
+        "--shape", action="append", metavar="NAME=1x3x224x224", help="Shape of a graph input (repeatable)."
+    )
+    opts.add_argument(
+        "--dim",
+        action="append",
+        metavar="NAME=VALUE",
+        help="Value of a symbolic dimension (repeatable); unset ones are assumed (1 for axis 0, else 32) and reported.",
+    )
+    opts.add_argument(
+        "--inputs",
+        type=Path,
+        metavar="FILE.npz",
+        help="Arrays to feed, by input name (numpy.savez); the others are random.",
+    )
+    opts.add_argument(
+        "--provider",
+        default="CPUExecutionProvider",
+        metavar="<str>",
+        help="onnxruntime execution provider (full name, or cpu/cuda/tensorrt/...).  [default: CPUExecutionProvider]",
+    )
 
 
 _JSON_HELP = "Write the full report as JSON to PATH, or to stdout with '-' (human text then goes to stderr)."
@@ -1235,8 +1344,15 @@ def _add_output_options(opts: Any, junit: bool) -> None:
 
 
 def _add_verbosity_options(opts: Any) -> None:
-    opts.add_argument("-q", "--quiet", action="store_true", help="Print only the final PASSED/FAILED line and errors.")
-    opts.add_argument("-v", "--verbose", action="store_true", help=f"Show every row of long tables (default: at most {MAX_ROWS}).")
+    opts.add_argument(
+        "-q", "--quiet", action="store_true", help="Print only the final PASSED/FAILED line and errors."
+    )
+    opts.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"Show every row of long tables (default: at most {MAX_ROWS}).",
+    )
     opts.add_argument("-h", "--help", action=_HelpAction, nargs=0, default=argparse.SUPPRESS, help=HELP_HELP)
 
 
@@ -1244,23 +1360,53 @@ def _fold_parser() -> _Parser:
     p = _Parser("fold", "bnfold fold [OPTIONS] MODEL.onnx...", fold_command.__doc__ or "")
     p.add_positional("models", "MODEL.onnx", "ONNX models to fold.", many=True)
     o = p.options
-    o.add_argument("-o", "--output", type=Path, metavar="PATH", help="Output path (one model only) [default: <stem>.folded.onnx next to the input].")
-    o.add_argument("--output-dir", type=Path, metavar="DIR", help="Write <stem>.folded.onnx files into DIR (must exist).")
+    o.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="Output path (one model only) [default: <stem>.folded.onnx next to the input].",
+    )
+    o.add_argument(
+        "--output-dir", type=Path, metavar="DIR", help="Write <stem>.folded.onnx files into DIR (must exist)."
+    )
     o.add_argument("--in-place", action="store_true", help="Overwrite each input model (atomically).")
-    o.add_argument("--no-verify", action="store_true", help="Do not run onnxruntime; the final line says 'not verified'.")
+    o.add_argument(
+        "--no-verify", action="store_true", help="Do not run onnxruntime; the final line says 'not verified'."
+    )
     _add_check_options(o)
     o.add_argument("--dry-run", action="store_true", help="Fold and verify, report, write nothing.")
-    o.add_argument("--force", action="store_true", help="Write the model even if verification failed (exit code stays 1).")
-    o.add_argument("--strict", action="store_true", help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul was kept, or the fold could not be verified.")
-    o.add_argument("--bn-to-affine", action="store_true", help="Rewrite BNs that cannot be folded as Mul + Add with precomputed constants (for runtimes without BatchNormalization).")
+    o.add_argument(
+        "--force",
+        action="store_true",
+        help="Write the model even if verification failed (exit code stays 1).",
+    )
+    o.add_argument(
+        "--strict",
+        action="store_true",
+        help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul was kept, or the fold could not be verified.",
+    )
+    o.add_argument(
+        "--bn-to-affine",
+        action="store_true",
+        help="Rewrite BNs that cannot be folded as Mul + Add with precomputed constants (for runtimes without BatchNormalization).",
+    )
     _add_output_options(o, junit=True)
-    o.add_argument("-j", "--jobs", type=_integer, metavar="N", help="Worker processes for several models [default: one per CPU, at most one per model].")
+    o.add_argument(
+        "-j",
+        "--jobs",
+        type=_integer,
+        metavar="N",
+        help="Worker processes for several models [default: one per CPU, at most one per model].",
+    )
     _add_verbosity_options(o)
     return p
 
 
 def _verify_parser() -> _Parser:
-    p = _Parser("verify", "bnfold verify [OPTIONS] REFERENCE.onnx CANDIDATE.onnx", verify_command.__doc__ or "")
+    p = _Parser(
+        "verify", "bnfold verify [OPTIONS] REFERENCE.onnx CANDIDATE.onnx", verify_command.__doc__ or ""
+    )
     p.add_positional("reference", "REFERENCE.onnx", "The original model.")
     p.add_positional("candidate", "CANDIDATE.onnx", "The model to check (e.g. folded by any tool).")
     _add_check_options(p.options)
@@ -1272,7 +1418,11 @@ def _verify_parser() -> _Parser:
 def _inspect_parser() -> _Parser:
     p = _Parser("inspect", "bnfold inspect [OPTIONS] MODEL.onnx...", inspect_command.__doc__ or "")
     p.add_positional("models", "MODEL.onnx", "ONNX models to inspect.", many=True)
-    p.options.add_argument("--strict", action="store_true", help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul cannot be folded.")
+    p.options.add_argument(
+        "--strict",
+        action="store_true",
+        help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul cannot be folded.",
+    )
     _add_output_options(p.options, junit=False)
     _add_verbosity_options(p.options)
     return p
@@ -1383,8 +1533,16 @@ def fold_command(
         threads = max(1, (os.cpu_count() or 1) // n_workers)
         check = CheckOptions(**{**asdict(check), "threads": threads})
     fold_jobs = [
-        FoldJob(str(m), str(t), check, dry_run=dry_run, force=force, strict=strict, in_place=in_place,
-                bn_to_affine=bn_to_affine)
+        FoldJob(
+            str(m),
+            str(t),
+            check,
+            dry_run=dry_run,
+            force=force,
+            strict=strict,
+            in_place=in_place,
+            bn_to_affine=bn_to_affine,
+        )
         for m, t in zip(models, targets)
     ]
     start = time.perf_counter()
@@ -1404,8 +1562,11 @@ def fold_command(
         "models": records,
     }
     report_code = _write_reports(
-        doc, json_out, junit_xml_path,
-        lambda: junit_xml("bnfold fold", [(r["input"], r) for r in records], "fold"), console,
+        doc,
+        json_out,
+        junit_xml_path,
+        lambda: junit_xml("bnfold fold", [(r["input"], r) for r in records], "fold"),
+        console,
     )
     _append_github_summary(github_summary_fold(records, final), console)
     if not (len(records) == 1 and records[0]["exit_code"] == EXIT_BAD_INPUT):
@@ -1426,7 +1587,12 @@ def _run_jobs(jobs: list[FoldJob], workers: int, console: Console, verbose: bool
             if rec.get("traceback"):
                 sys.stderr.write(rec["traceback"])
             if multi:
-                console.lines([f"{rec['input']}: FAILED {'bad input' if rec['exit_code'] == EXIT_BAD_INPUT else 'error'}", ""])
+                console.lines(
+                    [
+                        f"{rec['input']}: FAILED {'bad input' if rec['exit_code'] == EXIT_BAD_INPUT else 'error'}",
+                        "",
+                    ]
+                )
             return
         for w in rec["warnings"]:
             console.warn(f"{rec['input']}: {w}")
@@ -1435,7 +1601,10 @@ def _run_jobs(jobs: list[FoldJob], workers: int, console: Console, verbose: bool
             lines += [f"{rec['input']}: {model_final_line(rec)}", ""]
         console.lines(lines)
 
-    with _stdout_to_stderr(console.json_stdout), _progress(console, len(jobs), Path(jobs[0].input).name) as bar:
+    with (
+        _stdout_to_stderr(console.json_stdout),
+        _progress(console, len(jobs), Path(jobs[0].input).name) as bar,
+    ):
         if workers <= 1:
             records = []
             for job in jobs:
@@ -1492,8 +1661,13 @@ def verify_command(
 
     start = time.perf_counter()
     rec: dict[str, Any] = {
-        "reference": str(reference), "candidate": str(candidate), "status": "error",
-        "exit_code": EXIT_BAD_INPUT, "message": "", "verification_status": None, "verification": None,
+        "reference": str(reference),
+        "candidate": str(candidate),
+        "status": "error",
+        "exit_code": EXIT_BAD_INPUT,
+        "message": "",
+        "verification_status": None,
+        "verification": None,
     }
     with _stdout_to_stderr(console.json_stdout), _progress(console, 1, candidate.name) as bar:
         if bar is not None:
@@ -1501,7 +1675,9 @@ def verify_command(
         try:
             from .verification import jsonable, verify
 
-            ver = verify(str(reference), str(candidate), **{k: v for k, v in check.kwargs().items() if k != "threads"})
+            ver = verify(
+                str(reference), str(candidate), **{k: v for k, v in check.kwargs().items() if k != "threads"}
+            )
         except BadInput as exc:
             rec["message"] = str(exc)
             ver = None
@@ -1510,16 +1686,28 @@ def verify_command(
         if ver.status == "passed":
             rec.update(status="passed", exit_code=EXIT_OK, verification_status="passed")
         elif ver.status == "error":
-            rec.update(status="failed", exit_code=EXIT_FAILED, verification_status="unverifiable",
-                       message=f"not verified: {ver.message}")
+            rec.update(
+                status="failed",
+                exit_code=EXIT_FAILED,
+                verification_status="unverifiable",
+                message=f"not verified: {ver.message}",
+            )
         else:
-            rec.update(status="failed", exit_code=EXIT_FAILED, verification_status="failed", message=ver.message)
+            rec.update(
+                status="failed", exit_code=EXIT_FAILED, verification_status="failed", message=ver.message
+            )
     rec["seconds"] = time.perf_counter() - start
     final = verify_final_line(rec)
     doc = {
-        "schema_version": SCHEMA_VERSION, "tool": "bnfold", "version": _version(), "command": "verify",
-        "exit_code": rec["exit_code"], "status": rec["status"], "final_line": final,
-        "seconds": rec["seconds"], **rec,
+        "schema_version": SCHEMA_VERSION,
+        "tool": "bnfold",
+        "version": _version(),
+        "command": "verify",
+        "exit_code": rec["exit_code"],
+        "status": rec["status"],
+        "final_line": final,
+        "seconds": rec["seconds"],
+        **rec,
     }
     if rec["status"] == "error":
         console.error(rec["message"])
@@ -1530,8 +1718,11 @@ def verify_command(
         lines.append(f"  time: {fmt_seconds(rec['seconds'])}")
         console.lines(lines)
     report_code = _write_reports(
-        doc, json_out, junit_xml_path,
-        lambda: junit_xml("bnfold verify", [(f"{reference} vs {candidate}", rec)], "verify"), console,
+        doc,
+        json_out,
+        junit_xml_path,
+        lambda: junit_xml("bnfold verify", [(f"{reference} vs {candidate}", rec)], "verify"),
+        console,
     )
     _append_github_summary(github_summary_verify(rec, final), console)
     if rec["status"] != "error":
@@ -1545,7 +1736,9 @@ def verify_final_line(rec: dict[str, Any]) -> str:
     v = rec["verification"] or {}
     outputs = v.get("outputs") or []
     if rec["verification_status"] == "passed":
-        return f"PASSED {len(outputs)}/{len(outputs)} outputs match, max abs err {fmt_err(v.get('max_abs_err'))}"
+        return (
+            f"PASSED {len(outputs)}/{len(outputs)} outputs match, max abs err {fmt_err(v.get('max_abs_err'))}"
+        )
     if rec["verification_status"] == "unverifiable":
         return f"FAILED {rec['message']}"
     bad = [o for o in outputs if not o["passed"]]
@@ -1580,18 +1773,31 @@ def inspect_command(
             if rec["status"] == "error":
                 console.error(rec["message"])
             else:
-                console.lines(inspect_lines(rec, verbose) + ([f"{model}: {inspect_final_line(rec)}", ""] if len(models) > 1 else []))
+                console.lines(
+                    inspect_lines(rec, verbose)
+                    + ([f"{model}: {inspect_final_line(rec)}", ""] if len(models) > 1 else [])
+                )
     code = max(r["exit_code"] for r in records)
     if len(records) == 1:
         final = inspect_final_line(records[0])
     else:
         bad = sum(1 for r in records if r["exit_code"])
         counts = f"{sum(r['foldable'] for r in records)} foldable, {sum(r['kept'] for r in records)} kept"
-        final = f"FAILED {bad} of {len(records)} models: {counts}" if bad else f"PASSED {len(records)} models: {counts}"
+        final = (
+            f"FAILED {bad} of {len(records)} models: {counts}"
+            if bad
+            else f"PASSED {len(records)} models: {counts}"
+        )
     doc = {
-        "schema_version": SCHEMA_VERSION, "tool": "bnfold", "version": _version(), "command": "inspect",
-        "exit_code": code, "status": _status_of(code), "final_line": final,
-        "seconds": time.perf_counter() - start, "models": records,
+        "schema_version": SCHEMA_VERSION,
+        "tool": "bnfold",
+        "version": _version(),
+        "command": "inspect",
+        "exit_code": code,
+        "status": _status_of(code),
+        "final_line": final,
+        "seconds": time.perf_counter() - start,
+        "models": records,
     }
     report_code = _write_reports(doc, json_out, None, None, console)
     if not (len(records) == 1 and records[0]["status"] == "error"):
@@ -1602,8 +1808,15 @@ def inspect_command(
 def inspect_model(path: str, strict: bool = False) -> dict[str, Any]:
     """Every BN of ``path`` in graph order with whether it can be folded (nothing is written)."""
     rec: dict[str, Any] = {
-        "input": path, "status": "error", "exit_code": EXIT_BAD_INPUT, "message": "",
-        "batchnorms": [], "foldable": 0, "kept": 0, "kept_after_linear": [], "nodes_before": None,
+        "input": path,
+        "status": "error",
+        "exit_code": EXIT_BAD_INPUT,
+        "message": "",
+        "batchnorms": [],
+        "foldable": 0,
+        "kept": 0,
+        "kept_after_linear": [],
+        "nodes_before": None,
         "nodes_after": None,
     }
     from .errors import BadInput
@@ -1622,26 +1835,46 @@ def inspect_model(path: str, strict: bool = False) -> dict[str, Any]:
     order = _walk_order(onnx.load(path, load_external_data=False), names) if names else {}
     entries = []
     for p in result.report.folded:
-        entries.append({
-            "bn": p.bn, "graph": p.graph, "follows_op": p.kind, "follows": p.target, "foldable": True,
-            "code": None, "pattern": p.pattern, "message": f"folds into {p.kind} {p.target} ({p.pattern})",
-        })
+        entries.append(
+            {
+                "bn": p.bn,
+                "graph": p.graph,
+                "follows_op": p.kind,
+                "follows": p.target,
+                "foldable": True,
+                "code": None,
+                "pattern": p.pattern,
+                "message": f"folds into {p.kind} {p.target} ({p.pattern})",
+            }
+        )
     for s in result.report.skipped:
-        entries.append({
-            "bn": s.bn, "graph": s.graph, "follows_op": s.producer_op, "follows": s.producer, "foldable": False,
-            "code": s.code, "pattern": None, "message": s.message,
-        })
+        entries.append(
+            {
+                "bn": s.bn,
+                "graph": s.graph,
+                "follows_op": s.producer_op,
+                "follows": s.producer,
+                "foldable": False,
+                "code": s.code,
+                "pattern": None,
+                "message": s.message,
+            }
+        )
     entries.sort(key=lambda e: order.get(e["bn"], len(order)))
     rec["batchnorms"] = entries
     rec["foldable"] = len(result.report.folded)
     rec["kept"] = len(result.report.skipped)
-    rec["kept_after_linear"] = [e["bn"] for e in entries if not e["foldable"] and e["follows_op"] in LINEAR_OPS]
+    rec["kept_after_linear"] = [
+        e["bn"] for e in entries if not e["foldable"] and e["follows_op"] in LINEAR_OPS
+    ]
     rec["nodes_before"] = result.report.nodes_before
     rec["nodes_after"] = result.report.nodes_after
     code = EXIT_FAILED if strict and rec["kept_after_linear"] else EXIT_OK
     rec["exit_code"], rec["status"] = code, _status_of(code)
     if code:
-        rec["message"] = f"--strict: {len(rec['kept_after_linear'])} BatchNormalization(s) after {'/'.join(LINEAR_OPS)} cannot be folded: {_names(rec['kept_after_linear'])}"
+        rec["message"] = (
+            f"--strict: {len(rec['kept_after_linear'])} BatchNormalization(s) after {'/'.join(LINEAR_OPS)} cannot be folded: {_names(rec['kept_after_linear'])}"
+        )
     return rec
 
 
@@ -1673,7 +1906,9 @@ def _walk_order(model: Any, names: list[str]) -> dict[str, int]:
 
 def inspect_lines(rec: dict[str, Any], verbose: bool = False) -> list[str]:
     n = len(rec["batchnorms"])
-    lines = [f"{rec['input']}: {n} BatchNormalization{'s' if n != 1 else ''}, {rec['foldable']} foldable, {rec['kept']} kept"]
+    lines = [
+        f"{rec['input']}: {n} BatchNormalization{'s' if n != 1 else ''}, {rec['foldable']} foldable, {rec['kept']} kept"
+    ]
     if n:
         rows = [["BN", "graph", "follows", "foldable", "pattern / reason"]]
         shown = rec["batchnorms"] if verbose or n <= MAX_ROWS else rec["batchnorms"][:MAX_ROWS]

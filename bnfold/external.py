@@ -43,9 +43,33 @@ def is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
-_PLAIN_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Gemm", "MatMul", "Relu", "Clip", "Add",
-                        "Mul", "Sub", "Div", "Identity", "Reshape", "Flatten", "Concat", "MaxPool", "AveragePool",
-                        "GlobalAveragePool", "Sigmoid", "Softmax", "Transpose", "Squeeze", "Unsqueeze"})
+_PLAIN_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "BatchNormalization",
+        "Gemm",
+        "MatMul",
+        "Relu",
+        "Clip",
+        "Add",
+        "Mul",
+        "Sub",
+        "Div",
+        "Identity",
+        "Reshape",
+        "Flatten",
+        "Concat",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Sigmoid",
+        "Softmax",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+    }
+)
 
 
 def iter_tensors(model: onnx.ModelProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
@@ -56,7 +80,7 @@ def iter_tensors(model: onnx.ModelProto, initializers: bool = True) -> Iterator[
         yield from g.initializer
         yield from _node_tensors(g.node)
 
-    def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:  # noqa: ANN001
+    def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:
         for n in nodes:
             if n.op_type in _PLAIN_OPS and n.domain in ("", "ai.onnx"):
                 continue  # standard ops whose attributes are never tensors or graphs
@@ -93,7 +117,9 @@ def resolve_location(base_dir: str, location: str) -> Path:
     if not location:
         raise BadInput("external data entry without a location")
     if os.path.isabs(location) or location.startswith(("/", "\\")):
-        raise BadInput(f"external data location '{_short(location)}' is absolute; it must be relative to the model's folder")
+        raise BadInput(
+            f"external data location '{_short(location)}' is absolute; it must be relative to the model's folder"
+        )
     if "\0" in location:
         raise BadInput(f"external data location '{_short(location)}' contains a NUL character")
     parts = Path(location.replace("\\", "/")).parts
@@ -103,9 +129,13 @@ def resolve_location(base_dir: str, location: str) -> Path:
     try:
         path = (base / location).resolve()
     except (OSError, ValueError, RuntimeError) as exc:  # a name too long, a symlink loop
-        raise BadInput(f"external data location '{_short(location)}' cannot be resolved ({_reason(exc)})") from None
+        raise BadInput(
+            f"external data location '{_short(location)}' cannot be resolved ({_reason(exc)})"
+        ) from None
     if path != base and base not in path.parents:
-        raise BadInput(f"external data location '{_short(location)}' resolves outside the model's folder (symlink)")
+        raise BadInput(
+            f"external data location '{_short(location)}' resolves outside the model's folder (symlink)"
+        )
     return path
 
 
@@ -121,7 +151,9 @@ def check_locations(model: onnx.ModelProto, base_dir: str) -> None:
         if path not in sizes:
             try:
                 if not path.is_file():
-                    raise BadInput(f"external data file '{_short(e.get('location', ''))}' of tensor '{t.name}' is missing")
+                    raise BadInput(
+                        f"external data file '{_short(e.get('location', ''))}' of tensor '{t.name}' is missing"
+                    )
                 sizes[path] = path.stat().st_size
             except OSError as exc:
                 raise BadInput(
@@ -217,9 +249,20 @@ def _native_types() -> dict[int, np.dtype]:
     import ml_dtypes
 
     t = onnx.TensorProto
-    types = {t.FLOAT: np.float32, t.FLOAT16: np.float16, t.DOUBLE: np.float64, t.BFLOAT16: ml_dtypes.bfloat16,
-             t.INT8: np.int8, t.UINT8: np.uint8, t.INT16: np.int16, t.UINT16: np.uint16, t.INT32: np.int32,
-             t.UINT32: np.uint32, t.INT64: np.int64, t.UINT64: np.uint64}
+    types = {
+        t.FLOAT: np.float32,
+        t.FLOAT16: np.float16,
+        t.DOUBLE: np.float64,
+        t.BFLOAT16: ml_dtypes.bfloat16,
+        t.INT8: np.int8,
+        t.UINT8: np.uint8,
+        t.INT16: np.int16,
+        t.UINT16: np.uint16,
+        t.INT32: np.int32,
+        t.UINT32: np.uint32,
+        t.INT64: np.int64,
+        t.UINT64: np.uint64,
+    }
     return {k: np.dtype(v).newbyteorder("<") for k, v in types.items()}
 
 
@@ -249,9 +292,12 @@ class Spill:
 
     def store_array(self, name: str, array: np.ndarray) -> onnx.TensorProto:
         """A tensor named ``name`` whose value ``array`` is written here, never into a proto."""
-        tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                                  dims=list(array.shape))
-        data = memoryview(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)).cast("B")
+        tensor = onnx.TensorProto(
+            name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape)
+        )
+        data = memoryview(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)).cast(
+            "B"
+        )
         pad = (-self.size) % ALIGN
         self._file.write(b"\0" * pad)
         offset = self.size + pad
@@ -356,10 +402,7 @@ def _is_open_source(target: Path, sources: dict[str, int]) -> bool:
         st = os.stat(target)
     except OSError:
         return False
-    for fd in sources.values():
-        if os.path.samestat(st, os.fstat(fd)):
-            return True
-    return False
+    return any(os.path.samestat(st, os.fstat(fd)) for fd in sources.values())
 
 
 def _restore(undo: list[tuple[onnx.TensorProto, list[tuple[str, str]] | None, bytes | None]]) -> None:
@@ -525,15 +568,27 @@ _RAW_TAG = bytes([(9 << 3) | 2])  # TensorProto.raw_data, length-delimited
 # TensorProto fields (number -> allowed wire types) a tensor left in the file may have: anything
 # else (segment 3, external_data 13, data_location 14, an unknown field, a known field with the
 # wrong wire type) keeps it embedded, so that serializing its stub is exactly protobuf's own.
-_TENSOR_WIRE = {1: (0, 2), 2: (0,), 4: (5, 2), 5: (0, 2), 6: (2,), 7: (0, 2), 8: (2,), 9: (2,), 10: (1, 2),
-                11: (0, 2), 12: (2,), 16: (2,)}
+_TENSOR_WIRE = {
+    1: (0, 2),
+    2: (0,),
+    4: (5, 2),
+    5: (0, 2),
+    6: (2,),
+    7: (0, 2),
+    8: (2,),
+    9: (2,),
+    10: (1, 2),
+    11: (0, 2),
+    12: (2,),
+    16: (2,),
+}
 
 
 class WireError(Exception):
     """Bytes that are not the protobuf this module expects (the caller takes the plain path)."""
 
 
-def _varint(buf, pos: int) -> tuple[int, int]:  # noqa: ANN001 - bytes, memoryview or mmap
+def _varint(buf, pos: int) -> tuple[int, int]:
     b = buf[pos]
     if b < 0x80:
         return b, pos + 1
@@ -558,7 +613,7 @@ def _varint_bytes(n: int) -> bytes:
     return bytes(out)
 
 
-def _fields(buf, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:  # noqa: ANN001
+def _fields(buf, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """``(number, wire type, field start, value start, value end)`` of each field in [pos, end);
     the value of a varint/fixed field is its encoded bytes. WireError on malformed data."""
     try:
@@ -585,7 +640,7 @@ def _fields(buf, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]
         raise WireError("truncated") from None
 
 
-def _raw_field(buf, start: int, end: int) -> tuple[int, int, int] | None:  # noqa: ANN001
+def _raw_field(buf, start: int, end: int) -> tuple[int, int, int] | None:
     """``(field start, data start, data end)`` of the raw_data of the TensorProto in [start, end)
     if it can stay in the file, else None."""
     raw = None
@@ -604,7 +659,7 @@ def _raw_field(buf, start: int, end: int) -> tuple[int, int, int] | None:  # noq
     return raw
 
 
-def _large_initializers(buf, pos: int, end: int, threshold: int) -> list[tuple[int, int, int, int]]:  # noqa: ANN001
+def _large_initializers(buf, pos: int, end: int, threshold: int) -> list[tuple[int, int, int, int]]:
     """``(initializer index, field start, value start, value end)`` of each initializer field
     (GraphProto field 5) of at least ``threshold`` bytes in the GraphProto bytes [pos, end).
 
@@ -659,7 +714,7 @@ def _large_initializers(buf, pos: int, end: int, threshold: int) -> list[tuple[i
     return found
 
 
-def split_model(buf, size: int) -> tuple[list, list[tuple[int, int, int]]] | None:  # noqa: ANN001
+def split_model(buf, size: int) -> tuple[list, list[tuple[int, int, int]]] | None:
     """Plan a skeleton of the serialized ModelProto ``buf[:size]``.
 
     Returns ``(pieces, cuts)``: the skeleton is ``b"".join(pieces)`` (slices of ``buf`` and new
@@ -731,7 +786,7 @@ class Embedded:
         if tensor.data_location != onnx.TensorProto.EXTERNAL or not tensor.external_data:
             return False
         loc = tensor.external_data[0].value
-        return loc == SOURCE_LOCATION or loc == MEMORY_LOCATION
+        return loc in (SOURCE_LOCATION, MEMORY_LOCATION)
 
     def _where(self, tensor: onnx.TensorProto) -> tuple[str, int, int]:
         e = _entries(tensor)
@@ -845,7 +900,7 @@ def plan_embedded(model: onnx.ModelProto, embedded: Embedded) -> tuple[list, int
         raise _Layout("unreadable") from None
 
 
-def _splice(stub: bytes, held: dict, embedded: Embedded) -> tuple[list, int]:  # noqa: ANN001
+def _splice(stub: bytes, held: dict, embedded: Embedded) -> tuple[list, int]:
     view = memoryview(stub)
     graph = [f for f in _fields(stub, 0, len(stub)) if f[0] == 7]
     if len(graph) != 1:
@@ -869,8 +924,14 @@ def _splice(stub: bytes, held: dict, embedded: Embedded) -> tuple[list, int]:  #
             new_len = (vend - vstart) + 1 + len(_varint_bytes(length)) + length
             tag_end = _varint(stub, fstart)[1]
             prefix = _varint_bytes(new_len)
-            body += [view[last:tag_end], prefix, view[vstart:at], _RAW_TAG + _varint_bytes(length), data,
-                     view[at:vend]]
+            body += [
+                view[last:tag_end],
+                prefix,
+                view[vstart:at],
+                _RAW_TAG + _varint_bytes(length),
+                data,
+                view[at:vend],
+            ]
             grow += (tag_end - fstart + len(prefix) + new_len) - (vend - fstart)
             last = vend
         index += 1

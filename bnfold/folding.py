@@ -104,9 +104,7 @@ def bn_affine(
     denom = v + float(epsilon)
     if not (np.isfinite(epsilon) and (denom > 0).all()):
         bad = int(np.sum(~(denom > 0)))
-        raise FoldError(
-            "invalid_variance", f"var + epsilon is not positive for {bad} channel(s)"
-        )
+        raise FoldError("invalid_variance", f"var + epsilon is not positive for {bad} channel(s)")
     scale = g / np.sqrt(denom)
     return BNAffine(scale=scale, shift=b - scale * m)
 
@@ -132,8 +130,9 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         out = _to_bfloat16(values, dtype) if _is_bfloat16(dtype) else values.astype(dtype)
     if out.size and not np.isfinite(out).all():
         raise FoldError(
-            "overflow", f"a folded value does not fit in {dtype.name} (largest |value| "
-            f"{float(np.max(np.abs(values))):.6g})"
+            "overflow",
+            f"a folded value does not fit in {dtype.name} (largest |value| "
+            f"{float(np.max(np.abs(values))):.6g})",
         )
     return out
 
@@ -276,18 +275,22 @@ def fold_conv_many(
         c_starts = np.zeros(len(group), dtype=np.int64)
         np.cumsum(chans[:-1], out=c_starts[1:])
         rows = np.concatenate([weights[k].reshape(-1, row) for k in group])
-        channel_scale = np.concatenate([scale[starts[k]:starts[k] + counts[k]] for k in group])
+        channel_scale = np.concatenate([scale[starts[k] : starts[k] + counts[k]] for k in group])
         folded = np.empty(rows.shape, dtype=dtype)
         with np.errstate(all="ignore"):  # as scale_and_round: float64 product, one rounding
             np.multiply(rows, channel_scale[:, None], out=folded, dtype=np.float64, casting="same_kind")
         # a non-finite product means a non-finite weight or an overflow: both refused by fold_conv
         w_ok = np.add.reduceat(~np.isfinite(folded).all(axis=1), c_starts) == 0
-        channel_shift = np.concatenate([shift[starts[k]:starts[k] + counts[k]] for k in group])
-        has_bias = np.repeat(np.fromiter((biases[k] is not None for k in group), dtype=bool, count=len(group)), chans)
-        bias64 = np.concatenate([
-            biases[k].astype(np.float64) if biases[k] is not None else np.zeros(counts[k])  # type: ignore[union-attr]
-            for k in group
-        ])
+        channel_shift = np.concatenate([shift[starts[k] : starts[k] + counts[k]] for k in group])
+        has_bias = np.repeat(
+            np.fromiter((biases[k] is not None for k in group), dtype=bool, count=len(group)), chans
+        )
+        bias64 = np.concatenate(
+            [
+                biases[k].astype(np.float64) if biases[k] is not None else np.zeros(counts[k])  # type: ignore[union-attr]
+                for k in group
+            ]
+        )
         with np.errstate(all="ignore"):  # as _folded_bias: s * b + t, or t itself without a bias
             new_bias = np.where(has_bias, bias64 * channel_scale + channel_shift, channel_shift)
             rounded = new_bias.astype(dtype)
@@ -313,9 +316,7 @@ def fold_conv_transpose(
         raise FoldError("weight_shape", f"ConvTranspose weight must have rank >= 3, got {weight.ndim}")
     cin, cout_g = weight.shape[0], weight.shape[1]
     if group < 1 or cin % group:
-        raise FoldError(
-            "invalid_group", f"ConvTranspose input channels {cin} not divisible by group {group}"
-        )
+        raise FoldError("invalid_group", f"ConvTranspose input channels {cin} not divisible by group {group}")
     cout = cout_g * group
     _check_channels(cout, affine)
     _check_bias(bias, cout)
@@ -348,11 +349,8 @@ def fold_gemm(
     _check_channels(n, affine)
     _check_finite("weight", b_matrix)
     _check_finite("bias", c)
-    if c is not None:
-        if c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, n)):
-            raise FoldError(
-                "bias_shape", f"Gemm C of shape {list(c.shape)} does not broadcast to [M, {n}]"
-            )
+    if c is not None and (c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, n))):
+        raise FoldError("bias_shape", f"Gemm C of shape {list(c.shape)} does not broadcast to [M, {n}]")
     w = scale_and_round(b_matrix, affine.scale, 0 if trans_b else 1)
     if c is None:
         c64 = affine.shift.copy()
@@ -373,9 +371,7 @@ def _check_channels(channels: int, affine: BNAffine) -> None:
 
 def _check_bias(bias: np.ndarray | None, channels: int) -> None:
     if bias is not None and bias.shape != (channels,):
-        raise FoldError(
-            "bias_shape", f"bias has shape {list(bias.shape)}, expected [{channels}]"
-        )
+        raise FoldError("bias_shape", f"bias has shape {list(bias.shape)}, expected [{channels}]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,8 +401,11 @@ def channel_vector(value: np.ndarray, channels: int, out_rank: int, axis: int = 
                 f"(expected 1s and {channels} at axis {axis} of a rank-{out_rank} output)",
             )
     _check_finite("constant", v)
-    return np.broadcast_to(_as_f64(v).reshape(-1), (channels,)).copy() if v.size == 1 else \
-        _as_f64(v).reshape(channels)
+    return (
+        np.broadcast_to(_as_f64(v).reshape(-1), (channels,)).copy()
+        if v.size == 1
+        else _as_f64(v).reshape(channels)
+    )
 
 
 def compose_add(add: np.ndarray, affine: BNAffine) -> BNAffine:
@@ -481,7 +480,8 @@ def fold_gemm_input(
     channels = affine.scale.shape[0]
     if channels == 0 or k_dim % channels:
         raise FoldError(
-            "channel_mismatch", f"Gemm has {k_dim} input features, not a multiple of the BN's {channels} channels"
+            "channel_mismatch",
+            f"Gemm has {k_dim} input features, not a multiple of the BN's {channels} channels",
         )
     _check_finite("weight", b_matrix)
     _check_finite("bias", c)
@@ -525,5 +525,7 @@ def affine_constants(affine: BNAffine, rank: int, dtype: np.dtype) -> tuple[np.n
     if rank < 2:
         raise FoldError("unknown_rank", f"BN input must have rank >= 2, got {rank}")
     shape = (affine.scale.shape[0],) + (1,) * (rank - 2)
-    return (round_to_dtype(affine.scale.reshape(shape), dtype),
-            round_to_dtype(affine.shift.reshape(shape), dtype))
+    return (
+        round_to_dtype(affine.scale.reshape(shape), dtype),
+        round_to_dtype(affine.shift.reshape(shape), dtype),
+    )

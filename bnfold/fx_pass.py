@@ -51,23 +51,58 @@ _LAYER_FUNCTIONS: dict[object, tuple[str, tuple[str, ...]]] = {
     aten.linear.default: ("linear", ("input", "weight", "bias")),
     aten.convolution.default: (
         "convolution",
-        ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"),
+        (
+            "input",
+            "weight",
+            "bias",
+            "stride",
+            "padding",
+            "dilation",
+            "transposed",
+            "output_padding",
+            "groups",
+        ),
     ),
 }
 _BN_FUNCTIONS: dict[object, tuple[str, ...]] = {
     F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
     torch.batch_norm: (
-        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled",
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "training",
+        "momentum",
+        "eps",
+        "cudnn_enabled",
     ),
     aten.batch_norm.default: (
-        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled",
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "training",
+        "momentum",
+        "eps",
+        "cudnn_enabled",
     ),
     aten._native_batch_norm_legit_no_training.default: (
-        "input", "weight", "bias", "running_mean", "running_var", "momentum", "eps",
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "momentum",
+        "eps",
     ),
 }
-_BN_TRAINING_FUNCTIONS = {aten._native_batch_norm_legit.default, aten._native_batch_norm_legit_functional.default,
-                          aten.native_batch_norm.default}
+_BN_TRAINING_FUNCTIONS = {
+    aten._native_batch_norm_legit.default,
+    aten._native_batch_norm_legit_functional.default,
+    aten.native_batch_norm.default,
+}
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -170,17 +205,33 @@ class FxFolder:
             if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 return None
             if not isinstance(mod, _BN_MODULES) or (
-                type(mod).forward is not nn.modules.batchnorm._BatchNorm.forward and not isinstance(mod, nn.SyncBatchNorm)
+                type(mod).forward is not nn.modules.batchnorm._BatchNorm.forward
+                and not isinstance(mod, nn.SyncBatchNorm)
             ):
-                raise _Skip("custom_forward", f"{type(mod).__name__} overrides forward; its extra behaviour would be lost")
+                raise _Skip(
+                    "custom_forward",
+                    f"{type(mod).__name__} overrides forward; its extra behaviour would be lost",
+                )
             if mod.training:
                 raise _Skip("training_mode", "the BN module is in training mode")
             if mod.running_mean is None or mod.running_var is None or not mod.track_running_stats:
-                raise _Skip("no_running_stats", "track_running_stats=False: the BN normalizes with batch statistics")
+                raise _Skip(
+                    "no_running_stats", "track_running_stats=False: the BN normalizes with batch statistics"
+                )
             if not node.args:
                 raise _Skip("malformed", "BN called without input")
-            return _BN(node, node.args[0], node, [], mod.weight, mod.bias, mod.running_mean, mod.running_var,
-                       float(mod.eps), node.target)
+            return _BN(
+                node,
+                node.args[0],
+                node,
+                [],
+                mod.weight,
+                mod.bias,
+                mod.running_mean,
+                mod.running_var,
+                float(mod.eps),
+                node.target,
+            )
         if node.op != "call_function":
             return None
         if node.target in _BN_TRAINING_FUNCTIONS:
@@ -195,7 +246,11 @@ class FxFolder:
             raise _Skip("no_running_stats", "batch_norm without running statistics uses batch statistics")
         mean = self._attr(args["running_mean"], "running_mean", "param_not_constant")
         var = self._attr(args["running_var"], "running_var", "param_not_constant")
-        gamma = None if args.get("weight") is None else self._attr(args["weight"], "BN weight", "param_not_constant")
+        gamma = (
+            None
+            if args.get("weight") is None
+            else self._attr(args["weight"], "BN weight", "param_not_constant")
+        )
         beta = None if args.get("bias") is None else self._attr(args["bias"], "BN bias", "param_not_constant")
         eps = args.get("eps", 1e-5)
         if not isinstance(eps, (int, float)):
@@ -221,11 +276,26 @@ class FxFolder:
         if node.op == "call_module":
             mod = self.modules.get(node.target)
             if isinstance(mod, _CONV_MODULES + _CONVT_MODULES + (nn.Linear,)):
-                if type(mod).forward not in {c.forward for c in _CONV_MODULES + _CONVT_MODULES + (nn.Linear,)}:
+                if type(mod).forward not in {
+                    c.forward for c in _CONV_MODULES + _CONVT_MODULES + (nn.Linear,)
+                }:
                     raise _Skip("custom_forward", f"{type(mod).__name__} overrides forward")
-                kind = "conv" if isinstance(mod, _CONV_MODULES) else "conv_transpose" if isinstance(mod, _CONVT_MODULES) else "linear"
-                return _Layer(node, kind, mod.weight, mod.bias, getattr(mod, "groups", 1),
-                              self._module_installer(node, mod), node.target)
+                kind = (
+                    "conv"
+                    if isinstance(mod, _CONV_MODULES)
+                    else "conv_transpose"
+                    if isinstance(mod, _CONVT_MODULES)
+                    else "linear"
+                )
+                return _Layer(
+                    node,
+                    kind,
+                    mod.weight,
+                    mod.bias,
+                    getattr(mod, "groups", 1),
+                    self._module_installer(node, mod),
+                    node.target,
+                )
             what = type(mod).__name__ if mod is not None else node.target
             raise _Skip("unsupported_producer", f"follows {what}, not Conv/ConvTranspose/Linear")
         if node.op == "call_function" and node.target in _LAYER_FUNCTIONS:
@@ -243,11 +313,15 @@ class FxFolder:
             if not isinstance(groups, int):
                 raise _Skip("malformed", "groups is not a constant")
             return _Layer(node, kind, weight, bias, groups, self._function_installer(node, names), node.name)
-        what = node.target if node.op != "call_function" else getattr(node.target, "__name__", str(node.target))
+        what = (
+            node.target if node.op != "call_function" else getattr(node.target, "__name__", str(node.target))
+        )
         raise _Skip("unsupported_producer", f"follows {node.op} {what}, not Conv/ConvTranspose/Linear")
 
     # ----- installing folded parameters ----------------------------------------------------------
-    def _module_installer(self, node: fx.Node, mod: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    def _module_installer(
+        self, node: fx.Node, mod: nn.Module
+    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
         def install(weight: torch.Tensor, bias: torch.Tensor) -> None:
             clone = copy.deepcopy(mod)
             clone.weight = nn.Parameter(weight, requires_grad=mod.weight.requires_grad)
@@ -257,19 +331,27 @@ class FxFolder:
             else:
                 target = self._fresh_name(node.target)
                 self.call_counts[node.target] -= 1
-            self.gm.add_submodule(target, clone) if "." not in target else _set_submodule(self.gm, target, clone)
+            self.gm.add_submodule(target, clone) if "." not in target else _set_submodule(
+                self.gm, target, clone
+            )
             node.target = target
             self.modules[target] = clone
 
         return install
 
-    def _function_installer(self, node: fx.Node, names: tuple[str, ...]) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    def _function_installer(
+        self, node: fx.Node, names: tuple[str, ...]
+    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
         def install(weight: torch.Tensor, bias: torch.Tensor) -> None:
             args = list(node.args)
             kwargs = dict(node.kwargs)
             for key, value in (("weight", weight), ("bias", bias)):
                 old = _bind(node, names).get(key)
-                if isinstance(old, fx.Node) and old.op == "get_attr" and self.attr_counts.get(old.target, 0) == 1:
+                if (
+                    isinstance(old, fx.Node)
+                    and old.op == "get_attr"
+                    and self.attr_counts.get(old.target, 0) == 1
+                ):
                     _set_attr(self.gm, old.target, nn.Parameter(value, requires_grad=False))
                     continue
                 name = self._fresh_name(f"{node.name}_{key}")
@@ -304,7 +386,9 @@ class FxFolder:
                     continue
                 layer = self.match_layer(bn.input)
                 if len(layer.node.users) != 1:
-                    raise _Skip("multiple_consumers", f"'{layer.node.name}' has other consumers besides the BN")
+                    raise _Skip(
+                        "multiple_consumers", f"'{layer.node.name}' has other consumers besides the BN"
+                    )
                 new_w, new_b = self.compute(layer, bn)
             except _Skip as e:
                 self._skip(node, e.code, e.message)
@@ -328,9 +412,16 @@ class FxFolder:
     def _skip(self, node: fx.Node, code: str, message: str) -> None:
         inp = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         label = node.target if node.op == "call_module" else node.name
-        self.report.skipped.append(SkippedBN(str(label), code, message, "fx",
-                                             inp.name if inp is not None else None,
-                                             (inp.op if inp is not None else None)))
+        self.report.skipped.append(
+            SkippedBN(
+                str(label),
+                code,
+                message,
+                "fx",
+                inp.name if inp is not None else None,
+                (inp.op if inp is not None else None),
+            )
+        )
 
     def compute(self, layer: _Layer, bn: _BN) -> tuple[torch.Tensor, torch.Tensor]:
         if layer.kind == "linear":
@@ -339,7 +430,10 @@ class FxFolder:
             if shape is None:
                 raise _Skip("unknown_rank", "cannot tell the Linear output's rank: pass example_inputs")
             if len(shape) != 2:
-                raise _Skip("channel_axis", f"Linear output has rank {len(shape)}; BatchNorm1d normalizes axis 1, not the feature axis")
+                raise _Skip(
+                    "channel_axis",
+                    f"Linear output has rank {len(shape)}; BatchNorm1d normalizes axis 1, not the feature axis",
+                )
         channels = bn.mean.shape[0] if bn.mean.ndim == 1 else -1
         ones = np.ones(max(channels, 0))
         gamma = _to_numpy(bn.gamma) if bn.gamma is not None else ones

@@ -29,9 +29,31 @@ ONNX_DOMAINS = ("", "ai.onnx")
 # conv's zero bias with Shape -> Expand -> CastLike). Deterministic, no subgraphs, no randomness.
 EVALUABLE_OPS = frozenset(
     {
-        "Identity", "Cast", "CastLike", "Shape", "Size", "Expand", "Reshape", "Unsqueeze",
-        "Squeeze", "Concat", "Gather", "Slice", "ConstantOfShape", "Transpose", "Add", "Sub",
-        "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Flatten", "Tile", "Range", "Abs",
+        "Identity",
+        "Cast",
+        "CastLike",
+        "Shape",
+        "Size",
+        "Expand",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Gather",
+        "Slice",
+        "ConstantOfShape",
+        "Transpose",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Neg",
+        "Sqrt",
+        "Reciprocal",
+        "Flatten",
+        "Tile",
+        "Range",
+        "Abs",
     }
 )
 # Inputs of which only the type matters (CastLike's ``target_type``).
@@ -42,26 +64,118 @@ MAX_EVALUATED_NODES = 64
 # Ops whose output 0 has the element type of input 0 (used to find CastLike's target type).
 SAME_TYPE_OPS = frozenset(
     {
-        "Identity", "Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
-        "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Relu", "LeakyRelu",
-        "PRelu", "Elu", "Selu", "Celu", "Gelu", "Mish", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
-        "Softplus", "Softsign", "Softmax", "LogSoftmax", "Clip", "Add", "Sub", "Mul", "Div", "Pow",
-        "Max", "Min", "Sum", "Mean", "Neg", "Abs", "Sqrt", "Exp", "Log", "Erf", "Reciprocal",
-        "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Pad",
-        "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split",
-        "Expand", "Tile", "Gather", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth",
-        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2",
+        "Identity",
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "Relu",
+        "LeakyRelu",
+        "PRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Gelu",
+        "Mish",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Softplus",
+        "Softsign",
+        "Softmax",
+        "LogSoftmax",
+        "Clip",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Max",
+        "Min",
+        "Sum",
+        "Mean",
+        "Neg",
+        "Abs",
+        "Sqrt",
+        "Exp",
+        "Log",
+        "Erf",
+        "Reciprocal",
+        "MaxPool",
+        "AveragePool",
+        "LpPool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "Dropout",
+        "Pad",
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Concat",
+        "Slice",
+        "Split",
+        "Expand",
+        "Tile",
+        "Gather",
+        "Resize",
+        "Upsample",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceL2",
     }
 )
 MAX_EVALUATED_ELEMENTS = 1 << 26
 # Ops whose output 0 has the rank of input 0 (used to prove a MatMul's activations are 2-D).
 RANK_PRESERVING_OPS = frozenset(
     {
-        "Identity", "Cast", "CastLike", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Mish",
-        "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus", "Softsign", "Softmax",
-        "LogSoftmax", "Clip", "Neg", "Abs", "Sqrt", "Exp", "Log", "Erf", "Reciprocal", "Dropout",
-        "BatchNormalization", "InstanceNormalization", "LayerNormalization", "Conv",
-        "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+        "Identity",
+        "Cast",
+        "CastLike",
+        "Relu",
+        "LeakyRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Gelu",
+        "Mish",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Softplus",
+        "Softsign",
+        "Softmax",
+        "LogSoftmax",
+        "Clip",
+        "Neg",
+        "Abs",
+        "Sqrt",
+        "Exp",
+        "Log",
+        "Erf",
+        "Reciprocal",
+        "Dropout",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "Conv",
+        "ConvTranspose",
+        "MaxPool",
+        "AveragePool",
+        "LpPool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
     }
 )
 # Elementwise ops with multidirectional broadcasting: the output rank is the largest input rank.
@@ -93,8 +207,13 @@ def _typed_attr(node: onnx.NodeProto, name: str, kind: int) -> onnx.AttributePro
                 raise AttributeRef(f"attribute '{name}' refers to function attribute '{a.ref_attr_name}'")
             t = a.type
             if t == onnx.AttributeProto.UNDEFINED:  # very old models: infer from the field set
-                t = onnx.AttributeProto.FLOAT if a.HasField("f") else \
-                    onnx.AttributeProto.INT if a.HasField("i") else t
+                t = (
+                    onnx.AttributeProto.FLOAT
+                    if a.HasField("f")
+                    else onnx.AttributeProto.INT
+                    if a.HasField("i")
+                    else t
+                )
             if t != kind:
                 want = "float" if kind == onnx.AttributeProto.FLOAT else "int"
                 raise BadAttribute(f"attribute '{name}' of {node.op_type} must be a single {want}")
@@ -127,8 +246,24 @@ def set_attr(node: onnx.NodeProto, name: str, value: float | int) -> None:
 
 
 _GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-_NO_SUBGRAPH_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Gemm", "MatMul", "Relu", "Add",
-                              "Mul", "Constant", "Identity", "Reshape", "Flatten", "Concat", "Clip"})
+_NO_SUBGRAPH_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "BatchNormalization",
+        "Gemm",
+        "MatMul",
+        "Relu",
+        "Add",
+        "Mul",
+        "Constant",
+        "Identity",
+        "Reshape",
+        "Flatten",
+        "Concat",
+        "Clip",
+    }
+)
 
 
 def may_have_subgraphs(node: onnx.NodeProto) -> bool:
@@ -265,11 +400,26 @@ def make_tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
 
 
 # Fixed-size numbers on a little-endian machine: raw_data is the array's own bytes.
-_PLAIN_TYPES: dict[np.dtype, int] = {
-    np.dtype(t): onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t))
-    for t in (np.float16, np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16, np.int32,
-              np.uint32, np.int64, np.uint64)
-} if np.little_endian else {}
+_PLAIN_TYPES: dict[np.dtype, int] = (
+    {
+        np.dtype(t): onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t))
+        for t in (
+            np.float16,
+            np.float32,
+            np.float64,
+            np.int8,
+            np.uint8,
+            np.int16,
+            np.uint16,
+            np.int32,
+            np.uint32,
+            np.int64,
+            np.uint64,
+        )
+    }
+    if np.little_endian
+    else {}
+)
 
 
 class BadTensor(NotConstant):
@@ -405,8 +555,12 @@ class Scope:
         return isinstance(self.proto, onnx.FunctionProto)
 
     def defines(self, name: str) -> bool:
-        return (name in self.producer or name in self.initializers or name in self.inputs
-                or name in self.new_constants)
+        return (
+            name in self.producer
+            or name in self.initializers
+            or name in self.inputs
+            or name in self.new_constants
+        )
 
     def owner(self, name: str) -> Scope | None:
         """The scope (this or an enclosing one) that defines ``name``."""
@@ -592,7 +746,9 @@ class Scope:
                     infos = (*proto.input, *proto.value_info, *proto.output)
                 else:
                     infos = tuple(getattr(proto, "value_info", ()))
-                s._declared_types = {v.name: v.type.tensor_type for v in infos if v.type.HasField("tensor_type")}
+                s._declared_types = {
+                    v.name: v.type.tensor_type for v in infos if v.type.HasField("tensor_type")
+                }
             found = s._declared_types.get(name)
             if found is not None:
                 return found
@@ -697,7 +853,11 @@ class Scope:
         return self._run_reference(name, order, leaves, type_only, shape_only)
 
     def _run_reference(
-        self, name: str, order: list[int], leaves: dict[str, np.ndarray], type_only: dict[str, int],
+        self,
+        name: str,
+        order: list[int],
+        leaves: dict[str, np.ndarray],
+        type_only: dict[str, int],
         shape_only: dict[str, tuple[int, ...]],
     ) -> np.ndarray:
         from onnx.reference import ReferenceEvaluator
@@ -707,20 +867,25 @@ class Scope:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t)
             # a placeholder: right type, and the declared shape where only the shape is read
             # (zero strides: no memory); its values are never read (visit() refuses that)
-            feeds[inp] = np.broadcast_to(np.zeros((), dtype), shape_only[inp]) if inp in shape_only \
+            feeds[inp] = (
+                np.broadcast_to(np.zeros((), dtype), shape_only[inp])
+                if inp in shape_only
                 else np.zeros((0,), dtype=dtype)
+            )
         graph = onnx.helper.make_graph(
             [self.proto.node[i] for i in order],
             "bnfold_const",
-            [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
-             for k, v in feeds.items()],
+            [
+                onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                for k, v in feeds.items()
+            ],
             [onnx.helper.make_value_info(name, onnx.TypeProto())],
         )
         opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.opset.items()]
         model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=self.ir_version or 8)
         try:
             (result,) = ReferenceEvaluator(model).run(None, feeds)
-        except Exception as exc:  # the reference evaluator raises many types
+        except Exception as exc:  # the reference evaluator raises many types  # noqa: BLE001 - reported, never raised
             raise NotConstant(f"'{name}' could not be evaluated: {exc}") from None
         result = np.asarray(result)
         if result.size > MAX_EVALUATED_ELEMENTS:
@@ -728,14 +893,21 @@ class Scope:
         return result
 
     # ----- rewriting -------------------------------------------------------------------------
-    def set_input(self, node: onnx.NodeProto, index: int, array: np.ndarray, old: Const | None, base: str) -> None:
+    def set_input(
+        self, node: onnx.NodeProto, index: int, array: np.ndarray, old: Const | None, base: str
+    ) -> None:
         """Make input ``index`` of ``node`` (a node of this scope) the constant ``array``.
 
         Overwrites ``old`` in place when this node is its only user and the shape is unchanged;
         otherwise adds a new constant (copy-on-write) and releases the reference to ``old``.
         """
-        if old is not None and old.kind != "computed" and old.scope.uses[old.name] == 1 \
-                and old.name not in old.scope.outputs and old.value.shape == array.shape:
+        if (
+            old is not None
+            and old.kind != "computed"
+            and old.scope.uses[old.name] == 1
+            and old.name not in old.scope.outputs
+            and old.value.shape == array.shape
+        ):
             old.scope._overwrite(old, array)
             return
         name = self.names.fresh(base)
@@ -779,9 +951,7 @@ class Scope:
         graph.initializer.append(tensor)
         if self.ir_version < 4:
             # IR < 4: every initializer is also listed as a graph input.
-            graph.input.append(
-                onnx.helper.make_tensor_value_info(name, tensor.data_type, list(array.shape))
-            )
+            graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(array.shape)))
             self.inputs.add(name)
 
     def release(self, name: str) -> None:
@@ -807,7 +977,9 @@ class Scope:
         elif name in self.producer:
             idx = self.producer[name]
             node = self.proto.node[idx]
-            if idx in self.removed_nodes or any(self.uses[o] > 0 or o in self.outputs for o in node.output if o):
+            if idx in self.removed_nodes or any(
+                self.uses[o] > 0 or o in self.outputs for o in node.output if o
+            ):
                 return
             if subgraphs_present(node):
                 return

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import BadInput
 
+
 def to_model_proto(obj: Any) -> onnx.ModelProto | None:
     """Convert in-memory models (ModelProto, onnx_ir.Model, torch.onnx.ONNXProgram, bytes)."""
     if isinstance(obj, onnx.ModelProto):
@@ -39,7 +40,11 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError):
         kind = _sniff(data)
-        detail = f"it looks like {kind}" if kind else "the protobuf data is corrupt: truncated, or another kind of file"
+        detail = (
+            f"it looks like {kind}"
+            if kind
+            else "the protobuf data is corrupt: truncated, or another kind of file"
+        )
         raise BadInput(f"{what} is not an ONNX model ({detail}); pass an .onnx file") from None
     if not model.HasField("graph"):
         kind = _sniff(data)
@@ -48,11 +53,16 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
 
 
 _MAGIC = (
-    (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
     (b"PK\x03\x04", "a zip archive (a PyTorch .pt/.pth checkpoint or an .npz?)"),
-    (b"\x89HDF", "an HDF5 file (a Keras model?)"), (b"\x93NUMPY", "a NumPy .npy array"),
-    (b"\x80\x02", "a Python pickle (a PyTorch checkpoint?)"), (b"\x80\x04", "a Python pickle (a PyTorch checkpoint?)"),
-    (b"\x1f\x8b", "a gzip file (decompress it first)"), (b"%PDF", "a PDF document"),
+    (b"\x89HDF", "an HDF5 file (a Keras model?)"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x80\x02", "a Python pickle (a PyTorch checkpoint?)"),
+    (b"\x80\x04", "a Python pickle (a PyTorch checkpoint?)"),
+    (b"\x1f\x8b", "a gzip file (decompress it first)"),
+    (b"%PDF", "a PDF document"),
     (b"\x7fELF", "an executable"),
 )
 
@@ -102,7 +112,9 @@ def load_model(
 
 
 def open_model(
-    source: Any, stream_external: bool | None = None, external_files: list[Path] | None = None,
+    source: Any,
+    stream_external: bool | None = None,
+    external_files: list[Path] | None = None,
     lazy: bool = False,
 ) -> tuple[onnx.ModelProto, str, Path | None, Any]:
     """:func:`load_model`, plus (with ``lazy``) large embedded weights left in the file.
@@ -120,7 +132,9 @@ def open_model(
         if path.is_dir():
             raise BadInput(f"{path}: is a directory, not an ONNX file")
         if not path.is_file():
-            raise BadInput(f"{path}: not a regular file (a device, pipe or socket); save the model to a file first")
+            raise BadInput(
+                f"{path}: not a regular file (a device, pipe or socket); save the model to a file first"
+            )
         try:
             size = path.stat().st_size
         except OSError as exc:
@@ -145,7 +159,9 @@ def open_model(
                 raise BadInput(f"{path}: {exc}") from None
             if external_files is not None:
                 external_files.extend(data_files(model, base_dir))
-            if not stream_external and (stream_external is not None or external_bytes(model) < STREAM_THRESHOLD):
+            if not stream_external and (
+                stream_external is not None or external_bytes(model) < STREAM_THRESHOLD
+            ):
                 _load_external(model, base_dir, path)
             # else external data stays on disk: the pass reads only the tensors it folds.
         return model, base_dir, path, None
@@ -262,23 +278,39 @@ def check_structure(model: onnx.ModelProto) -> None:
 _GRAPH, _GRAPHS = onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS
 
 
-def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], where: str, domains: set[str] | None) -> set[str]:
+def _check_graph(
+    graph: onnx.GraphProto, outer: frozenset[str], where: str, domains: set[str] | None
+) -> set[str]:
     """Check one graph (recursively); returns the names it uses from enclosing scopes."""
     inits = [t.name for t in graph.initializer] + [t.values.name for t in graph.sparse_initializer]
     seen: set[str] = set()
     for name in inits:
         if name in seen:
-            raise BadInput(f"initializer '{name}' is defined twice{where}; every value needs exactly one definition")
+            raise BadInput(
+                f"initializer '{name}' is defined twice{where}; every value needs exactly one definition"
+            )
         seen.add(name)
     return _check_body(
-        [v.name for v in graph.input], inits, graph.node, [v.name for v in graph.output], outer, where,
-        "graph input", domains,
+        [v.name for v in graph.input],
+        inits,
+        graph.node,
+        [v.name for v in graph.output],
+        outer,
+        where,
+        "graph input",
+        domains,
     )
 
 
 def _check_body(
-    inputs: list[str], inits: list[str], nodes: Any, outputs: list[str], outer: frozenset[str], where: str,
-    input_kind: str, domains: set[str] | None,
+    inputs: list[str],
+    inits: list[str],
+    nodes: Any,
+    outputs: list[str],
+    outer: frozenset[str],
+    where: str,
+    input_kind: str,
+    domains: set[str] | None,
 ) -> set[str]:
     """Definitions, references, domains (``None``: not checked, as in functions) and cycles of
     one graph or function body."""
@@ -296,7 +328,9 @@ def _check_body(
                 continue
             if name in defined:
                 j = defined[name]
-                other = input_kind if j == -1 else "initializer" if j == -2 else f"output of {_node(nodes[j])}"
+                other = (
+                    input_kind if j == -1 else "initializer" if j == -2 else f"output of {_node(nodes[j])}"
+                )
                 raise BadInput(
                     f"'{name}' is defined twice{where}: output of {_node(node)} and {other}; "
                     "every value needs exactly one definition"
@@ -328,8 +362,11 @@ def _check_body(
                 if inner_scope is None:
                     inner_scope = outer | frozenset(defined)
                 for g in [attr.g] if kind == _GRAPH else attr.graphs:
-                    extra.extend(_check_graph(g, inner_scope, f"{where} in subgraph '{attr.name}' of {_node(node)}",
-                                              domains))
+                    extra.extend(
+                        _check_graph(
+                            g, inner_scope, f"{where} in subgraph '{attr.name}' of {_node(node)}", domains
+                        )
+                    )
             if extra:
                 inner_uses[i] = extra
                 uses = [*uses, *extra]
@@ -391,7 +428,9 @@ def _check_acyclic(nodes: Any, deps: list[set[int]], where: str) -> None:
         while stuck not in visited:  # walk back along unresolved inputs until a node repeats
             visited.add(stuck)
             stuck = next(j for j in deps[stuck] if missing[j] > 0)
-        raise BadInput(f"the graph{where} has a cycle through {_node(nodes[stuck])}; ONNX graphs must be acyclic")
+        raise BadInput(
+            f"the graph{where} has a cycle through {_node(nodes[stuck])}; ONNX graphs must be acyclic"
+        )
 
 
 def _load_external(model: onnx.ModelProto, base_dir: str, path: Path) -> None:
@@ -458,8 +497,12 @@ def save_model(
 
 
 def save_model_located(
-    model: onnx.ModelProto, path: str | os.PathLike[str], base_dir: str = "", spill: Any = None,
-    durable: bool = True, external: bool | None = None,
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    base_dir: str = "",
+    spill: Any = None,
+    durable: bool = True,
+    external: bool | None = None,
 ) -> tuple[Path, bool]:
     """:func:`save_model`, also saying whether ``model`` now reads its data from beside ``path``.
 

@@ -74,12 +74,12 @@ from .folding import (
 )
 from .graph import (
     ONNX_DOMAINS,
+    SPILL,
     AttributeRef,
     BadAttribute,
     BadTensor,
     Const,
     NameAllocator,
-    SPILL,
     NotConstant,
     Scope,
     all_names,
@@ -152,8 +152,12 @@ def _plain_initializer(scope: Scope, initializers: Any, name: str) -> np.ndarray
         return None
     t = initializers[i]
     dtype = _BULK_DTYPES.get(t.data_type)
-    if dtype is None or t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") \
-            or t.HasField("segment"):
+    if (
+        dtype is None
+        or t.data_location == onnx.TensorProto.EXTERNAL
+        or not t.HasField("raw_data")
+        or t.HasField("segment")
+    ):
         return None
     raw = t.raw_data
     dims = t.dims
@@ -175,8 +179,13 @@ class _Pass:
         self.touched: set[tuple[str, int]] = set()  # (scope label, node index) of layers folded into
         self.scopes: list[Scope] = []  # every graph and function body, for the node counts
 
-    def scope(self, proto: onnx.GraphProto | onnx.FunctionProto, label: str, opset: dict[str, int],
-              parent: Scope | None = None) -> Scope:
+    def scope(
+        self,
+        proto: onnx.GraphProto | onnx.FunctionProto,
+        label: str,
+        opset: dict[str, int],
+        parent: Scope | None = None,
+    ) -> Scope:
         """Index ``proto`` (before it is rewritten) and count its nodes and initializers."""
         s = Scope.build(proto, label, opset, self.model.ir_version, self.base_dir, self.names, parent)
         self.scopes.append(s)
@@ -226,8 +235,12 @@ class _Pass:
                     continue
                 self.attempt(scope, node, lambda i=idx, n=node: self.prepare(scope, i, n))
             else:
-                self.attempt(scope, node, lambda i=idx, n=node: self.prepare_mul(scope, i, n),
-                             reported=REPORTED_MUL_CODES)
+                self.attempt(
+                    scope,
+                    node,
+                    lambda i=idx, n=node: self.prepare_mul(scope, i, n),
+                    reported=REPORTED_MUL_CODES,
+                )
         for idx in scope.subgraph_nodes:
             if idx in scope.removed_nodes:
                 continue
@@ -237,8 +250,13 @@ class _Pass:
                 self.process(self.scope(g, label, scope.opset, scope))
         scope.commit()
 
-    def attempt(self, scope: Scope, node: onnx.NodeProto, prepare: Callable[[], Callable[[], None] | None],
-                reported: frozenset[str] | None = None) -> None:
+    def attempt(
+        self,
+        scope: Scope,
+        node: onnx.NodeProto,
+        prepare: Callable[[], Callable[[], None] | None],
+        reported: frozenset[str] | None = None,
+    ) -> None:
         """Run ``prepare`` (checks, no mutation); on success run the rewrite it returns."""
         try:
             try:
@@ -249,8 +267,13 @@ class _Pass:
                 raise FoldError("malformed", str(e)) from None
         except FoldError as e:
             if reported is None or e.code in reported:
-                self.skip(scope, node, e.code, e.message, self.report.skipped if reported is None
-                          else self.report.skipped_affine)
+                self.skip(
+                    scope,
+                    node,
+                    e.code,
+                    e.message,
+                    self.report.skipped if reported is None else self.report.skipped_affine,
+                )
         except Exception as e:  # noqa: BLE001 - refuse what we cannot read, never crash
             if reported is None:
                 self.skip(scope, node, "malformed", f"cannot be analysed: {type(e).__name__}: {e}")
@@ -258,8 +281,9 @@ class _Pass:
             if rewrite is not None:
                 rewrite()
 
-    def skip(self, scope: Scope, bn: onnx.NodeProto, code: str, message: str,
-             into: list[SkippedBN] | None = None) -> None:
+    def skip(
+        self, scope: Scope, bn: onnx.NodeProto, code: str, message: str, into: list[SkippedBN] | None = None
+    ) -> None:
         x = bn.input[0] if bn.input else ""
         prod = scope.node_of(x) if x else None
         if bn.op_type == "Mul" and prod is not None and prod.op_type not in TARGET_OPS and len(bn.input) > 1:
@@ -276,8 +300,9 @@ class _Pass:
             )
         )
 
-    def record(self, scope: Scope, anchor: onnx.NodeProto, target: onnx.NodeProto, kind: str,
-               pattern: str) -> None:
+    def record(
+        self, scope: Scope, anchor: onnx.NodeProto, target: onnx.NodeProto, kind: str, pattern: str
+    ) -> None:
         self.report.folded.append(
             FoldedPair(
                 bn=anchor.name or anchor.output[0],
@@ -300,7 +325,9 @@ class _Pass:
         where the BN sits, into its consumer (``bn_before``); else, when enabled, ``bn_to_affine``.
         """
         if len(bn.input) < 5 or not all(bn.input[:5]) or not bn.output or not bn.output[0]:
-            raise FoldError("malformed", "BatchNormalization needs inputs X, scale, B, mean, var and output Y")
+            raise FoldError(
+                "malformed", "BatchNormalization needs inputs X, scale, B, mean, var and output Y"
+            )
         version = bn_version(scope.opset.get("", 1))
         self.check_inference_mode(bn, version)
         epsilon = attr_float(bn, "epsilon", 1e-5)
@@ -320,7 +347,9 @@ class _Pass:
                 try:
                     forward = self.forward(scope, idx, bn, affine)
                 except FoldError as e:
-                    err = FoldError(e.code, f"{e.message} (and it cannot fold into its producer: {back.message})")
+                    err = FoldError(
+                        e.code, f"{e.message} (and it cannot fold into its producer: {back.message})"
+                    )
                 else:
                     if forward is not None:
                         return forward
@@ -328,8 +357,10 @@ class _Pass:
                 try:
                     return self.to_affine(scope, idx, bn, affine, version, params)
                 except FoldError as e:
-                    raise FoldError(err.code, f"{err.message}; not rewritten as Mul+Add: {e.message}") from None
-            raise err
+                    raise FoldError(
+                        err.code, f"{err.message}; not rewritten as Mul+Add: {e.message}"
+                    ) from None
+            raise err  # noqa: B904 - the refusal with the most useful reason, not a new error
 
     # ------------------------------------------------------------------------------------------
     # Plain Conv -> BN pairs, computed in bulk
@@ -364,8 +395,12 @@ class _Pass:
             if t_idx is None or t_idx in targets or scope.uses[x] != 1 or x in scope.outputs:
                 continue
             conv = nodes[t_idx]
-            if conv.op_type != "Conv" or conv.domain not in ONNX_DOMAINS or len(conv.output) != 1 \
-                    or len(conv.input) < 2:
+            if (
+                conv.op_type != "Conv"
+                or conv.domain not in ONNX_DOMAINS
+                or len(conv.output) != 1
+                or len(conv.input) < 2
+            ):
                 continue
             source = scope.node_of(conv.input[0])
             if source is not None and source.op_type == "BatchNormalization":
@@ -384,8 +419,16 @@ class _Pass:
                 continue
             channels = bn_params[0].shape[0]  # type: ignore[union-attr]
             weight = _plain_initializer(scope, initializers, conv.input[1])
-            if weight is None or weight.nbytes > _BULK_MAX_WEIGHT or weight.ndim < 3 or weight.shape[0] != channels or channels == 0 \
-                    or any(p.shape[0] != channels for p in bn_params) or group < 1 or channels % group:  # type: ignore[union-attr]
+            if (
+                weight is None
+                or weight.nbytes > _BULK_MAX_WEIGHT
+                or weight.ndim < 3
+                or weight.shape[0] != channels
+                or channels == 0
+                or any(p.shape[0] != channels for p in bn_params)
+                or group < 1
+                or channels % group
+            ):  # type: ignore[union-attr]
                 continue
             bias_name = conv.input[2] if len(conv.input) > 2 else ""
             bias = _plain_initializer(scope, initializers, bias_name) if bias_name else None
@@ -418,7 +461,9 @@ class _Pass:
         bias = scope.initializer_constant(job.bias, job.bias_value) if job.bias_value is not None else None
         base = target.name or target.output[0]
         chained = (scope.label, job.target) in self.touched
-        scope.set_input(target, 2, job.new_bias, bias, f"{base}_bias_folded" if bias is None else f"{bias.name}_folded")
+        scope.set_input(
+            target, 2, job.new_bias, bias, f"{base}_bias_folded" if bias is None else f"{bias.name}_folded"
+        )
         scope.set_input(target, 1, job.new_weight, weight, f"{weight.name}_folded")
         self.absorb(scope, target, [(idx, bn)])
         self.record(scope, bn, target, "Conv", "bn_after_chain" if chained else "bn_after")
@@ -439,8 +484,9 @@ class _Pass:
         if version < 9 and attr_int(bn, "spatial", 1) == 0:
             raise FoldError("spatial_mode", "spatial=0: per-activation statistics, not per channel")
 
-    def following_bns(self, scope: Scope, bn: onnx.NodeProto, affine: BNAffine,
-                      version: int) -> tuple[list[tuple[int, onnx.NodeProto]], BNAffine]:
+    def following_bns(
+        self, scope: Scope, bn: onnx.NodeProto, affine: BNAffine, version: int
+    ) -> tuple[list[tuple[int, onnx.NodeProto]], BNAffine]:
         """The BNs that directly follow ``bn`` (each the only consumer of the one before, in
         inference mode, with constant parameters) and the affine map of ``bn`` and all of them:
         folded together, the layer is rounded once rather than once per BN."""
@@ -451,13 +497,22 @@ class _Pass:
             if found is None:
                 break
             i, nxt = found
-            if nxt.op_type != "BatchNormalization" or nxt.domain not in ONNX_DOMAINS or len(nxt.input) < 5 \
-                    or not all(nxt.input[:5]) or nxt.input[0] != y or not nxt.output or not nxt.output[0]:
+            if (
+                nxt.op_type != "BatchNormalization"
+                or nxt.domain not in ONNX_DOMAINS
+                or len(nxt.input) < 5
+                or not all(nxt.input[:5])
+                or nxt.input[0] != y
+                or not nxt.output
+                or not nxt.output[0]
+            ):
                 break
             try:
                 self.check_inference_mode(nxt, version)
                 epsilon = attr_float(nxt, "epsilon", 1e-5)
-                params = [self.constant(scope, n, "param_not_constant", "BN parameter") for n in nxt.input[1:5]]
+                params = [
+                    self.constant(scope, n, "param_not_constant", "BN parameter") for n in nxt.input[1:5]
+                ]
                 then = bn_affine(*(p.value for p in params), epsilon=epsilon)
             except (FoldError, AttributeRef, BadAttribute):
                 break
@@ -468,8 +523,14 @@ class _Pass:
             y = nxt.output[0]
         return after, affine
 
-    def backward(self, scope: Scope, idx: int, bn: onnx.NodeProto, affine: BNAffine,
-                 after: Sequence[tuple[int, onnx.NodeProto]] = ()) -> Callable[[], None]:
+    def backward(
+        self,
+        scope: Scope,
+        idx: int,
+        bn: onnx.NodeProto,
+        affine: BNAffine,
+        after: Sequence[tuple[int, onnx.NodeProto]] = (),
+    ) -> Callable[[], None]:
         """BN into the layer before it, possibly through one constant per-channel Add; ``after``:
         BNs that follow it, folded in the same step (``affine`` is then the map of them all)."""
         target, add = self.producer_chain(scope, bn.input[0], released=bn.input[1:5])
@@ -483,7 +544,9 @@ class _Pass:
 
         kind = target.op_type
         write, pattern = self.plan(scope, target, make_affine)
-        if pattern == "bn_after" and (add is not None or (scope.label, scope.producer[target.output[0]]) in self.touched):
+        if pattern == "bn_after" and (
+            add is not None or (scope.label, scope.producer[target.output[0]]) in self.touched
+        ):
             pattern = "bn_after_chain"
         chain = ([] if add is None else [(add[0], add[1])]) + [(idx, bn)] + list(after)
 
@@ -522,7 +585,9 @@ class _Pass:
         raise FoldError("unsupported_producer", "follows an Add that is not a layer plus a constant")
 
     @staticmethod
-    def producer_of(scope: Scope, x: str, allow_add: bool = False, released: Sequence[str] = ()) -> onnx.NodeProto:
+    def producer_of(
+        scope: Scope, x: str, allow_add: bool = False, released: Sequence[str] = ()
+    ) -> onnx.NodeProto:
         target = scope.node_of(x)
         if target is None:
             owner = scope.owner(x)
@@ -544,9 +609,7 @@ class _Pass:
         if uses != 1 and released:
             uses = scope.uses_after_release(x, released)
         if uses != 1:
-            raise FoldError(
-                "multiple_consumers", f"'{x}' has {uses - 1} consumer(s) besides the BN"
-            )
+            raise FoldError("multiple_consumers", f"'{x}' has {uses - 1} consumer(s) besides the BN")
         return target
 
     def absorb(self, scope: Scope, target: onnx.NodeProto, chain: list[tuple[int, onnx.NodeProto]]) -> None:
@@ -599,8 +662,9 @@ class _Pass:
             raise FoldError("unsupported_dtype", "bias and weight have different dtypes")
         return bias
 
-    def plan(self, scope: Scope, target: onnx.NodeProto,
-             make_affine: Callable[[int, int], BNAffine]) -> tuple[Callable[[], None], str]:
+    def plan(
+        self, scope: Scope, target: onnx.NodeProto, make_affine: Callable[[int, int], BNAffine]
+    ) -> tuple[Callable[[], None], str]:
         """Compute the folded constants of ``target`` for the per-channel map ``make_affine(C,
         output rank)``; return a closure that writes them, and the pattern name."""
         op = target.op_type
@@ -623,13 +687,15 @@ class _Pass:
                 rank = scope.rank(target.input[0])
                 if rank is None:
                     raise FoldError(
-                        "unknown_rank", "the MatMul input's rank is unknown, so the BN channel axis "
-                        "may not be its feature axis"
+                        "unknown_rank",
+                        "the MatMul input's rank is unknown, so the BN channel axis "
+                        "may not be its feature axis",
                     )
                 if rank != 2:
                     raise FoldError(
-                        "channel_axis", f"the MatMul input has rank {rank}: the BN channel axis (1) "
-                        "is not the MatMul's feature axis"
+                        "channel_axis",
+                        f"the MatMul input has rank {rank}: the BN channel axis (1) "
+                        "is not the MatMul's feature axis",
                     )
                 trans_b, beta = False, 1.0
             else:
@@ -655,7 +721,9 @@ class _Pass:
         def write() -> None:
             # Bias first: releasing a computed bias may leave the weight with a single user, which
             # then lets the weight be updated in place under its own name.
-            scope.set_input(target, 2, new_b, bias, f"{base}_bias_folded" if bias is None else f"{bias.name}_folded")
+            scope.set_input(
+                target, 2, new_b, bias, f"{base}_bias_folded" if bias is None else f"{bias.name}_folded"
+            )
             scope.set_input(target, 1, new_w, weight, f"{weight.name}_folded")
             if op in ("Gemm", "MatMul"):
                 target.op_type = "Gemm"
@@ -666,8 +734,13 @@ class _Pass:
 
         return write, "matmul" if op == "MatMul" else "bn_after"
 
-    def plan_dequantized(self, scope: Scope, conv: onnx.NodeProto, dq: onnx.NodeProto,
-                         make_affine: Callable[[int, int], BNAffine]) -> Callable[[], None]:
+    def plan_dequantized(
+        self,
+        scope: Scope,
+        conv: onnx.NodeProto,
+        dq: onnx.NodeProto,
+        make_affine: Callable[[int, int], BNAffine],
+    ) -> Callable[[], None]:
         """Conv weight ``DequantizeLinear(q, scale, zp)``: the BN scale goes into ``scale``."""
         w = conv.input[1]
         if w in scope.outputs or scope.uses[w] != 1:
@@ -719,14 +792,18 @@ class _Pass:
             raise FoldError("invalid_group", f"Conv output channels {cout} not divisible by group {group}")
         affine = make_affine(cout, q.ndim)
         if affine.scale.shape[0] != cout:
-            raise FoldError("channel_mismatch", f"BN has {affine.scale.shape[0]} channels but the layer produces {cout}")
+            raise FoldError(
+                "channel_mismatch", f"BN has {affine.scale.shape[0]} channels but the layer produces {cout}"
+            )
         new_scale = fold_dequantized_scale(sc, affine)
         new_b = fold_bias(bias.value if bias is not None else None, affine, sc.dtype)
         new_zp = np.full((cout,), zp, dtype=zp.dtype) if per_tensor and zp is not None else None
         base = conv.name or conv.output[0]
 
         def write() -> None:
-            scope.set_input(conv, 2, new_b, bias, f"{base}_bias_folded" if bias is None else f"{bias.name}_folded")
+            scope.set_input(
+                conv, 2, new_b, bias, f"{base}_bias_folded" if bias is None else f"{bias.name}_folded"
+            )
             scope.set_input(dq, 1, new_scale, scale, f"{scale.name}_folded")
             if new_zp is not None:
                 scope.set_input(dq, 2, new_zp, zp_const, f"{zp_const.name}_per_channel")  # type: ignore[union-attr]
@@ -760,8 +837,12 @@ class _Pass:
         nxt = scope.consumer_of(mul.output[0])
         if nxt is not None:
             aidx, anode = nxt
-            if anode.op_type == "Add" and anode.domain in ONNX_DOMAINS and len(anode.input) == 2 \
-                    and len(anode.output) == 1:
+            if (
+                anode.op_type == "Add"
+                and anode.domain in ONNX_DOMAINS
+                and len(anode.input) == 2
+                and len(anode.output) == 1
+            ):
                 other = anode.input[1] if anode.input[0] == mul.output[0] else anode.input[0]
                 if other != mul.output[0]:
                     try:
@@ -776,6 +857,7 @@ class _Pass:
                 mv = channel_vector(m.value, channels, out_rank, 1)
                 av = channel_vector(add[2].value, channels, out_rank, 1) if with_add and add else None
                 return affine_of(mv, av, channels)
+
             return make
 
         try:
@@ -799,7 +881,9 @@ class _Pass:
     # ------------------------------------------------------------------------------------------
     # BN before a layer
     # ------------------------------------------------------------------------------------------
-    def forward(self, scope: Scope, idx: int, bn: onnx.NodeProto, affine: BNAffine) -> Callable[[], None] | None:
+    def forward(
+        self, scope: Scope, idx: int, bn: onnx.NodeProto, affine: BNAffine
+    ) -> Callable[[], None] | None:
         """BN into its only consumer; None when that is not a Conv or Flatten -> Gemm."""
         y = bn.output[0]
         c = scope.consumer_of(y)
@@ -820,8 +904,9 @@ class _Pass:
             return self.forward_gemm(scope, idx, bn, cidx, cons, gidx, gemm, affine)
         return None
 
-    def _drop_bn_before(self, scope: Scope, idx: int, bn: onnx.NodeProto, cidx: int,
-                        cons: onnx.NodeProto) -> None:
+    def _drop_bn_before(
+        self, scope: Scope, idx: int, bn: onnx.NodeProto, cidx: int, cons: onnx.NodeProto
+    ) -> None:
         """The consumer reads the BN's input directly; the BN goes."""
         x, y = bn.input[0], bn.output[0]
         cons.input[0] = x
@@ -833,15 +918,17 @@ class _Pass:
         for name in bn.input[1:5]:
             scope.release(name)
 
-    def forward_conv(self, scope: Scope, idx: int, bn: onnx.NodeProto, cidx: int, conv: onnx.NodeProto,
-                     affine: BNAffine) -> Callable[[], None]:
+    def forward_conv(
+        self, scope: Scope, idx: int, bn: onnx.NodeProto, cidx: int, conv: onnx.NodeProto, affine: BNAffine
+    ) -> Callable[[], None]:
         auto_pad = attr(conv, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         pads = attr(conv, "pads", None)
         if auto_pad not in ("NOTSET", "VALID") or (auto_pad == "NOTSET" and pads and any(pads)):
             raise FoldError(
-                "padding", f"the Conv after the BN pads its input (auto_pad={auto_pad}, pads={list(pads or [])}): "
-                "the padded zeros would not get the BN's shift"
+                "padding",
+                f"the Conv after the BN pads its input (auto_pad={auto_pad}, pads={list(pads or [])}): "
+                "the padded zeros would not get the BN's shift",
             )
         if len(conv.input) < 2 or not conv.input[1]:
             raise FoldError("malformed", "Conv has no weight input")
@@ -853,7 +940,9 @@ class _Pass:
         base = conv.name or conv.output[0]
 
         def rewrite() -> None:
-            scope.set_input(conv, 2, new_b, bias, f"{base}_bias_folded" if bias is None else f"{bias.name}_folded")
+            scope.set_input(
+                conv, 2, new_b, bias, f"{base}_bias_folded" if bias is None else f"{bias.name}_folded"
+            )
             scope.set_input(conv, 1, new_w, weight, f"{weight.name}_folded")
             self._drop_bn_before(scope, idx, bn, cidx, conv)
             self.touched.add((scope.label, cidx))
@@ -861,10 +950,21 @@ class _Pass:
 
         return rewrite
 
-    def forward_gemm(self, scope: Scope, idx: int, bn: onnx.NodeProto, fidx: int, flatten: onnx.NodeProto,
-                     gidx: int, gemm: onnx.NodeProto, affine: BNAffine) -> Callable[[], None]:
+    def forward_gemm(
+        self,
+        scope: Scope,
+        idx: int,
+        bn: onnx.NodeProto,
+        fidx: int,
+        flatten: onnx.NodeProto,
+        gidx: int,
+        gemm: onnx.NodeProto,
+        affine: BNAffine,
+    ) -> Callable[[], None]:
         if attr_int(flatten, "axis", 1) != 1:
-            raise FoldError("channel_axis", "Flatten axis is not 1: the BN channels do not map onto Gemm features")
+            raise FoldError(
+                "channel_axis", "Flatten axis is not 1: the BN channels do not map onto Gemm features"
+            )
         if attr_int(gemm, "transA", 0):
             raise FoldError("channel_axis", "Gemm transA=1: the BN channels do not map onto Gemm features")
         if len(gemm.input) < 2 or not gemm.input[1]:
@@ -896,8 +996,9 @@ class _Pass:
     # ------------------------------------------------------------------------------------------
     # BN -> Mul + Add
     # ------------------------------------------------------------------------------------------
-    def to_affine(self, scope: Scope, idx: int, bn: onnx.NodeProto, affine: BNAffine, version: int,
-                  params: list[Const]) -> Callable[[], None]:
+    def to_affine(
+        self, scope: Scope, idx: int, bn: onnx.NodeProto, affine: BNAffine, version: int, params: list[Const]
+    ) -> Callable[[], None]:
         x, y = bn.input[0], bn.output[0]
         rank = scope.rank(x)
         if rank is None:
@@ -927,8 +1028,9 @@ class _Pass:
             del bn.output[1:]
             if legacy:  # opset < 7: broadcasting is explicit, [C] along axis 1
                 for n in (mul, bn):
-                    n.attribute.extend([onnx.helper.make_attribute("broadcast", 1),
-                                        onnx.helper.make_attribute("axis", 1)])
+                    n.attribute.extend(
+                        [onnx.helper.make_attribute("broadcast", 1), onnx.helper.make_attribute("axis", 1)]
+                    )
             scope.set_input(mul, 1, s, None, f"{base}_scale_affine")
             scope.set_input(bn, 1, t, None, f"{base}_shift_affine")
             scope.uses[mul_out] += 1
@@ -940,7 +1042,6 @@ class _Pass:
             self.record(scope, bn, mul, "Mul", "bn_to_affine")
 
         return rewrite
-
 
 
 def fold_model(model: onnx.ModelProto, base_dir: str = "", *, bn_to_affine: bool = False) -> FoldReport:

@@ -16,7 +16,9 @@ class FoldedPair:
 
     bn: str
     target: str
-    kind: str  # op type of the target before the fold: Conv, ConvTranspose, Gemm, MatMul (Mul for bn_to_affine)
+    kind: (
+        str  # op type of the target before the fold: Conv, ConvTranspose, Gemm, MatMul (Mul for bn_to_affine)
+    )
     graph: str  # "main", a subgraph path like "main/If_0.then_branch", or "function domain:name"
     pattern: str = "bn_after"  # the pattern kind that matched
 
@@ -55,7 +57,9 @@ class FoldReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (every value is a str, int, finite float, None, list or dict)."""
-        return {k: [dict(vars(item)) for item in v] if isinstance(v, list) else v for k, v in vars(self).items()}
+        return {
+            k: [dict(vars(item)) for item in v] if isinstance(v, list) else v for k, v in vars(self).items()
+        }
 
 
 @dataclass

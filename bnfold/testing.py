@@ -42,11 +42,11 @@ def _e(x: float) -> str:
 
 def describe_verification(v: Verification) -> str:
     """A multi-line, human description of a verification with the figures of every output."""
-    head = (
-        f"onnxruntime {v.provider} (optimizations off), seed {v.seed}, {v.runs} run{'s' if v.runs != 1 else ''}"
-    )
+    head = f"onnxruntime {v.provider} (optimizations off), seed {v.seed}, {v.runs} run{'s' if v.runs != 1 else ''}"
     if v.input_shapes:
-        head += ", inputs " + ", ".join(f"{k}={'x'.join(map(str, s)) or 'scalar'}" for k, s in v.input_shapes.items())
+        head += ", inputs " + ", ".join(
+            f"{k}={'x'.join(map(str, s)) or 'scalar'}" for k, s in v.input_shapes.items()
+        )
     if v.assumed_dims:
         head += " (assumed " + ", ".join(f"{k}={n}" for k, n in v.assumed_dims.items()) + ")"
     lines = [head]
@@ -56,7 +56,9 @@ def describe_verification(v: Verification) -> str:
         shape = "x".join(map(str, o.shape)) or "scalar"
         figures = f"max abs err {_e(o.max_abs_err)}, max rel err {_e(o.max_rel_err)}"
         if o.passed:
-            lines.append(f"  ok      {o.name} ({o.dtype}, {shape}): {figures}; atol {_e(o.atol)}, rtol {_e(o.rtol)}")
+            lines.append(
+                f"  ok      {o.name} ({o.dtype}, {shape}): {figures}; atol {_e(o.atol)}, rtol {_e(o.rtol)}"
+            )
         else:
             lines.append(
                 f"  FAILED  {o.name} ({o.dtype}, {shape}): {figures}; {o.mismatches} element(s) outside "
@@ -92,8 +94,16 @@ def assert_models_close(
     from .verification import verify
 
     v = verify(
-        reference, candidate, inputs=inputs, shapes=shapes, dims=dims, seed=seed, runs=runs, atol=atol,
-        rtol=rtol, provider=provider,
+        reference,
+        candidate,
+        inputs=inputs,
+        shapes=shapes,
+        dims=dims,
+        seed=seed,
+        runs=runs,
+        atol=atol,
+        rtol=rtol,
+        provider=provider,
     )
     if v.status == "passed" or (v.status == "error" and allow_unverifiable):
         return v
@@ -126,21 +136,34 @@ def assert_fold_preserves(
     from .api import fold
 
     result = fold(
-        model, verify=True, inputs=inputs, shapes=shapes, dims=dims, seed=seed, runs=runs, atol=atol,
-        rtol=rtol, provider=provider,
+        model,
+        verify=True,
+        inputs=inputs,
+        shapes=shapes,
+        dims=dims,
+        seed=seed,
+        runs=runs,
+        atol=atol,
+        rtol=rtol,
+        provider=provider,
     )
     report = result.report
     counts = f"{len(report.folded)} folded, {len(report.skipped)} kept"
     if expect_folded is not None and len(report.folded) != expect_folded:
         kept = "; ".join(f"{s.bn}: {s.code} ({s.message})" for s in report.skipped[:10])
         raise AssertionError(
-            f"expected {expect_folded} BatchNormalization(s) folded, got {counts}" + (f"; kept: {kept}" if kept else "")
+            f"expected {expect_folded} BatchNormalization(s) folded, got {counts}"
+            + (f"; kept: {kept}" if kept else "")
         )
     if strict:
         bad = [s for s in report.skipped if s.producer_op in LINEAR_OPS]
         if bad:
-            detail = "; ".join(f"{s.bn} after {s.producer_op} {s.producer}: {s.code} ({s.message})" for s in bad[:10])
-            raise AssertionError(f"{len(bad)} BatchNormalization(s) after {'/'.join(LINEAR_OPS)} kept ({counts}): {detail}")
+            detail = "; ".join(
+                f"{s.bn} after {s.producer_op} {s.producer}: {s.code} ({s.message})" for s in bad[:10]
+            )
+            raise AssertionError(
+                f"{len(bad)} BatchNormalization(s) after {'/'.join(LINEAR_OPS)} kept ({counts}): {detail}"
+            )
     v = result.verification
     assert v is not None
     if v.status == "passed" or (v.status == "error" and allow_unverifiable):
@@ -198,10 +221,14 @@ def conv_bn_model(
         ]
         out = "y" if i == blocks - 1 and not matmul_bn else f"relu{i}"
         nodes += [
-            helper.make_node("Conv", [x, f"w{i}", f"bias{i}"], [f"conv{i}_out"], name=f"conv{i}", pads=[1, 1, 1, 1]),
             helper.make_node(
-                "BatchNormalization", [f"conv{i}_out", f"gamma{i}", f"beta{i}", f"mean{i}", f"var{i}"],
-                [f"bn{i}_out"], name=f"bn{i}",
+                "Conv", [x, f"w{i}", f"bias{i}"], [f"conv{i}_out"], name=f"conv{i}", pads=[1, 1, 1, 1]
+            ),
+            helper.make_node(
+                "BatchNormalization",
+                [f"conv{i}_out", f"gamma{i}", f"beta{i}", f"mean{i}", f"var{i}"],
+                [f"bn{i}_out"],
+                name=f"bn{i}",
             ),
             helper.make_node("Relu", [f"bn{i}_out"], [out], name=f"relu{i}"),
         ]
@@ -216,10 +243,16 @@ def conv_bn_model(
         ]
         nodes += [
             helper.make_node("MatMul", [x, "mm_w"], ["mm_out"], name="mm"),
-            helper.make_node("BatchNormalization", ["mm_out", "mm_gamma", "mm_beta", "mm_mean", "mm_var"], ["y"], name="bn_mm"),
+            helper.make_node(
+                "BatchNormalization",
+                ["mm_out", "mm_gamma", "mm_beta", "mm_mean", "mm_var"],
+                ["y"],
+                name="bn_mm",
+            ),
         ]
     graph = helper.make_graph(
-        nodes, "conv_bn",
+        nodes,
+        "conv_bn",
         [helper.make_tensor_value_info("x", elem, [batch, in_channels, size, size])],
         [helper.make_tensor_value_info("y", elem, [batch, channels, size, size])],
         inits,

@@ -63,12 +63,16 @@ def _in_training(model: nn.Module) -> list[str]:
     means nothing, its graph is fixed) and any BatchNorm or Dropout module."""
     names = [type(model).__name__] if model.training and not isinstance(model, fx.GraphModule) else []
     for name, m in model.named_modules():
-        if name and m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+        if (
+            name
+            and m.training
+            and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+        ):
             names.append(name)
     return names
 
 
-def prepare(model: nn.Module, eval: bool) -> nn.Module:  # noqa: A002 - the documented flag name
+def prepare(model: nn.Module, eval: bool) -> nn.Module:
     """A private eval-mode copy of ``model``; refuses a training-mode model unless ``eval``."""
     training = _in_training(model)
     if training and not eval:
@@ -89,14 +93,16 @@ def capture(model: Any, example_inputs: tuple[Any, ...] | None) -> tuple[fx.Grap
         return model, "graph_module"
     try:
         return fx.symbolic_trace(model), "symbolic_trace"
-    except Exception as trace_error:  # tracing raises many types
+    except Exception as trace_error:  # tracing raises many types  # noqa: BLE001 - reported, never raised
         first = f"symbolic_trace failed: {_one_line(trace_error)}"
     if example_inputs is None:
         raise BadInput(f"cannot capture the model ({first}); torch.export needs example_inputs")
     try:
         return torch.export.export(model, example_inputs).module(), "torch.export"
-    except Exception as export_error:
-        raise BadInput(f"cannot capture the model ({first}; torch.export failed: {_one_line(export_error)})") from None
+    except Exception as export_error:  # noqa: BLE001 - reported, never raised
+        raise BadInput(
+            f"cannot capture the model ({first}; torch.export failed: {_one_line(export_error)})"
+        ) from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -110,20 +116,30 @@ def _flatten(value: Any) -> list[torch.Tensor]:
 
 
 def _compare_outputs(
-    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], names: Sequence[str],
-    atol: float | None, rtol: float | None,
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    names: Sequence[str],
+    atol: float | None,
+    rtol: float | None,
 ) -> list[OutputCheck]:
     if len(reference) != len(candidate):
-        raise VerificationFailed(f"the folded model returns {len(candidate)} outputs, the original {len(reference)}")
+        raise VerificationFailed(
+            f"the folded model returns {len(candidate)} outputs, the original {len(reference)}"
+        )
     return [compare(n, r, c, atol, rtol) for n, r, c in zip(names, reference, candidate)]
 
 
 def _verification(checks: list[OutputCheck], start_shapes: dict[str, list[int]]) -> Verification:
     passed = all(c.passed for c in checks)
     return Verification(
-        passed=passed, status="passed" if passed else "failed",
-        message="" if passed else "outputs differ beyond tolerance: " + ", ".join(c.name for c in checks if not c.passed),
-        outputs=checks, provider="torch", input_shapes=start_shapes,
+        passed=passed,
+        status="passed" if passed else "failed",
+        message=""
+        if passed
+        else "outputs differ beyond tolerance: " + ", ".join(c.name for c in checks if not c.passed),
+        outputs=checks,
+        provider="torch",
+        input_shapes=start_shapes,
     )
 
 
@@ -136,7 +152,7 @@ def fold(
     example_inputs: Any = None,
     *,
     verify: bool = True,
-    eval: bool = False,  # noqa: A002
+    eval: bool = False,
     atol: float | None = None,
     rtol: float | None = None,
     partial: bool = False,
@@ -157,7 +173,9 @@ def fold(
         gm, how = capture(model, args)
     else:
         if not isinstance(model, nn.Module):
-            raise BadInput(f"cannot fold a {type(model).__name__}: pass an nn.Module, GraphModule or ExportedProgram")
+            raise BadInput(
+                f"cannot fold a {type(model).__name__}: pass an nn.Module, GraphModule or ExportedProgram"
+            )
         private = prepare(model, eval)
         reference = copy.deepcopy(private)
         try:
@@ -189,7 +207,9 @@ def _inferred_inputs(model: Any, gm: fx.GraphModule, seed: int = 0) -> tuple[tor
     """Seeded random inputs shaped like the example inputs an ExportedProgram recorded, or like the
     placeholders' recorded values of a GraphModule from torch.export; None if shapes are unknown."""
     specs: list[Any] = []
-    recorded = getattr(model, "example_inputs", None) if isinstance(model, torch.export.ExportedProgram) else None
+    recorded = (
+        getattr(model, "example_inputs", None) if isinstance(model, torch.export.ExportedProgram) else None
+    )
     if recorded is not None:
         args, kwargs = recorded
         if kwargs:
@@ -225,14 +245,20 @@ def _fold_children(module: nn.Module, args: tuple[Any, ...] | None) -> FoldRepor
     report = FoldReport()
     for name, child in list(module.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            report.skipped.append(SkippedBN(name, "untraceable", "called from a forward that neither "
-                                            "symbolic_trace nor torch.export can capture", "fx"))
+            report.skipped.append(
+                SkippedBN(
+                    name,
+                    "untraceable",
+                    "called from a forward that neither symbolic_trace nor torch.export can capture",
+                    "fx",
+                )
+            )
             continue
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules()):
             continue
         try:
             gm = fx.symbolic_trace(child)
-        except Exception:
+        except Exception:  # noqa: BLE001 - reported, never raised
             sub = _fold_children(child, None)
         else:
             sub = fold_graph_module(gm)
@@ -253,7 +279,7 @@ def _propagate_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*args)
-    except Exception:  # shape propagation is an aid, not a requirement
+    except Exception:  # shape propagation is an aid, not a requirement  # noqa: BLE001 - reported, never raised
         return
 
 
@@ -269,12 +295,12 @@ def export(
     opset: int | None = None,
     dynamic_shapes: Any = None,
     verify: bool = True,
-    eval: bool = False,  # noqa: A002
+    eval: bool = False,
     exporter_optimize: bool = False,
     atol: float | None = None,
     rtol: float | None = None,
     force: bool = False,
-):  # noqa: ANN201 - returns bnfold.api.FoldResult
+):
     """Export ``model`` to ONNX at ``path`` with every BatchNorm folded, proven against PyTorch.
 
     The dynamo exporter runs with its own optimizer off (``exporter_optimize=False``) so every fold
@@ -335,11 +361,11 @@ def _verify_onnx(
     tensors = _flatten(args)
     inputs = session.get_inputs()
     if len(inputs) != len(tensors):
-        raise BadInput(f"the ONNX model takes {len(inputs)} inputs, example_inputs has {len(tensors)} tensors")
+        raise BadInput(
+            f"the ONNX model takes {len(inputs)} inputs, example_inputs has {len(tensors)} tensors"
+        )
     feeds = {i.name: _numpy(t) for i, t in zip(inputs, tensors)}
     names = [o.name for o in session.get_outputs()]
     got = session.run(names, feeds)
     checks = _compare_outputs(expected, [np.asarray(g) for g in got], names, atol, rtol)
     return _verification(checks, {k: list(v.shape) for k, v in feeds.items()})
-
-

@@ -81,7 +81,9 @@ def _np_dtype(elem_type: int, what: str = "a tensor") -> np.dtype:
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
     except (KeyError, ValueError, TypeError):
-        raise BadInput(f"{what} has element type {elem_type}, which onnx {onnx.__version__} does not know") from None
+        raise BadInput(
+            f"{what} has element type {elem_type}, which onnx {onnx.__version__} does not know"
+        ) from None
 
 
 def load_inputs(inputs: Inputs) -> dict[str, np.ndarray]:
@@ -104,7 +106,9 @@ def load_inputs(inputs: Inputs) -> dict[str, np.ndarray]:
         except Exception as exc:  # noqa: BLE001 - corrupt members, pickled objects, bad headers
             raise BadInput(f"{path}: cannot read inputs ({_one_line(exc)})") from None
     if not isinstance(inputs, Mapping):
-        raise BadInput(f"inputs must be a mapping of name to array or an .npz path, not {type(inputs).__name__}")
+        raise BadInput(
+            f"inputs must be a mapping of name to array or an .npz path, not {type(inputs).__name__}"
+        )
     out = {}
     for k, v in inputs.items():
         try:
@@ -138,7 +142,7 @@ def symbolic_dims(interface: list[tuple[str, onnx.TypeProto]]) -> list[str]:
     return keys
 
 
-def _check_shape(name: str, shape: list[int], declared, what: str) -> None:  # noqa: ANN001
+def _check_shape(name: str, shape: list[int], declared, what: str) -> None:
     if declared is None:
         return
     if len(shape) != len(declared):
@@ -320,8 +324,17 @@ def compare(
     dtype = reference.dtype
     if candidate.shape != reference.shape or candidate.dtype != dtype:
         return OutputCheck(
-            name, dtype.name, shape, False, math.inf, math.inf, atol or 0.0, rtol or 0.0,
-            math.inf, math.inf, int(reference.size),
+            name,
+            dtype.name,
+            shape,
+            False,
+            math.inf,
+            math.inf,
+            atol or 0.0,
+            rtol or 0.0,
+            math.inf,
+            math.inf,
+            int(reference.size),
             f"shape/dtype differ: {list(candidate.shape)} {candidate.dtype.name} vs {shape} {dtype.name}",
         )
     d_atol, d_rtol = default_tolerances(dtype, reference.astype(np.float64) if reference.size else reference)
@@ -365,7 +378,16 @@ def compare(
         r = need[nonzero] / mag[nonzero]
         min_rtol = float(np.max(r)) if r.size else 0.0
     return OutputCheck(
-        name, dtype.name, shape, mismatches == 0, max_abs, max_rel, atol, rtol, min_atol, min_rtol,
+        name,
+        dtype.name,
+        shape,
+        mismatches == 0,
+        max_abs,
+        max_rel,
+        atol,
+        rtol,
+        min_atol,
+        min_rtol,
         mismatches,
     )
 
@@ -485,14 +507,24 @@ def verify(
     assumed: dict[str, int] = {}
     feeds = [
         make_inputs(
-            ref_if.inputs, np.random.default_rng([seed, run]), shapes or {}, dims or {}, given,
-            assumed, ref_if.optional, run,
+            ref_if.inputs,
+            np.random.default_rng([seed, run]),
+            shapes or {},
+            dims or {},
+            given,
+            assumed,
+            ref_if.optional,
+            run,
         )
         for run in range(runs)
     ]
     names = [n for n, _ in ref_if.outputs]
     result = Verification(
-        passed=False, status="error", runs=runs, seed=seed, provider=provider,
+        passed=False,
+        status="error",
+        runs=runs,
+        seed=seed,
+        provider=provider,
         input_shapes={k: [int(d) for d in v.shape] for k, v in feeds[0].items()},
         assumed_dims=assumed,
     )
@@ -502,13 +534,13 @@ def verify(
     del ref_model, cand_model
     try:
         ref_out = _run_all(ref_source, provider, feeds, names, threads)
-    except Exception as exc:  # onnxruntime raises its own exception types
+    except Exception as exc:  # onnxruntime raises its own exception types  # noqa: BLE001 - reported, never raised
         result.message = f"onnxruntime cannot run the reference model: {_one_line(exc)}"
         result.seconds = time.perf_counter() - start
         return result
     try:
         cand_out = _run_all(cand_source, provider, feeds, names, threads)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported, never raised
         result.status = "failed"
         result.message = f"onnxruntime cannot run the candidate model: {_one_line(exc)}"
         result.seconds = time.perf_counter() - start

@@ -40,112 +40,185 @@ class Case:
         return ONNX_DIR / self.file
 
 
-def _case(name: str, folded: int, skips: list[str], description: str, *, ort: bool = True,
-          numerics: str | None = None, tags: tuple[str, ...] = ()) -> Case:
+def _case(
+    name: str,
+    folded: int,
+    skips: list[str],
+    description: str,
+    *,
+    ort: bool = True,
+    numerics: str | None = None,
+    tags: tuple[str, ...] = (),
+) -> Case:
     if numerics is None:
         numerics = "unchanged" if folded == 0 else ("ort" if ort else "reference")
     return Case(name, f"{name}.onnx", folded, sorted(skips), ort, description, numerics, None, tags)
 
 
 def _torch(name: str, model: str, folded: int, description: str, skips: list[str] | None = None) -> Case:
-    return Case(name, f"{name}.onnx", folded, sorted(skips or []), True, description, "ort", model,
-                ("torch",))
+    return Case(
+        name, f"{name}.onnx", folded, sorted(skips or []), True, description, "ort", model, ("torch",)
+    )
 
 
 # BN counts of the torch models (all directly after a Conv/ConvTranspose/Linear, all foldable):
 #   resnet_small 6, mobilenet_small 10, unet_decoder 8, audio_cnn1d 4, conv3d_block 3, mlp_bn 2.
 TORCH_CASES: list[Case] = [
-    _torch("resnet_small", "resnet_small", 6,
-           "ResNetSmall, dynamo exporter (optimize=False): bias-less convs get a zero bias built by "
-           "Shape->Expand->CastLike"),
-    _torch("mobilenet_small", "mobilenet_small", 10,
-           "MobileNetSmall, dynamo: depthwise (group=C) and pointwise convs, inverted residuals"),
-    _torch("unet_decoder", "unet_decoder", 8,
-           "UNetDecoder, dynamo: ConvTranspose2d+BN (plain, group=2, with bias), skip concats"),
-    _torch("audio_cnn1d", "audio_cnn1d", 4,
-           "AudioCNN1d, dynamo: Conv1d+BN1d, dilated, strided, grouped"),
-    _torch("conv3d_block", "conv3d_block", 3,
-           "Conv3dBlock, dynamo: Conv3d+BN3d and ConvTranspose3d+BN3d"),
-    _torch("mlp_bn", "mlp_bn", 2,
-           "MLPBN, dynamo: Gemm(transB=1)+BN, one Gemm without C"),
-    _torch("resnet_small_legacy", "resnet_small", 6,
-           "ResNetSmall, legacy TorchScript exporter (TrainingMode.PRESERVE, no constant folding)"),
-    _torch("mobilenet_small_legacy", "mobilenet_small", 10,
-           "MobileNetSmall, legacy exporter"),
-    _torch("unet_decoder_legacy", "unet_decoder", 8,
-           "UNetDecoder, legacy exporter"),
-    _torch("audio_cnn1d_legacy", "audio_cnn1d", 4,
-           "AudioCNN1d, legacy exporter"),
-    _torch("conv3d_block_legacy", "conv3d_block", 3,
-           "Conv3dBlock, legacy exporter"),
+    _torch(
+        "resnet_small",
+        "resnet_small",
+        6,
+        "ResNetSmall, dynamo exporter (optimize=False): bias-less convs get a zero bias built by "
+        "Shape->Expand->CastLike",
+    ),
+    _torch(
+        "mobilenet_small",
+        "mobilenet_small",
+        10,
+        "MobileNetSmall, dynamo: depthwise (group=C) and pointwise convs, inverted residuals",
+    ),
+    _torch(
+        "unet_decoder",
+        "unet_decoder",
+        8,
+        "UNetDecoder, dynamo: ConvTranspose2d+BN (plain, group=2, with bias), skip concats",
+    ),
+    _torch("audio_cnn1d", "audio_cnn1d", 4, "AudioCNN1d, dynamo: Conv1d+BN1d, dilated, strided, grouped"),
+    _torch("conv3d_block", "conv3d_block", 3, "Conv3dBlock, dynamo: Conv3d+BN3d and ConvTranspose3d+BN3d"),
+    _torch("mlp_bn", "mlp_bn", 2, "MLPBN, dynamo: Gemm(transB=1)+BN, one Gemm without C"),
+    _torch(
+        "resnet_small_legacy",
+        "resnet_small",
+        6,
+        "ResNetSmall, legacy TorchScript exporter (TrainingMode.PRESERVE, no constant folding)",
+    ),
+    _torch("mobilenet_small_legacy", "mobilenet_small", 10, "MobileNetSmall, legacy exporter"),
+    _torch("unet_decoder_legacy", "unet_decoder", 8, "UNetDecoder, legacy exporter"),
+    _torch("audio_cnn1d_legacy", "audio_cnn1d", 4, "AudioCNN1d, legacy exporter"),
+    _torch("conv3d_block_legacy", "conv3d_block", 3, "Conv3dBlock, legacy exporter"),
     # The legacy exporter turns the bias-less Linear (fc2) into MatMul, not Gemm: that BN folds
     # too (pattern "matmul": its input is provably 2-D, Gemm -> BN -> Relu).
-    _torch("mlp_bn_legacy", "mlp_bn", 2,
-           "MLPBN, legacy exporter: fc1 is Gemm+BN (folds); the bias-less fc2 exports as MatMul "
-           "(2-D input) and its BN folds too (the MatMul becomes a Gemm)"),
+    _torch(
+        "mlp_bn_legacy",
+        "mlp_bn",
+        2,
+        "MLPBN, legacy exporter: fc1 is Gemm+BN (folds); the bias-less fc2 exports as MatMul "
+        "(2-D input) and its BN folds too (the MatMul becomes a Gemm)",
+    ),
 ]
 
 HAND_CASES: list[Case] = [
     # --- BN operator versions --------------------------------------------------------------
-    _case("case_bn6_is_test", 1, [], "opset 6 (IR 3), BN-6 is_test=1 after Conv: folds",
-          ort=False, numerics="ort_opset9"),
-    _case("case_bn6_training", 0, ["training_mode"],
-          "opset 6, BN-6 is_test=0 (training mode): kept", ort=False),
+    _case(
+        "case_bn6_is_test",
+        1,
+        [],
+        "opset 6 (IR 3), BN-6 is_test=1 after Conv: folds",
+        ort=False,
+        numerics="ort_opset9",
+    ),
+    _case(
+        "case_bn6_training", 0, ["training_mode"], "opset 6, BN-6 is_test=0 (training mode): kept", ort=False
+    ),
     _case("case_bn7_spatial1", 1, [], "opset 7 (IR 3), BN-7 spatial=1: folds"),
-    _case("case_bn7_spatial0", 0, ["spatial_mode"],
-          "opset 7, BN-7 spatial=0 with [C,H,W] statistics: kept"),
+    _case("case_bn7_spatial0", 0, ["spatial_mode"], "opset 7, BN-7 spatial=0 with [C,H,W] statistics: kept"),
     _case("case_bn9", 1, [], "opset 9 (IR 4), BN-9: folds"),
-    _case("case_bn14_training", 0, ["training_mode"],
-          "opset 14, BN-14 training_mode=1 with running_mean/var outputs: kept"),
-    _case("case_bn15_mixed_types", 1, [],
-          "opset 15, float16 X/Conv with float32 scale/bias/mean/var: folds into the fp16 weight"),
+    _case(
+        "case_bn14_training",
+        0,
+        ["training_mode"],
+        "opset 14, BN-14 training_mode=1 with running_mean/var outputs: kept",
+    ),
+    _case(
+        "case_bn15_mixed_types",
+        1,
+        [],
+        "opset 15, float16 X/Conv with float32 scale/bias/mean/var: folds into the fp16 weight",
+    ),
     # --- dtypes ------------------------------------------------------------------------------
     _case("case_fp16", 1, [], "float16 Conv+BN (opset 15): folds, stays float16"),
-    _case("case_bf16", 1, [],
-          "bfloat16 Conv (opset 22) + BN: folds, stays bfloat16; ORT CPU has no bf16 Conv",
-          ort=False),
-    _case("case_fp64_conv", 1, [],
-          "float64 Conv+BN (opset 15): folds; ORT CPU has no float64 Conv", ort=False),
+    _case(
+        "case_bf16",
+        1,
+        [],
+        "bfloat16 Conv (opset 22) + BN: folds, stays bfloat16; ORT CPU has no bf16 Conv",
+        ort=False,
+    ),
+    _case(
+        "case_fp64_conv", 1, [], "float64 Conv+BN (opset 15): folds; ORT CPU has no float64 Conv", ort=False
+    ),
     _case("case_fp64_gemm", 1, [], "float64 Gemm+BN (opset 15): folds"),
     # --- where constants live ---------------------------------------------------------------
     _case("case_constant_nodes", 1, [], "weight, bias and all BN params are Constant nodes: folds"),
-    _case("case_ir3_initializer_inputs", 2, [],
-          "IR 3 / opset 8: every initializer is also listed as a graph input (not overridable): "
-          "both Conv+BN pairs fold"),
-    _case("case_bn_param_graph_input", 0, ["param_not_constant"],
-          "IR 7: the BN mean is an initializer that is also a graph input (overridable): kept"),
-    _case("case_shared_weight", 2, [],
-          "one weight initializer used by two Convs followed by different BNs: both fold "
-          "(copy-on-write)"),
-    _case("case_dequantize_weight", 1, [],
-          "Conv weight computed by DequantizeLinear (int8, per-tensor scale, opset 13): folds "
-          "into a per-channel scale and the bias, the int8 weight untouched"),
+    _case(
+        "case_ir3_initializer_inputs",
+        2,
+        [],
+        "IR 3 / opset 8: every initializer is also listed as a graph input (not overridable): "
+        "both Conv+BN pairs fold",
+    ),
+    _case(
+        "case_bn_param_graph_input",
+        0,
+        ["param_not_constant"],
+        "IR 7: the BN mean is an initializer that is also a graph input (overridable): kept",
+    ),
+    _case(
+        "case_shared_weight",
+        2,
+        [],
+        "one weight initializer used by two Convs followed by different BNs: both fold (copy-on-write)",
+    ),
+    _case(
+        "case_dequantize_weight",
+        1,
+        [],
+        "Conv weight computed by DequantizeLinear (int8, per-tensor scale, opset 13): folds "
+        "into a per-channel scale and the bias, the int8 weight untouched",
+    ),
     # --- subgraphs and functions -------------------------------------------------------------
-    _case("case_if_branch", 1, [],
-          "If: then-branch Conv+BN whose weight is an outer-scope initializer, also used by the "
-          "else-branch Conv without BN: folds with copy-on-write"),
-    _case("case_if_producer_outside", 0, ["producer_outside_scope"],
-          "Conv in the main graph, BN inside an If branch: kept"),
+    _case(
+        "case_if_branch",
+        1,
+        [],
+        "If: then-branch Conv+BN whose weight is an outer-scope initializer, also used by the "
+        "else-branch Conv without BN: folds with copy-on-write",
+    ),
+    _case(
+        "case_if_producer_outside",
+        0,
+        ["producer_outside_scope"],
+        "Conv in the main graph, BN inside an If branch: kept",
+    ),
     _case("case_loop_body", 1, [], "Conv+BN inside a Loop body (weight from the outer scope): folds"),
-    _case("case_local_function", 1, [],
-          "Conv+BN inside a model-local function with Constant-node params: folds"),
+    _case(
+        "case_local_function", 1, [], "Conv+BN inside a model-local function with Constant-node params: folds"
+    ),
     # --- graph structure -------------------------------------------------------------------
-    _case("case_conv_two_consumers", 0, ["multiple_consumers"],
-          "Conv output also feeds a Relu: kept"),
+    _case("case_conv_two_consumers", 0, ["multiple_consumers"], "Conv output also feeds a Relu: kept"),
     _case("case_conv_graph_output", 0, ["graph_output"], "Conv output is also a graph output: kept"),
     _case("case_bn_after_relu", 0, ["unsupported_producer"], "BN after a Relu: kept"),
     _case("case_bn_on_input", 0, ["no_producer"], "BN directly on the graph input: kept"),
     # --- Gemm --------------------------------------------------------------------------------
-    _case("case_gemm_transb_alpha_beta_c", 1, [],
-          "Gemm transB=1, alpha=0.7, beta=1.3, C of shape [N]: folds"),
+    _case(
+        "case_gemm_transb_alpha_beta_c", 1, [], "Gemm transB=1, alpha=0.7, beta=1.3, C of shape [N]: folds"
+    ),
     _case("case_gemm_no_c", 1, [], "Gemm without C: folds (C created)"),
     _case("case_gemm_transa", 1, [], "Gemm transA=1 (C of shape [1,N]): folds"),
     # --- ConvTranspose / Conv variants -------------------------------------------------------
-    _case("case_conv_transpose1d_grouped", 1, [],
-          "ConvTranspose 1-D, group=3, strides=2, output_padding=1, with bias: folds"),
-    _case("case_conv3d_same_upper", 2, [],
-          "two Conv 3-D + BN: dilations [1,2,1] with strides [2,1,2] and explicit pads; "
-          "auto_pad=SAME_UPPER with strides [1,2,2] and an even kernel: both fold"),
+    _case(
+        "case_conv_transpose1d_grouped",
+        1,
+        [],
+        "ConvTranspose 1-D, group=3, strides=2, output_padding=1, with bias: folds",
+    ),
+    _case(
+        "case_conv3d_same_upper",
+        2,
+        [],
+        "two Conv 3-D + BN: dilations [1,2,1] with strides [2,1,2] and explicit pads; "
+        "auto_pad=SAME_UPPER with strides [1,2,2] and an even kernel: both fold",
+    ),
 ]
 
 CASES: list[Case] = TORCH_CASES + HAND_CASES

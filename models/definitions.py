@@ -46,7 +46,12 @@ __all__ = [
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV_TYPES = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
     nn.Linear,
 )
 
@@ -86,9 +91,7 @@ class ResNetSmall(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.layer1 = _BasicBlock(8, 8)
         self.layer2 = _BasicBlock(8, 16, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -106,9 +109,7 @@ class _InvertedResidual(nn.Module):
         super().__init__()
         hidden = cin * expand
         self.use_residual = stride == 1 and cin == cout
-        self.expand = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()
-        )
+        self.expand = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
         self.depthwise = nn.Sequential(
             nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden),
@@ -206,10 +207,17 @@ class AudioCNN1d(nn.Module):
     def __init__(self, num_classes: int = 3) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv1d(2, 8, 5, padding=2, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
-            nn.Conv1d(8, 8, 3, padding=2, dilation=2), nn.BatchNorm1d(8), nn.ReLU(),
-            nn.Conv1d(8, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm1d(12), nn.ReLU(),
-            nn.Conv1d(12, 12, 3, padding=4, dilation=4, groups=4, bias=False), nn.BatchNorm1d(12),
+            nn.Conv1d(2, 8, 5, padding=2, bias=False),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.Conv1d(8, 8, 3, padding=2, dilation=2),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.Conv1d(8, 12, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm1d(12),
+            nn.ReLU(),
+            nn.Conv1d(12, 12, 3, padding=4, dilation=4, groups=4, bias=False),
+            nn.BatchNorm1d(12),
             nn.ReLU(),
         )
         self.fc = nn.Linear(12, num_classes)
@@ -334,8 +342,13 @@ class FunctionalConvBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(x, self.weight, self.bias, padding=1)
         return F.batch_norm(
-            y, self.running_mean, self.running_var, self.bn_weight, self.bn_bias,
-            training=False, eps=self.eps,
+            y,
+            self.running_mean,
+            self.running_var,
+            self.bn_weight,
+            self.bn_bias,
+            training=False,
+            eps=self.eps,
         )
 
 
@@ -449,8 +462,11 @@ def randomize_bn(module: nn.Module, generator: torch.Generator) -> nn.Module:
             getattr(sub, "running_var", None), torch.Tensor
         ):
             _randomize_stats(
-                sub.running_mean, sub.running_var, getattr(sub, "bn_weight", None),
-                getattr(sub, "bn_bias", None), generator,
+                sub.running_mean,
+                sub.running_var,
+                getattr(sub, "bn_weight", None),
+                getattr(sub, "bn_bias", None),
+                generator,
             )
         if isinstance(sub, _CONV_TYPES) and sub.bias is not None:
             _set(sub.bias, 0.2 * torch.randn(sub.bias.shape, generator=generator, dtype=torch.float64))
@@ -475,11 +491,19 @@ def _spec(name: str, cls: type[nn.Module], description: str) -> ModelSpec:
 EXPORTED: dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        _spec("resnet_small", ResNetSmall, "residual blocks, bias-less convs + BN, strided conv+BN downsample"),
+        _spec(
+            "resnet_small", ResNetSmall, "residual blocks, bias-less convs + BN, strided conv+BN downsample"
+        ),
         _spec("mobilenet_small", MobileNetSmall, "depthwise-separable and inverted residual blocks, ReLU6"),
-        _spec("unet_decoder", UNetDecoder, "ConvTranspose2d+BN upsampling (plain, groups=2, with bias), skip concat"),
+        _spec(
+            "unet_decoder",
+            UNetDecoder,
+            "ConvTranspose2d+BN upsampling (plain, groups=2, with bias), skip concat",
+        ),
         _spec("audio_cnn1d", AudioCNN1d, "Conv1d+BatchNorm1d: plain, dilated, strided, grouped+dilated"),
-        _spec("conv3d_block", Conv3dBlock, "Conv3d+BatchNorm3d (plain, strided) and ConvTranspose3d+BatchNorm3d"),
+        _spec(
+            "conv3d_block", Conv3dBlock, "Conv3d+BatchNorm3d (plain, strided) and ConvTranspose3d+BatchNorm3d"
+        ),
         _spec("mlp_bn", MLPBN, "Linear+BatchNorm1d+ReLU (Gemm+BN), with and without Linear bias"),
     )
 }
@@ -491,7 +515,11 @@ TORCH_ONLY: dict[str, ModelSpec] = {
         _spec("grouped_conv_transpose", GroupedConvTranspose, "ConvTranspose2d groups=4 + BN"),
         _spec("linear_bn", LinearBN, "Linear + BatchNorm1d"),
         _spec("functional_conv_bn", FunctionalConvBN, "F.conv2d + F.batch_norm(training=False), no modules"),
-        _spec("conv_bn_with_activation", ConvBNWithActivation, "Conv2d + a BatchNorm2d subclass that applies ReLU"),
+        _spec(
+            "conv_bn_with_activation",
+            ConvBNWithActivation,
+            "Conv2d + a BatchNorm2d subclass that applies ReLU",
+        ),
         _spec("control_flow_net", ControlFlowNet, "data-dependent if: symbolic_trace fails"),
         _spec("bf16_conv_fp32_bn", BF16ConvFP32BN, "bfloat16 conv, float32 BN with casts around it"),
     )

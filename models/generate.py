@@ -50,7 +50,9 @@ def vi(name: str, elem: int, shape: list[int | str] | tuple[int | str, ...]) -> 
     return helper.make_tensor_value_info(name, elem, list(shape))
 
 
-def weight(rng: np.random.Generator, shape: tuple[int, ...], elem: int = F32, fan_in: int | None = None) -> np.ndarray:
+def weight(
+    rng: np.random.Generator, shape: tuple[int, ...], elem: int = F32, fan_in: int | None = None
+) -> np.ndarray:
     fan = fan_in if fan_in is not None else int(np.prod(shape[1:]))
     return (rng.standard_normal(shape) / np.sqrt(fan)).astype(np_dtype(elem))
 
@@ -72,7 +74,9 @@ def bn_stats(rng: np.random.Generator, shape: int | tuple[int, ...], elem: int =
     return [a.astype(dt) for a in (scale, b, mean, var)]
 
 
-def bn_inits(rng: np.random.Generator, prefix: str, shape: int | tuple[int, ...], elem: int = F32) -> tuple[list[str], list[TensorProto]]:
+def bn_inits(
+    rng: np.random.Generator, prefix: str, shape: int | tuple[int, ...], elem: int = F32
+) -> tuple[list[str], list[TensorProto]]:
     names = [f"{prefix}.{p}" for p in ("scale", "bias", "mean", "var")]
     return names, [tensor(n, a) for n, a in zip(names, bn_stats(rng, shape, elem))]
 
@@ -125,8 +129,9 @@ def conv_bn_graph(
     inits = [tensor("W", weight(rng, (4, 3, 3, 3), elem)), tensor("B", bias(rng, 4, elem)), *bn_t]
     outs = bn_outputs or ["bn_out"]
     nodes = [
-        helper.make_node("Conv", ["X", "W", "B"], ["conv_out"], name="conv", pads=[1, 1, 1, 1],
-                         kernel_shape=[3, 3]),
+        helper.make_node(
+            "Conv", ["X", "W", "B"], ["conv_out"], name="conv", pads=[1, 1, 1, 1], kernel_shape=[3, 3]
+        ),
         bn_node("conv_out", params, outs, "bn", **(opset_attrs or {})),
         helper.make_node("Relu", ["bn_out"], ["Y"], name="relu"),
     ]
@@ -159,8 +164,11 @@ def case_bn9(name: str) -> onnx.ModelProto:
 
 
 def case_bn14_training(name: str) -> onnx.ModelProto:
-    g = conv_bn_graph(name, opset_attrs={"training_mode": 1, "momentum": 0.9},
-                      bn_outputs=["bn_out", "running_mean", "running_var"])
+    g = conv_bn_graph(
+        name,
+        opset_attrs={"training_mode": 1, "momentum": 0.9},
+        bn_outputs=["bn_out", "running_mean", "running_var"],
+    )
     return make_model(g, 14)
 
 
@@ -216,8 +224,7 @@ def gemm_bn_graph(
         helper.make_node("Gemm", inputs, ["gemm_out"], name="gemm", **attrs),
         bn_node("gemm_out", params, "Y", "bn"),
     ]
-    return helper.make_graph(nodes, name, [vi("A", elem, a_shape)], [vi("Y", elem, [m, n])],
-                             [*inits, *bn_t])
+    return helper.make_graph(nodes, name, [vi("A", elem, a_shape)], [vi("Y", elem, [m, n])], [*inits, *bn_t])
 
 
 def case_fp64_gemm(name: str) -> onnx.ModelProto:
@@ -241,8 +248,10 @@ def case_constant_nodes(name: str) -> onnx.ModelProto:
     values = {"W": weight(rng, (4, 3, 3, 3)), "B": bias(rng, 4)}
     params = ["bn.scale", "bn.bias", "bn.mean", "bn.var"]
     values.update(zip(params, bn_stats(rng, 4)))
-    consts = [helper.make_node("Constant", [], [k], name=f"const_{k}", value=tensor(k, v))
-              for k, v in values.items()]
+    consts = [
+        helper.make_node("Constant", [], [k], name=f"const_{k}", value=tensor(k, v))
+        for k, v in values.items()
+    ]
     nodes = [
         *consts,
         helper.make_node("Conv", ["X", "W", "B"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
@@ -257,8 +266,13 @@ def case_ir3_initializer_inputs(name: str) -> onnx.ModelProto:
     rng = rng_for(name)
     p1, t1 = bn_inits(rng, "bn1", 4)
     p2, t2 = bn_inits(rng, "bn2", 5)
-    inits = [tensor("W1", weight(rng, (4, 3, 3, 3))), tensor("W2", weight(rng, (5, 4, 1, 1))),
-             tensor("B2", bias(rng, 5)), *t1, *t2]
+    inits = [
+        tensor("W1", weight(rng, (4, 3, 3, 3))),
+        tensor("W2", weight(rng, (5, 4, 1, 1))),
+        tensor("B2", bias(rng, 5)),
+        *t1,
+        *t2,
+    ]
     nodes = [
         helper.make_node("Conv", ["X", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         bn_node("c1", p1, "b1", "bn1", spatial=1),
@@ -288,8 +302,13 @@ def case_shared_weight(name: str) -> onnx.ModelProto:
         helper.make_node("Conv", ["X", "W"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
         bn_node("c2", p2, "Y2", "bn2"),
     ]
-    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6])],
-                          [vi("Y1", F32, [1, 4, 6, 6]), vi("Y2", F32, [1, 4, 3, 3])], inits)
+    g = helper.make_graph(
+        nodes,
+        name,
+        [vi("X", F32, [1, 3, 6, 6])],
+        [vi("Y1", F32, [1, 4, 6, 6]), vi("Y2", F32, [1, 4, 3, 3])],
+        inits,
+    )
     return make_model(g, 13)
 
 
@@ -321,18 +340,28 @@ def case_if_branch(name: str) -> onnx.ModelProto:
             helper.make_node("Conv", ["X", "W"], ["then_conv"], name="then_conv", pads=[1, 1, 1, 1]),
             bn_node("then_conv", params, "then_y", "then_bn"),
         ],
-        "then_branch", [], [vi("then_y", F32, [1, 4, 6, 6])], [bn_t[2], bn_t[3]],  # mean, var inside
+        "then_branch",
+        [],
+        [vi("then_y", F32, [1, 4, 6, 6])],
+        [bn_t[2], bn_t[3]],  # mean, var inside
     )
     else_g = helper.make_graph(
         [
             helper.make_node("Conv", ["X", "W"], ["else_conv"], name="else_conv", pads=[1, 1, 1, 1]),
             helper.make_node("Relu", ["else_conv"], ["else_y"], name="else_relu"),
         ],
-        "else_branch", [], [vi("else_y", F32, [1, 4, 6, 6])],
+        "else_branch",
+        [],
+        [vi("else_y", F32, [1, 4, 6, 6])],
     )
     nodes = [helper.make_node("If", ["cond"], ["Y"], name="if", then_branch=then_g, else_branch=else_g)]
-    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6]), vi("cond", TensorProto.BOOL, [])],
-                          [vi("Y", F32, [1, 4, 6, 6])], outer)
+    g = helper.make_graph(
+        nodes,
+        name,
+        [vi("X", F32, [1, 3, 6, 6]), vi("cond", TensorProto.BOOL, [])],
+        [vi("Y", F32, [1, 4, 6, 6])],
+        outer,
+    )
     return make_model(g, 13)
 
 
@@ -341,18 +370,27 @@ def case_if_producer_outside(name: str) -> onnx.ModelProto:
     params, bn_t = bn_inits(rng, "bn", 4)
     then_g = helper.make_graph(
         [bn_node("conv_out", params, "then_y", "then_bn")],
-        "then_branch", [], [vi("then_y", F32, [1, 4, 6, 6])],
+        "then_branch",
+        [],
+        [vi("then_y", F32, [1, 4, 6, 6])],
     )
     else_g = helper.make_graph(
         [helper.make_node("Relu", ["conv_out"], ["else_y"], name="else_relu")],
-        "else_branch", [], [vi("else_y", F32, [1, 4, 6, 6])],
+        "else_branch",
+        [],
+        [vi("else_y", F32, [1, 4, 6, 6])],
     )
     nodes = [
         helper.make_node("Conv", ["X", "W"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("If", ["cond"], ["Y"], name="if", then_branch=then_g, else_branch=else_g),
     ]
-    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6]), vi("cond", TensorProto.BOOL, [])],
-                          [vi("Y", F32, [1, 4, 6, 6])], [tensor("W", weight(rng, (4, 3, 3, 3))), *bn_t])
+    g = helper.make_graph(
+        nodes,
+        name,
+        [vi("X", F32, [1, 3, 6, 6]), vi("cond", TensorProto.BOOL, [])],
+        [vi("Y", F32, [1, 4, 6, 6])],
+        [tensor("W", weight(rng, (4, 3, 3, 3))), *bn_t],
+    )
     return make_model(g, 13)
 
 
@@ -367,7 +405,11 @@ def case_loop_body(name: str) -> onnx.ModelProto:
             helper.make_node("Relu", ["body_bn"], ["x_out"], name="body_relu"),
         ],
         "loop_body",
-        [vi("iter", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, []), vi("x_in", F32, [1, 4, 5, 5])],
+        [
+            vi("iter", TensorProto.INT64, []),
+            vi("cond_in", TensorProto.BOOL, []),
+            vi("x_in", F32, [1, 4, 5, 5]),
+        ],
         [vi("cond_out", TensorProto.BOOL, []), vi("x_out", F32, [1, 4, 5, 5])],
         bn_t,
     )
@@ -429,16 +471,26 @@ def case_bn_after_relu(name: str) -> onnx.ModelProto:
         helper.make_node("Relu", ["conv_out"], ["relu_out"], name="relu"),
         bn_node("relu_out", params, "Y", "bn"),
     ]
-    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6])], [vi("Y", F32, [1, 4, 6, 6])],
-                          [tensor("W", weight(rng, (4, 3, 3, 3))), *bn_t])
+    g = helper.make_graph(
+        nodes,
+        name,
+        [vi("X", F32, [1, 3, 6, 6])],
+        [vi("Y", F32, [1, 4, 6, 6])],
+        [tensor("W", weight(rng, (4, 3, 3, 3))), *bn_t],
+    )
     return make_model(g, 13)
 
 
 def case_bn_on_input(name: str) -> onnx.ModelProto:
     rng = rng_for(name)
     params, bn_t = bn_inits(rng, "bn", 3)
-    g = helper.make_graph([bn_node("X", params, "Y", "bn")], name, [vi("X", F32, [1, 3, 6, 6])],
-                          [vi("Y", F32, [1, 3, 6, 6])], bn_t)
+    g = helper.make_graph(
+        [bn_node("X", params, "Y", "bn")],
+        name,
+        [vi("X", F32, [1, 3, 6, 6])],
+        [vi("Y", F32, [1, 3, 6, 6])],
+        bn_t,
+    )
     return make_model(g, 13)
 
 
@@ -448,8 +500,16 @@ def case_conv_transpose1d_grouped(name: str) -> onnx.ModelProto:
     params, bn_t = bn_inits(rng, "bn", cout_g * group)
     inits = [tensor("W", weight(rng, (cin, cout_g, 3))), tensor("B", bias(rng, cout_g * group)), *bn_t]
     nodes = [
-        helper.make_node("ConvTranspose", ["X", "W", "B"], ["ct_out"], name="convT", group=group,
-                         strides=[2], output_padding=[1], pads=[1, 1]),
+        helper.make_node(
+            "ConvTranspose",
+            ["X", "W", "B"],
+            ["ct_out"],
+            name="convT",
+            group=group,
+            strides=[2],
+            output_padding=[1],
+            pads=[1, 1],
+        ),
         bn_node("ct_out", params, "Y", "bn"),
     ]
     # L_out = (7 - 1) * 2 - 2 + 3 + 1 = 14
@@ -463,20 +523,40 @@ def case_conv3d_same_upper(name: str) -> onnx.ModelProto:
     rng = rng_for(name)
     p1, t1 = bn_inits(rng, "bn1", 4)
     p2, t2 = bn_inits(rng, "bn2", 3)
-    inits = [tensor("W1", weight(rng, (4, 2, 3, 3, 3))), tensor("W2", weight(rng, (3, 4, 2, 2, 2))),
-             tensor("B2", bias(rng, 3)), *t1, *t2]
+    inits = [
+        tensor("W1", weight(rng, (4, 2, 3, 3, 3))),
+        tensor("W2", weight(rng, (3, 4, 2, 2, 2))),
+        tensor("B2", bias(rng, 3)),
+        *t1,
+        *t2,
+    ]
     nodes = [
         # out = [(5+2-3)/2+1, (6+4-5)/1+1, (7+2-3)/2+1] = [3, 6, 4]
-        helper.make_node("Conv", ["X", "W1"], ["c1"], name="conv3d_dilated", strides=[2, 1, 2],
-                         dilations=[1, 2, 1], pads=[1, 2, 1, 1, 2, 1]),
+        helper.make_node(
+            "Conv",
+            ["X", "W1"],
+            ["c1"],
+            name="conv3d_dilated",
+            strides=[2, 1, 2],
+            dilations=[1, 2, 1],
+            pads=[1, 2, 1, 1, 2, 1],
+        ),
         bn_node("c1", p1, "b1", "bn1"),
         helper.make_node("Relu", ["b1"], ["r1"], name="relu"),
         # SAME_UPPER: out = ceil(in / stride) = [3, 3, 2]
-        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv3d_same_upper",
-                         auto_pad="SAME_UPPER", strides=[1, 2, 2]),
+        helper.make_node(
+            "Conv",
+            ["r1", "W2", "B2"],
+            ["c2"],
+            name="conv3d_same_upper",
+            auto_pad="SAME_UPPER",
+            strides=[1, 2, 2],
+        ),
         bn_node("c2", p2, "Y", "bn2"),
     ]
-    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 2, 5, 6, 7])], [vi("Y", F32, [1, 3, 3, 3, 2])], inits)
+    g = helper.make_graph(
+        nodes, name, [vi("X", F32, [1, 2, 5, 6, 7])], [vi("Y", F32, [1, 3, 3, 3, 2])], inits
+    )
     return make_model(g, 13)
 
 
@@ -490,12 +570,14 @@ HAND_BUILDERS: dict[str, Callable[[str], onnx.ModelProto]] = {
 # ------------------------------------------------------------------------------------------------
 def _strip_node_metadata(model: onnx.ModelProto) -> None:
     """Drop per-node metadata (stack traces with local paths): smaller, machine-independent files."""
-    def visit(nodes) -> None:  # noqa: ANN001
+
+    def visit(nodes) -> None:
         for n in nodes:
             del n.metadata_props[:]
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     visit(a.g.node)
+
     visit(model.graph.node)
 
 
@@ -508,14 +590,25 @@ def export_torch(case_name: str, model_name: str, legacy: bool) -> onnx.ModelPro
     if legacy:
         f = io.BytesIO()
         torch.onnx.export(
-            module, (x,), f, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False, input_names=["x"], output_names=["y"],
-            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17,
+            module,
+            (x,),
+            f,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            opset_version=17,
         )
         model = onnx.load_from_string(f.getvalue())
     else:
         program = torch.onnx.export(
-            module, (x,), dynamo=True, optimize=False, verbose=False,
+            module,
+            (x,),
+            dynamo=True,
+            optimize=False,
+            verbose=False,
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},),
         )
         model = program.model_proto
@@ -556,8 +649,9 @@ def check_runs(model: onnx.ModelProto) -> None:
         if i.type == "tensor(bool)":
             feeds[i.name] = np.array(True)
         else:
-            dt = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                  "tensor(double)": np.float64}[i.type]
+            dt = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}[
+                i.type
+            ]
             feeds[i.name] = rng.standard_normal(shape).astype(dt)
     for out in sess.run(None, feeds):
         assert np.all(np.isfinite(np.asarray(out, dtype=np.float64))), "non-finite output"

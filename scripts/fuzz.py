@@ -28,21 +28,26 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.simplefilter("ignore", RuntimeWarning)  # numpy on garbage weights; outcomes say what happened
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--examples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--external", type=int, default=None,
-                        help="cases of the external-data property (default: a third of --examples)")
+    parser.add_argument(
+        "--external",
+        type=int,
+        default=None,
+        help="cases of the external-data property (default: a third of --examples)",
+    )
     parser.add_argument("--max-failures", type=int, default=50, help="stop after this many failures")
     parser.add_argument("--save", type=Path, default=Path("fuzz-failures"))
     args = parser.parse_args(argv)
     if args.external is None:
         args.external = args.examples // 3
 
+    import test_fuzz
     from hypothesis import HealthCheck, Phase, given, seed, settings
     from hypothesis import strategies as st
-
-    import test_fuzz
 
     outcomes: collections.Counter[str] = collections.Counter()
     failures: list[tuple[bytes, str]] = []
@@ -59,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def property_run(examples: int, body: object) -> None:
         @seed(args.seed)
-        @settings(max_examples=examples, deadline=None, phases=[Phase.generate], database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            phases=[Phase.generate],
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(st.data())
         def run(data: object) -> None:
             body(data)  # type: ignore[operator]

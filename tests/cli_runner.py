@@ -53,12 +53,17 @@ def invoke(*args: Any, env: dict[str, str] | None = None) -> Result:
     return Result(code, out.getvalue(), err.getvalue(), both.getvalue())
 
 
-def run_module(*args: Any, timeout: float = 120, env_extra: dict[str, str] | None = None,
-               **kw: Any) -> subprocess.CompletedProcess[str]:
+def run_module(
+    *args: Any, timeout: float = 120, env_extra: dict[str, str] | None = None, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     """``python -m bnfold ARGS`` in a child process, this checkout first on the path."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     env.pop("GITHUB_STEP_SUMMARY", None)
     return subprocess.run(
-        [sys.executable, "-m", "bnfold", *map(str, args)], capture_output=True, text=True, timeout=timeout,
-        env=env, **kw,
+        [sys.executable, "-m", "bnfold", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kw,
     )

@@ -110,21 +110,41 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type(dtype), shape))
         return name
 
-    def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str | None = None,
-             domain: str = "", **attrs: Any) -> onnx.NodeProto:
-        n = helper.make_node(op, list(inputs), list(outputs), name=name or outputs[0], domain=domain,
-                             **{k: v for k, v in attrs.items() if v is not None})
+    def node(
+        self,
+        op: str,
+        inputs: Sequence[str],
+        outputs: Sequence[str],
+        name: str | None = None,
+        domain: str = "",
+        **attrs: Any,
+    ) -> onnx.NodeProto:
+        n = helper.make_node(
+            op,
+            list(inputs),
+            list(outputs),
+            name=name or outputs[0],
+            domain=domain,
+            **{k: v for k, v in attrs.items() if v is not None},
+        )
         self.nodes.append(n)
         return n
 
     def graph(self, name: str = "g") -> onnx.GraphProto:
-        return helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers,
-                                 value_info=self.value_info)
+        return helper.make_graph(
+            self.nodes, name, self.inputs, self.outputs, self.initializers, value_info=self.value_info
+        )
 
-    def model(self, opset: int, ir_version: int | None = None, functions: Sequence[onnx.FunctionProto] = (),
-              extra_opsets: Sequence[onnx.OperatorSetIdProto] = ()) -> onnx.ModelProto:
+    def model(
+        self,
+        opset: int,
+        ir_version: int | None = None,
+        functions: Sequence[onnx.FunctionProto] = (),
+        extra_opsets: Sequence[onnx.OperatorSetIdProto] = (),
+    ) -> onnx.ModelProto:
         m = helper.make_model(
-            self.graph(), opset_imports=[helper.make_opsetid("", opset), *extra_opsets],
+            self.graph(),
+            opset_imports=[helper.make_opsetid("", opset), *extra_opsets],
             functions=list(functions),
         )
         m.ir_version = ir_version if ir_version is not None else default_ir(opset)
@@ -139,9 +159,20 @@ class GraphBuilder:
 
 
 def add_bn(
-    gb: GraphBuilder, x: str, y: str, stats: Mapping[str, np.ndarray], *, dtype: Any, bn_opset: int,
-    prefix: str, epsilon: float | None = None, param_dtype: Any = None, mean_dtype: Any = None,
-    param_form: str | None = None, training: bool = False, extra_outputs: Sequence[str] = (),
+    gb: GraphBuilder,
+    x: str,
+    y: str,
+    stats: Mapping[str, np.ndarray],
+    *,
+    dtype: Any,
+    bn_opset: int,
+    prefix: str,
+    epsilon: float | None = None,
+    param_dtype: Any = None,
+    mean_dtype: Any = None,
+    param_form: str | None = None,
+    training: bool = False,
+    extra_outputs: Sequence[str] = (),
     **attrs: Any,
 ) -> onnx.NodeProto:
     """A BatchNormalization node of ``bn_opset`` flavour with inference attributes."""
@@ -211,12 +242,34 @@ def conv_bn(
     ins = [x, w]
     if bias:
         ins.append(gb.const("Bc", cast(rng.normal(0, 1, cout), dtype), weight_form))
-    gb.node(op, ins, ["conv_out"], name="conv", kernel_shape=ks, group=group if group != 1 else None,
-            strides=strides, dilations=dilations, pads=pads, auto_pad=auto_pad,
-            output_padding=output_padding, output_shape=output_shape)
+    gb.node(
+        op,
+        ins,
+        ["conv_out"],
+        name="conv",
+        kernel_shape=ks,
+        group=group if group != 1 else None,
+        strides=strides,
+        dilations=dilations,
+        pads=pads,
+        auto_pad=auto_pad,
+        output_padding=output_padding,
+        output_shape=output_shape,
+    )
     out = "bn_out" if relu else "Y"
-    add_bn(gb, "conv_out", out, bn_stats(rng, cout), dtype=dtype, bn_opset=bn_opset, prefix="bn",
-           epsilon=epsilon, param_dtype=param_dtype, mean_dtype=mean_dtype, param_form=param_form)
+    add_bn(
+        gb,
+        "conv_out",
+        out,
+        bn_stats(rng, cout),
+        dtype=dtype,
+        bn_opset=bn_opset,
+        prefix="bn",
+        epsilon=epsilon,
+        param_dtype=param_dtype,
+        mean_dtype=mean_dtype,
+        param_form=param_form,
+    )
     if relu:
         gb.node("Relu", [out], ["Y"])
     gb.output("Y", dtype, [None] * (rank + 2))
@@ -263,10 +316,28 @@ def gemm_bn(
     if c_shape is not None:
         ins.append(gb.const("C", cast(rng.normal(0, 1, c_shape), dtype), weight_form))
     opset = opset or default_opset(bn_opset, dtype)
-    gb.node("Gemm", ins, ["gemm_out"], name="gemm", transA=trans_a or None, transB=trans_b or None,
-            alpha=alpha, beta=beta, broadcast=1 if opset < 7 and c_shape is not None else None)
-    add_bn(gb, "gemm_out", "Y", bn_stats(rng, n), dtype=dtype, bn_opset=bn_opset, prefix="bn",
-           epsilon=epsilon, param_form=param_form)
+    gb.node(
+        "Gemm",
+        ins,
+        ["gemm_out"],
+        name="gemm",
+        transA=trans_a or None,
+        transB=trans_b or None,
+        alpha=alpha,
+        beta=beta,
+        broadcast=1 if opset < 7 and c_shape is not None else None,
+    )
+    add_bn(
+        gb,
+        "gemm_out",
+        "Y",
+        bn_stats(rng, n),
+        dtype=dtype,
+        bn_opset=bn_opset,
+        prefix="bn",
+        epsilon=epsilon,
+        param_form=param_form,
+    )
     gb.output("Y", dtype, [m, n])
     model = gb.model(opset, ir_version)
     feeds = {"X": cast(rng.normal(0, 1, a_shape), dtype)}
@@ -292,8 +363,12 @@ def run_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.
 def ort_tolerance(dtype: Any) -> tuple[float, float]:
     """(rtol, atol relative to max |reference|) for ORT runs of original vs folded in ``dtype``."""
     name = np.dtype(dtype).name
-    return {"float32": (1e-5, 1e-5), "float64": (1e-12, 1e-12), "float16": (1e-2, 1e-2),
-            "bfloat16": (5e-2, 5e-2)}[name]
+    return {
+        "float32": (1e-5, 1e-5),
+        "float64": (1e-12, 1e-12),
+        "float16": (1e-2, 1e-2),
+        "bfloat16": (5e-2, 5e-2),
+    }[name]
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float, atol: float, what: str = "") -> None:
@@ -308,8 +383,9 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float, atol: fl
     )
 
 
-def assert_ort_equivalent(original: onnx.ModelProto, folded: onnx.ModelProto,
-                          feeds: Mapping[str, np.ndarray], dtype: Any = F32) -> None:
+def assert_ort_equivalent(
+    original: onnx.ModelProto, folded: onnx.ModelProto, feeds: Mapping[str, np.ndarray], dtype: Any = F32
+) -> None:
     """Original and folded give the same outputs in ORT with optimizations off."""
     ref = run_ort(original, feeds)
     got = run_ort(folded, feeds)
@@ -331,8 +407,9 @@ def _values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return vals
 
 
-def _spatial_pads(a: dict[str, Any], in_sizes: Sequence[int], ks: Sequence[int], strides: Sequence[int],
-                  dil: Sequence[int]) -> list[int]:
+def _spatial_pads(
+    a: dict[str, Any], in_sizes: Sequence[int], ks: Sequence[int], strides: Sequence[int], dil: Sequence[int]
+) -> list[int]:
     rank = len(ks)
     auto = a.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
@@ -375,7 +452,9 @@ def _conv_transpose(torch: Any, x: Any, w: Any, b: Any, a: dict[str, Any]) -> An
     dil = list(a.get("dilations", [1] * rank))
     out_pad = list(a.get("output_padding", [0] * rank))
     group = int(a.get("group", 1))
-    full_sizes = [(x.shape[2 + i] - 1) * strides[i] + (ks[i] - 1) * dil[i] + 1 + out_pad[i] for i in range(rank)]
+    full_sizes = [
+        (x.shape[2 + i] - 1) * strides[i] + (ks[i] - 1) * dil[i] + 1 + out_pad[i] for i in range(rank)
+    ]
     auto = a.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if "output_shape" in a:
@@ -420,7 +499,9 @@ def _conv_transpose(torch: Any, x: Any, w: Any, b: Any, a: dict[str, Any]) -> An
     return y[tuple(sl)]
 
 
-def eval_f64(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, absolute: bool = False) -> list[np.ndarray]:
+def eval_f64(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, absolute: bool = False
+) -> list[np.ndarray]:
     """Evaluate a plain graph of Conv/ConvTranspose/Gemm/BatchNormalization(inference)/Relu/
     Identity/Constant/Add/Mul/Shape/Expand/CastLike nodes in float64 with torch.
 
@@ -463,7 +544,9 @@ def eval_f64(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, absolut
             x, g, b, m, v = ins
             shape = [1, -1] + [1] * (x.dim() - 2)
             eps = float(a.get("epsilon", 1e-5))
-            out = (x - m.reshape(shape)) / torch.sqrt(v.reshape(shape) + eps) * g.reshape(shape) + b.reshape(shape)
+            out = (x - m.reshape(shape)) / torch.sqrt(v.reshape(shape) + eps) * g.reshape(shape) + b.reshape(
+                shape
+            )
         elif op == "Relu":
             out = torch.relu(ins[0])
         elif op == "Identity":
@@ -473,7 +556,7 @@ def eval_f64(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, absolut
         elif op == "Mul":
             out = ins[0] * ins[1]
         elif op == "Shape":
-            shp = list(ins[0].shape)[a.get("start", 0):a.get("end", None)]
+            shp = list(ins[0].shape)[a.get("start", 0) : a.get("end", None)]
             out = torch.tensor(shp, dtype=torch.float64)
         elif op == "Expand":
             out = ins[0].expand([int(s) for s in ins[1].tolist()]).clone()
@@ -485,8 +568,9 @@ def eval_f64(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, absolut
     return [vals[o.name].numpy() for o in model.graph.output]
 
 
-def assert_f64_equivalent(original: onnx.ModelProto, folded: onnx.ModelProto,
-                          feeds: Mapping[str, np.ndarray], dtype: Any) -> None:
+def assert_f64_equivalent(
+    original: onnx.ModelProto, folded: onnx.ModelProto, feeds: Mapping[str, np.ndarray], dtype: Any
+) -> None:
     """For a single folded layer: the folded layer evaluated in float64 equals the original
     layer + BN in float64 up to the rounding of the folded tensors into ``dtype``:
     ``|y' - y| <= 2**-p * (|W'| * |x| + |b'|)`` elementwise (plus float64 evaluation noise)."""
@@ -546,15 +630,23 @@ def node_named(graph: onnx.GraphProto, name: str) -> onnx.NodeProto:
 # ----------------------------------------------------------------------------------------------
 # control flow and functions
 # ----------------------------------------------------------------------------------------------
-def _conv_bn_nodes(gb: GraphBuilder, x: str, y: str, w: str, b: str | None, bn_params: Sequence[str],
-                   prefix: str) -> None:
-    gb.node("Conv", [x, w] + ([b] if b else []), [f"{prefix}_conv_out"], name=f"{prefix}_conv",
-            kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+def _conv_bn_nodes(
+    gb: GraphBuilder, x: str, y: str, w: str, b: str | None, bn_params: Sequence[str], prefix: str
+) -> None:
+    gb.node(
+        "Conv",
+        [x, w] + ([b] if b else []),
+        [f"{prefix}_conv_out"],
+        name=f"{prefix}_conv",
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+    )
     gb.node("BatchNormalization", [f"{prefix}_conv_out", *bn_params], [y], name=f"{prefix}_bn")
 
 
-def _outer_params(gb: GraphBuilder, rng: np.random.Generator, cin: int, cout: int, prefix: str,
-                  form: str = "initializer") -> tuple[str, str, list[str]]:
+def _outer_params(
+    gb: GraphBuilder, rng: np.random.Generator, cin: int, cout: int, prefix: str, form: str = "initializer"
+) -> tuple[str, str, list[str]]:
     w = gb.const(f"{prefix}W", rng.normal(0, 0.3, (cout, cin, 3, 3)).astype(np.float32), form)
     b = gb.const(f"{prefix}Bc", rng.normal(0, 1, cout).astype(np.float32), form)
     st = bn_stats(rng, cout)
@@ -602,8 +694,10 @@ def loop_model(seed: int = 0) -> Built:
     body.output("v_out", F32, [1, 4, 5, 5])
     gb.node("Loop", [trip, "", v0], ["Y"], name="loop", body=body.graph("body"))
     gb.output("Y", F32, [1, 4, 5, 5])
-    feeds = {"X": rng.normal(0, 1, (1, 3, 5, 5)).astype(np.float32),
-             "V0": rng.normal(0, 1, (1, 4, 5, 5)).astype(np.float32)}
+    feeds = {
+        "X": rng.normal(0, 1, (1, 3, 5, 5)).astype(np.float32),
+        "V0": rng.normal(0, 1, (1, 4, 5, 5)).astype(np.float32),
+    }
     return Built(gb.model(17), feeds, F32, ["loop_bn"], ["loop_conv"])
 
 
@@ -628,8 +722,9 @@ def scan_model(seed: int = 0) -> Built:
     return Built(gb.model(17), feeds, F32, ["scan_bn"], ["scan_conv"])
 
 
-def function_model(*, seed: int = 0, weight_as_input: bool = False, eps_ref: bool = False,
-                   calls: int = 1) -> Built:
+def function_model(
+    *, seed: int = 0, weight_as_input: bool = False, eps_ref: bool = False, calls: int = 1
+) -> Built:
     """A model-local function ``local.ConvBN`` (Conv -> BN with Constant-node parameters in its
     body) called from the main graph."""
     rng = np.random.default_rng(seed)
@@ -656,7 +751,12 @@ def function_model(*, seed: int = 0, weight_as_input: bool = False, eps_ref: boo
         bn.attribute.append(a)
         attribute_protos.append(helper.make_attribute("eps", 1e-3))
     func = helper.make_function(
-        "local", "ConvBN", f_inputs, ["y"], fb.nodes, [helper.make_opsetid("", 17)],
+        "local",
+        "ConvBN",
+        f_inputs,
+        ["y"],
+        fb.nodes,
+        [helper.make_opsetid("", 17)],
         attributes=attributes,
     )
     if attribute_protos:
@@ -670,8 +770,13 @@ def function_model(*, seed: int = 0, weight_as_input: bool = False, eps_ref: boo
     for i in range(calls):
         out = "Y" if i == calls - 1 else f"h{i}"
         if i:
-            gb.node("Conv", [prev, gb.const(f"adapt{i}", rng.normal(0, 0.3, (3, 4, 1, 1)).astype(np.float32))],
-                    [f"a{i}"], name=f"adapt{i}", kernel_shape=[1, 1])
+            gb.node(
+                "Conv",
+                [prev, gb.const(f"adapt{i}", rng.normal(0, 0.3, (3, 4, 1, 1)).astype(np.float32))],
+                [f"a{i}"],
+                name=f"adapt{i}",
+                kernel_shape=[1, 1],
+            )
             prev = f"a{i}"
         gb.node("ConvBN", [prev, *ins[1:]], [out], name=f"call{i}", domain="local")
         prev = out

@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_builders import assert_ort_equivalent, check_model, count_ops
 
 from bnfold import onnx_pass
 from bnfold.folding import FoldError, bn_affine, fold_conv, fold_conv_many
 from bnfold.onnx_pass import fold_model
-from onnx_builders import assert_ort_equivalent, check_model, count_ops
 
 MODELS = sorted((Path(__file__).resolve().parent.parent / "models" / "onnx").glob("*.onnx"))
 ONE_BY_ONE = 10**9  # a _BULK_MIN no graph reaches
@@ -38,11 +38,18 @@ def _fold_both(model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch, base_dir
 
 def _same(results: list) -> None:
     (bulk_bytes, bulk), (single_bytes, single) = results
-    assert [(f.bn, f.target, f.pattern, f.kind) for f in bulk.folded] == \
-        [(f.bn, f.target, f.pattern, f.kind) for f in single.folded]
-    assert [(s.bn, s.code, s.message) for s in bulk.skipped] == [(s.bn, s.code, s.message) for s in single.skipped]
-    assert (bulk.nodes_before, bulk.nodes_after, bulk.initializers_before, bulk.initializers_after) == \
-        (single.nodes_before, single.nodes_after, single.initializers_before, single.initializers_after)
+    assert [(f.bn, f.target, f.pattern, f.kind) for f in bulk.folded] == [
+        (f.bn, f.target, f.pattern, f.kind) for f in single.folded
+    ]
+    assert [(s.bn, s.code, s.message) for s in bulk.skipped] == [
+        (s.bn, s.code, s.message) for s in single.skipped
+    ]
+    assert (bulk.nodes_before, bulk.nodes_after, bulk.initializers_before, bulk.initializers_after) == (
+        single.nodes_before,
+        single.nodes_after,
+        single.initializers_before,
+        single.initializers_after,
+    )
     assert bulk_bytes == single_bytes
 
 
@@ -65,8 +72,10 @@ def _mixed_model(seed: int) -> onnx.ModelProto:
     shared_w = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
     inits["shared.w"] = shared_w
     inits["shared.bias"] = rng.standard_normal(c).astype(np.float32)
-    for name, v in zip(("g", "b", "m", "v"), (rng.normal(1, 0.3, c), rng.normal(0, 0.3, c),
-                                              rng.normal(0, 0.3, c), rng.uniform(0.5, 2, c))):
+    for name, v in zip(
+        ("g", "b", "m", "v"),
+        (rng.normal(1, 0.3, c), rng.normal(0, 0.3, c), rng.normal(0, 0.3, c), rng.uniform(0.5, 2, c)),
+    ):
         inits[f"shared.{name}"] = v.astype(np.float32)
     for i in range(24):
         twist = rng.integers(0, 14)
@@ -105,7 +114,9 @@ def _mixed_model(seed: int) -> onnx.ModelProto:
             params = [f"g{i}b", f"be{i}b", f"m{i}b", f"v{i}b"]
             inits.update({p: s.astype(np.float32) for p, s in zip(params, stats)})
         y = f"conv{i}.y"
-        nodes.append(helper.make_node("Conv", conv_inputs, [y], name=f"conv{i}", pads=[1, 1, 1, 1], group=group))
+        nodes.append(
+            helper.make_node("Conv", conv_inputs, [y], name=f"conv{i}", pads=[1, 1, 1, 1], group=group)
+        )
         if twist == 7:
             nodes.append(helper.make_node("Relu", [y], [f"side{i}"], name=f"side{i}"))
             outputs.append(f"side{i}")
@@ -122,7 +133,9 @@ def _mixed_model(seed: int) -> onnx.ModelProto:
         nodes.append(helper.make_node("Relu", [bn_out], [x], name=f"relu{i}"))
     outputs.append(x)
     graph = helper.make_graph(
-        nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 6, 6])],
+        nodes,
+        "mixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 6, 6])],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, c, 6, 6]) for o in outputs],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
@@ -141,7 +154,9 @@ def _to_dtype(model: onnx.ModelProto, dtype: type) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
-def test_bulk_and_one_by_one_agree_on_mixed_chains(seed: int, dtype: type, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bulk_and_one_by_one_agree_on_mixed_chains(
+    seed: int, dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = _mixed_model(seed)
     if dtype is not np.float32:
         model = _to_dtype(model, dtype)
@@ -173,7 +188,9 @@ def test_fold_conv_many_matches_fold_conv_bit_for_bit() -> None:
     for k in range(400):
         c = int(rng.integers(1, 9))
         dtype = (np.float32, np.float16, np.float64)[k % 3]
-        w = (rng.standard_normal((c, int(rng.integers(1, 4)), 3, 3)) * (1e4 if k % 17 == 0 else 1)).astype(dtype)
+        w = (rng.standard_normal((c, int(rng.integers(1, 4)), 3, 3)) * (1e4 if k % 17 == 0 else 1)).astype(
+            dtype
+        )
         b = rng.standard_normal(c).astype(dtype) if k % 2 else None
         g, be, m = (rng.standard_normal(c).astype(np.float32) for _ in range(3))
         v = (np.abs(rng.standard_normal(c)) * (1e-9 if k % 13 == 0 else 1)).astype(np.float32)
@@ -204,8 +221,22 @@ def test_fold_conv_many_matches_fold_conv_bit_for_bit() -> None:
     assert 20 < refused < 100  # the refusals were exercised, and most pairs fold
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16,
-                                   np.int32, np.uint32, np.int64, np.uint64])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        np.float16,
+        np.float32,
+        np.float64,
+        np.int8,
+        np.uint8,
+        np.int16,
+        np.uint16,
+        np.int32,
+        np.uint32,
+        np.int64,
+        np.uint64,
+    ],
+)
 def test_new_tensors_are_what_numpy_helper_builds(dtype: type) -> None:
     """graph.make_tensor builds plain numeric tensors itself: the bytes must be from_array's."""
     from bnfold.graph import make_tensor
@@ -214,4 +245,7 @@ def test_new_tensors_are_what_numpy_helper_builds(dtype: type) -> None:
     for shape in ((), (3,), (2, 3, 4), (0, 2)):
         a = (rng.standard_normal(shape) * 10).astype(dtype)
         for arr in (a, a.T):  # a transposed view is not C-contiguous
-            assert make_tensor(arr, "t").SerializeToString() == numpy_helper.from_array(arr, "t").SerializeToString()
+            assert (
+                make_tensor(arr, "t").SerializeToString()
+                == numpy_helper.from_array(arr, "t").SerializeToString()
+            )

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from cli_runner import invoke, run_module
 from onnx import numpy_helper
 
 from bnfold import cli
 from bnfold.testing import assert_models_close, conv_bn_model
-from cli_runner import invoke, run_module
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "cli.md"
@@ -85,8 +85,13 @@ def doc_schemas() -> dict[str, dict[str, Any]]:
 
 
 _TYPES = {
-    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
-    "integer": int, "number": (int, float),
+    "object": dict,
+    "array": list,
+    "string": str,
+    "boolean": bool,
+    "null": type(None),
+    "integer": int,
+    "number": (int, float),
 }
 
 
@@ -152,7 +157,17 @@ def test_fold_writes_next_to_input_and_keeps_input(folder: Path) -> None:
     assert_models_close(src, out)
     # the summary has the pieces the issue asks for
     text = result.stdout
-    for piece in ("bn0", "conv0", "Conv", "nodes: 3 -> 2", "size:", "max abs err", "PASSED", "time:", "wrote"):
+    for piece in (
+        "bn0",
+        "conv0",
+        "Conv",
+        "nodes: 3 -> 2",
+        "size:",
+        "max abs err",
+        "PASSED",
+        "time:",
+        "wrote",
+    ):
         assert piece in text, piece
     assert not [n for n in files(folder) if n.endswith(".tmp")]
 
@@ -189,7 +204,9 @@ def test_nothing_to_fold_is_success(tmp_path: Path) -> None:
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
-    src = save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "r.onnx")
+    src = save(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "r.onnx"
+    )
     result = invoke(src)
     assert result.exit_code == 0, result.output
     assert last_line(result.stdout) == "PASSED 0 folded, 0 kept, nothing to fold, model unchanged"
@@ -274,7 +291,9 @@ def test_unverifiable_model_is_written_with_warning(tmp_path: Path) -> None:
     result = invoke(src, "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     line = last_line(result.stdout)
-    assert line.startswith("PASSED 1 folded, 0 kept, not verified: onnxruntime cannot run the reference model"), line
+    assert line.startswith(
+        "PASSED 1 folded, 0 kept, not verified: onnxruntime cannot run the reference model"
+    ), line
     assert "warning" in result.stderr and "could not be verified" in result.stderr
     assert (tmp_path / "bf.folded.onnx").exists()
     rec = json.loads((tmp_path / "r.json").read_text())["models"][0]
@@ -282,7 +301,9 @@ def test_unverifiable_model_is_written_with_warning(tmp_path: Path) -> None:
     (tmp_path / "bf.folded.onnx").unlink()
     result = invoke(src, "--strict")
     assert result.exit_code == 1
-    assert last_line(result.stdout).startswith("FAILED 1 folded, 0 kept, --strict: the fold could not be verified")
+    assert last_line(result.stdout).startswith(
+        "FAILED 1 folded, 0 kept, --strict: the fold could not be verified"
+    )
     assert not (tmp_path / "bf.folded.onnx").exists()
 
 
@@ -348,7 +369,9 @@ def test_exit_2_cases(folder: Path) -> None:
 
 def test_unreadable_external_data_is_bad_input(tmp_path: Path) -> None:
     model = conv_bn_model(channels=16)
-    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0)
+    onnx.save(
+        model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0
+    )
     (tmp_path / "ext.data").unlink()
     result = invoke(tmp_path / "ext.onnx")
     assert_usage_error(result, result.stderr)
@@ -358,7 +381,9 @@ def test_unreadable_external_data_is_bad_input(tmp_path: Path) -> None:
 
 def test_read_only_output_folder_is_usage_error(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_access = os.access
-    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if Path(p) == folder else real_access(p, mode))
+    monkeypatch.setattr(
+        cli.os, "access", lambda p, mode: False if Path(p) == folder else real_access(p, mode)
+    )
     result = invoke(folder / "a.onnx")
     assert_usage_error(result, result.stderr)
     assert "not writable" in result.stderr
@@ -402,8 +427,25 @@ def test_help_and_version() -> None:
         assert word in result.stdout
     result = invoke("fold", "--help")
     assert result.exit_code == 0
-    for opt in ("--no-verify", "--atol", "--rtol", "--seed", "--runs", "--shape", "--dim", "--inputs", "--dry-run",
-                "--strict", "--json", "--quiet", "--provider", "--in-place", "--output-dir", "--force", "--junit-xml"):
+    for opt in (
+        "--no-verify",
+        "--atol",
+        "--rtol",
+        "--seed",
+        "--runs",
+        "--shape",
+        "--dim",
+        "--inputs",
+        "--dry-run",
+        "--strict",
+        "--json",
+        "--quiet",
+        "--provider",
+        "--in-place",
+        "--output-dir",
+        "--force",
+        "--junit-xml",
+    ):
         assert opt in result.stdout, opt
     result = invoke("--version")
     assert result.exit_code == 0 and result.stdout.startswith("bnfold ")
@@ -416,8 +458,11 @@ def test_short_help_and_help_of_every_command() -> None:
         assert result.stdout.startswith("Usage: bnfold ")
         for word in ("fold", "verify", "inspect", "--version", "Exit codes"):
             assert word in result.stdout, word
-    for command, usage in (("fold", "MODEL.onnx..."), ("verify", "REFERENCE.onnx CANDIDATE.onnx"),
-                           ("inspect", "MODEL.onnx...")):
+    for command, usage in (
+        ("fold", "MODEL.onnx..."),
+        ("verify", "REFERENCE.onnx CANDIDATE.onnx"),
+        ("inspect", "MODEL.onnx..."),
+    ):
         for flag in ("-h", "--help"):
             result = invoke(command, flag)
             assert result.exit_code == 0 and result.stderr == "", (command, flag)
@@ -430,27 +475,49 @@ def test_short_help_and_help_of_every_command() -> None:
 def test_fold_help_lists_options_with_their_metavars_and_defaults() -> None:
     text = invoke("fold", "--help").stdout
     flat = " ".join(text.split())  # help texts may wrap
-    for piece in ("-o, --output PATH", "--output-dir DIR", "-j, --jobs N", "--runs N", "--seed <int>",
-                  "--atol <float>", "--rtol <float>", "--provider <str>", "--shape NAME=1x3x224x224",
-                  "--dim NAME=VALUE", "--inputs FILE.npz", "--json PATH|-", "--junit-xml PATH", "-q, --quiet",
-                  "-v, --verbose", "--bn-to-affine", "--no-verify", "MODEL.onnx ONNX models to fold. [required]",
-                  "Seed of the random inputs. [default: 0]", "the worst is reported. [default: 1]",
-                  "[default: CPUExecutionProvider]", "Shape of a graph input (repeatable).",
-                  "Value of a symbolic dimension (repeatable)"):
+    for piece in (
+        "-o, --output PATH",
+        "--output-dir DIR",
+        "-j, --jobs N",
+        "--runs N",
+        "--seed <int>",
+        "--atol <float>",
+        "--rtol <float>",
+        "--provider <str>",
+        "--shape NAME=1x3x224x224",
+        "--dim NAME=VALUE",
+        "--inputs FILE.npz",
+        "--json PATH|-",
+        "--junit-xml PATH",
+        "-q, --quiet",
+        "-v, --verbose",
+        "--bn-to-affine",
+        "--no-verify",
+        "MODEL.onnx ONNX models to fold. [required]",
+        "Seed of the random inputs. [default: 0]",
+        "the worst is reported. [default: 1]",
+        "[default: CPUExecutionProvider]",
+        "Shape of a graph input (repeatable).",
+        "Value of a symbolic dimension (repeatable)",
+    ):
         assert piece in flat, piece
     text = invoke("verify", "--help").stdout
     assert "REFERENCE.onnx" in text and "CANDIDATE.onnx" in text and "--junit-xml PATH" in text
     assert "--output" not in text and "--jobs" not in text
     text = invoke("inspect", "--help").stdout
-    assert "--strict" in text and "--json PATH|-" in text and "--junit-xml" not in text and "--atol" not in text
+    assert (
+        "--strict" in text and "--json PATH|-" in text and "--junit-xml" not in text and "--atol" not in text
+    )
 
 
 def test_parsed_defaults_match_the_command_functions() -> None:
     import inspect
 
-    for parser, function, args in ((cli._fold_parser, cli.fold_command, ["m.onnx"]),
-                                   (cli._verify_parser, cli.verify_command, ["a.onnx", "b.onnx"]),
-                                   (cli._inspect_parser, cli.inspect_command, ["m.onnx"])):
+    for parser, function, args in (
+        (cli._fold_parser, cli.fold_command, ["m.onnx"]),
+        (cli._verify_parser, cli.verify_command, ["a.onnx", "b.onnx"]),
+        (cli._inspect_parser, cli.inspect_command, ["m.onnx"]),
+    ):
         values = parser().parse(args)
         params = inspect.signature(function).parameters
         assert set(values) == set(params), function.__name__
@@ -460,8 +527,23 @@ def test_parsed_defaults_match_the_command_functions() -> None:
 
 
 def test_options_and_models_may_be_mixed_and_repeated(tmp_path: Path) -> None:
-    values = cli._fold_parser().parse(["a.onnx", "--shape", "x=1x3", "b.onnx", "--dim", "N=2", "--shape", "y=4",
-                                       "-qv", "--runs=3", "-j2", "--", "-c.onnx"])
+    values = cli._fold_parser().parse(
+        [
+            "a.onnx",
+            "--shape",
+            "x=1x3",
+            "b.onnx",
+            "--dim",
+            "N=2",
+            "--shape",
+            "y=4",
+            "-qv",
+            "--runs=3",
+            "-j2",
+            "--",
+            "-c.onnx",
+        ]
+    )
     assert values["models"] == [Path("a.onnx"), Path("b.onnx"), Path("-c.onnx")]
     assert values["shape"] == ["x=1x3", "y=4"] and values["dim"] == ["N=2"]
     assert (values["quiet"], values["verbose"], values["runs"], values["jobs"]) == (True, True, 3, 2)
@@ -522,8 +604,10 @@ def test_final_word_is_coloured_only_on_a_terminal_without_no_color(monkeypatch:
             monkeypatch.delenv("NO_COLOR", raising=False)
         else:
             monkeypatch.setenv("NO_COLOR", env)
-        for line, code in (("PASSED 1 folded, 0 kept", "\x1b[32m\x1b[1mPASSED\x1b[0m"),
-                           ("FAILED 1 folded, 0 kept", "\x1b[31m\x1b[1mFAILED\x1b[0m")):
+        for line, code in (
+            ("PASSED 1 folded, 0 kept", "\x1b[32m\x1b[1mPASSED\x1b[0m"),
+            ("FAILED 1 folded, 0 kept", "\x1b[31m\x1b[1mFAILED\x1b[0m"),
+        ):
             stream = stream_cls()
             with redirect_stdout(stream):
                 cli.Console().final(line)
@@ -536,7 +620,9 @@ def test_final_word_is_coloured_only_on_a_terminal_without_no_color(monkeypatch:
 # atomic writes
 
 
-def test_failed_write_leaves_no_temp_file_and_input_untouched(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_leaves_no_temp_file_and_input_untouched(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import bnfold.io
 
     def broken_replace(src: str, dst: str) -> None:
@@ -599,14 +685,18 @@ def test_json_for_several_models_and_failures(tmp_path: Path) -> None:
     bf = save(conv_bn_model(dtype="bfloat16"), tmp_path / "bf.onnx")
     report = tmp_path / "r.json"
     junit = tmp_path / "j.xml"
-    result = invoke(a, mm, bf, tmp_path / "missing.onnx", "--strict", "-j", "1", "--json", report, "--junit-xml", junit)
+    result = invoke(
+        a, mm, bf, tmp_path / "missing.onnx", "--strict", "-j", "1", "--json", report, "--junit-xml", junit
+    )
     assert result.exit_code == 2, result.output
     doc = json.loads(report.read_text())
     check_schema(doc)
     by_name = {Path(m["input"]).name: m for m in doc["models"]}
     assert by_name["a.onnx"]["status"] == "passed" and by_name["a.onnx"]["written"]
     assert by_name["mm.onnx"]["status"] == "failed" and by_name["mm.onnx"]["kept_after_linear"] == ["bn_mm"]
-    assert by_name["bf.onnx"]["verification_status"] == "unverifiable" and by_name["bf.onnx"]["exit_code"] == 1
+    assert (
+        by_name["bf.onnx"]["verification_status"] == "unverifiable" and by_name["bf.onnx"]["exit_code"] == 1
+    )
     assert by_name["missing.onnx"]["status"] == "error" and by_name["missing.onnx"]["exit_code"] == 2
     assert doc["summary"]["models"] == 4 and doc["summary"]["errors"] == 1
     assert last_line(result.stdout).startswith("FAILED 3 of 4 models")
@@ -632,7 +722,9 @@ def test_junit_xml_and_github_summary(tmp_path: Path) -> None:
     summary = tmp_path / "summary.md"
     summary.write_text("# earlier step\n")
     junit = tmp_path / "junit.xml"
-    result = invoke(a, mm, "--strict", "-j", "1", "--junit-xml", junit, env={"GITHUB_STEP_SUMMARY": str(summary)})
+    result = invoke(
+        a, mm, "--strict", "-j", "1", "--junit-xml", junit, env={"GITHUB_STEP_SUMMARY": str(summary)}
+    )
     assert result.exit_code == 1
     root = ET.parse(junit).getroot()
     suite = root.find("testsuite")
@@ -641,7 +733,9 @@ def test_junit_xml_and_github_summary(tmp_path: Path) -> None:
     assert len(cases) == 4  # per model: "fold" + one per output
     assert suite.get("tests") == "4" and suite.get("failures") == "1"
     failed = [c for c in cases if c.find("failure") is not None]
-    assert failed[0].get("classname").endswith("mm.onnx") and "--strict" in failed[0].find("failure").get("message")
+    assert failed[0].get("classname").endswith("mm.onnx") and "--strict" in failed[0].find("failure").get(
+        "message"
+    )
     text = summary.read_text()
     assert text.startswith("# earlier step\n")  # appended, not overwritten
     assert "| model | result |" in text and "a.onnx" in text and "❌ failed" in text
@@ -711,7 +805,12 @@ def test_verify_json_schema_and_bad_input(folder: Path) -> None:
     other_model.graph.output[0].name = "z"
     other_model.graph.node[-1].output[0] = "z"
     save(other_model, other)
-    for args in ([ref, other], [ref, folder / "nope.onnx"], [ref, ref, "--runs", "x"], [ref, ref, "--dim", "M=1"]):
+    for args in (
+        [ref, other],
+        [ref, folder / "nope.onnx"],
+        [ref, ref, "--runs", "x"],
+        [ref, ref, "--dim", "M=1"],
+    ):
         result = invoke("verify", *args)
         assert_usage_error(result, result.stderr)
 
@@ -720,7 +819,9 @@ def test_verify_unverifiable_reference_fails_the_gate(tmp_path: Path) -> None:
     bf = save(conv_bn_model(dtype="bfloat16"), tmp_path / "bf.onnx")
     result = invoke("verify", bf, bf)
     assert result.exit_code == 1
-    assert last_line(result.stdout).startswith("FAILED not verified: onnxruntime cannot run the reference model")
+    assert last_line(result.stdout).startswith(
+        "FAILED not verified: onnxruntime cannot run the reference model"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -775,7 +876,10 @@ def _crash_on_purpose(job: cli.FoldJob) -> dict[str, Any]:  # runs in a spawned 
 def test_a_crashing_worker_fails_only_its_model(tmp_path: Path) -> None:
     import functools
 
-    paths = [save(conv_bn_model(seed=i), tmp_path / name) for i, name in enumerate(("a.onnx", "crash.onnx", "c.onnx", "d.onnx"))]
+    paths = [
+        save(conv_bn_model(seed=i), tmp_path / name)
+        for i, name in enumerate(("a.onnx", "crash.onnx", "c.onnx", "d.onnx"))
+    ]
     check = cli.CheckOptions()
     jobs = [cli.FoldJob(str(p), str(cli.default_output(p)), check) for p in paths]
     seen: list[int] = []
@@ -840,7 +944,9 @@ print("MODULES", *sorted(m for m in ("onnxruntime", "torch", "onnx", "numpy", "t
 
 def _probe(*args: Any) -> tuple[int, set[str], str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _PROBE, *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
     code = int(re.search(r"CODE (\S+)", proc.stderr).group(1))
     modules = set(re.search(r"MODULES(.*)", proc.stderr).group(1).split())
     return code, modules, proc.stdout
@@ -849,7 +955,9 @@ def _probe(*args: Any) -> tuple[int, set[str], str]:
 def test_help_is_fast_and_imports_nothing_heavy() -> None:
     code, modules, out = _probe("--help")
     assert code == 0 and "verify" in out
-    assert modules == set(), modules  # no onnxruntime, torch, onnx, numpy (nor typer, click, pydantic) for --help
+    assert modules == set(), (
+        modules
+    )  # no onnxruntime, torch, onnx, numpy (nor typer, click, pydantic) for --help
     code, modules, _ = _probe("fold", "--help")
     assert code == 0 and modules == set()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -876,12 +984,25 @@ def test_bn_to_affine_flag(tmp_path: Path) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    params = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
-        ("g", rng.normal(1, 0.5, 3)), ("b", rng.normal(0, 1, 3)), ("m", rng.normal(0, 1, 3)), ("v", rng.uniform(0.5, 2, 3)))]
+    params = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for n, a in (
+            ("g", rng.normal(1, 0.5, 3)),
+            ("b", rng.normal(0, 1, 3)),
+            ("m", rng.normal(0, 1, 3)),
+            ("v", rng.uniform(0.5, 2, 3)),
+        )
+    ]
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], params)
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+        params,
+    )
     src = tmp_path / "relu_bn.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
     result = invoke(src, "-o", tmp_path / "out.onnx", "--bn-to-affine")
@@ -906,8 +1027,13 @@ def test_the_quick_exit_keeps_codes_output_and_cleanup(tmp_path: Path) -> None:
     folder = tmp_path / "ext"
     folder.mkdir()
     src = folder / "m.onnx"
-    onnx.save(conv_bn_model(blocks=2, channels=8), str(src), save_as_external_data=True, location="m.data",
-              size_threshold=0)
+    onnx.save(
+        conv_bn_model(blocks=2, channels=8),
+        str(src),
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
     ok = run_module(src, "-o", tmp_path / "out.onnx", "--json", "-", env_extra={"TMPDIR": str(scratch)})
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["models"][0]["exit_code"] == 0  # the whole JSON document arrived

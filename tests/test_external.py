@@ -18,8 +18,14 @@ from bnfold.testing import conv_bn_model
 
 def _save_external(model: onnx.ModelProto, folder: Path, location: str = "weights.bin") -> Path:
     path = folder / "model.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=location, size_threshold=0)
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
     return path
 
 
@@ -33,7 +39,9 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 def has_inline_weights(path: Path) -> bool:
     """True if a tensor of at least 1 KiB is stored inside the model file itself."""
     m = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() >= 1024 for t in m.graph.initializer)
+    return any(
+        t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() >= 1024 for t in m.graph.initializer
+    )
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -143,7 +151,10 @@ def test_spill_beside_the_output_becomes_its_data_file(tmp_path: Path, stream: b
     for p in (out, other / "g.onnx", other / "h.onnx"):
         if p.exists() and Path(f"{p}.data").exists():
             np.testing.assert_allclose(_run(p, x), want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
-    assert onnx.load(str(other / "g.onnx")).SerializeToString() == onnx.load(str(other / "h.onnx")).SerializeToString()
+    assert (
+        onnx.load(str(other / "g.onnx")).SerializeToString()
+        == onnx.load(str(other / "h.onnx")).SerializeToString()
+    )
     assert len(first[1]) > 0
     del result
     assert _spill_files(out_dir) == [] and _spill_files(other) == []
@@ -160,8 +171,9 @@ def test_spill_beside_the_output_with_in_place_save(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
 
 
-def test_a_failed_save_leaves_the_spill_beside_the_output_reusable(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_save_leaves_the_spill_beside_the_output_reusable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A full disk while appending to the spill file: no output, the spill file cut back to what
     it held, and a retry writes a correct model."""
     import errno
@@ -172,7 +184,9 @@ def test_a_failed_save_leaves_the_spill_beside_the_output_reusable(tmp_path: Pat
     model = conv_bn_model(blocks=3, channels=16)
     y = model.graph.output[0].name
     model.graph.node.append(onnx.helper.make_node("Mul", [y, "untouched"], ["scaled"]))
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.full((1, 16, 1, 1), 0.5, np.float32), "untouched"))
+    model.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.full((1, 16, 1, 1), 0.5, np.float32), "untouched")
+    )
     model.graph.output[0].name = "scaled"
     src = _save_external(model, src_dir)
     out = out_dir / "f.onnx"
@@ -186,7 +200,7 @@ def test_a_failed_save_leaves_the_spill_beside_the_output_reusable(tmp_path: Pat
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def partly(fd: int, data: bytes) -> int:  # some bytes land, then the disk is full
-        real_write(fd, bytes(memoryview(data)[:max(1, len(data) // 2)]))
+        real_write(fd, bytes(memoryview(data)[: max(1, len(data) // 2)]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as m:

@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from bnfold.folding import (
     BNAffine,
     FoldError,
-    bn_affine,
-    fold_conv,
-    fold_conv_transpose,
-    fold_gemm,
     affine_constants,
+    bn_affine,
     channel_vector,
     compose_add,
+    fold_conv,
     fold_conv_input,
+    fold_conv_transpose,
     fold_dequantized_scale,
+    fold_gemm,
     fold_gemm_input,
     round_to_dtype,
     scale_output_channels,
@@ -157,11 +157,14 @@ def test_bfloat16_rounding_keeps_nan_inf_and_signed_zero() -> None:
     got = _to_bfloat16(special, BF16).astype(np.float64)
     assert np.array_equal(got, special) and np.array_equal(np.signbit(got), np.signbit(special))
     # every NaN bit pattern of float32 (sign, quiet/signalling, largest payload) stays a NaN
-    patterns = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0xFFFFFFFF, 0x7FFFFFFF],
-                        dtype=np.uint32)
+    patterns = np.array(
+        [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0xFFFFFFFF, 0x7FFFFFFF], dtype=np.uint32
+    )
     nans = patterns.view(np.float32).astype(np.float64)
     out = _to_bfloat16(nans, BF16).view(np.uint16)
-    assert ((out & 0x7F80) == 0x7F80).all() and ((out & 0x007F) != 0).all()  # exponent all ones, fraction non-zero
+    assert ((out & 0x7F80) == 0x7F80).all() and (
+        (out & 0x007F) != 0
+    ).all()  # exponent all ones, fraction non-zero
     assert list(out >> 15) == [0, 1, 0, 1, 1, 0]  # the sign is kept
 
 
@@ -176,7 +179,9 @@ def test_overflow_raises_overflow(fmt: str, too_big: float) -> None:
         assert e.value.code == "overflow"
 
 
-@pytest.mark.parametrize(("fmt", "fits"), [("float16", 65519.99), ("bfloat16", 3.3961e38), ("float32", 3.4028235e38)])
+@pytest.mark.parametrize(
+    ("fmt", "fits"), [("float16", 65519.99), ("bfloat16", 3.3961e38), ("float32", 3.4028235e38)]
+)
 def test_largest_values_below_threshold_round_to_max(fmt: str, fits: float) -> None:
     got = round_to_dtype(np.array([fits, -fits]), DTYPES[fmt])
     assert np.all(np.isfinite(got))
@@ -197,8 +202,15 @@ def test_bn_affine_matches_torch_batch_norm() -> None:
     aff = bn_affine(g, b, m, v, eps)
     assert aff.scale.dtype == np.float64 and aff.shift.dtype == np.float64
     x = torch.from_numpy(rng.normal(0, 1, (3, 7, 4)))
-    ref = F.batch_norm(x, torch.from_numpy(m), torch.from_numpy(v), torch.from_numpy(g), torch.from_numpy(b),
-                       training=False, eps=eps)
+    ref = F.batch_norm(
+        x,
+        torch.from_numpy(m),
+        torch.from_numpy(v),
+        torch.from_numpy(g),
+        torch.from_numpy(b),
+        training=False,
+        eps=eps,
+    )
     got = x * torch.from_numpy(aff.scale)[:, None] + torch.from_numpy(aff.shift)[:, None]
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-13, atol=1e-13)
 
@@ -206,8 +218,12 @@ def test_bn_affine_matches_torch_batch_norm() -> None:
 def test_bn_affine_mixed_dtypes_computed_in_float64() -> None:
     rng = np.random.default_rng(0)
     g, b, m, v = _stats(rng, 5)
-    aff = bn_affine(g.astype(np.float16), b.astype(np.float16), m.astype(np.float32), v.astype(np.float32), 1e-5)
-    exp_scale = g.astype(np.float16).astype(np.float64) / np.sqrt(v.astype(np.float32).astype(np.float64) + 1e-5)
+    aff = bn_affine(
+        g.astype(np.float16), b.astype(np.float16), m.astype(np.float32), v.astype(np.float32), 1e-5
+    )
+    exp_scale = g.astype(np.float16).astype(np.float64) / np.sqrt(
+        v.astype(np.float32).astype(np.float64) + 1e-5
+    )
     np.testing.assert_array_equal(aff.scale, exp_scale)
 
 
@@ -238,7 +254,7 @@ def test_bn_affine_nan_epsilon_refused() -> None:
 # ----------------------------------------------------------------------------------------------
 # Conv / ConvTranspose / Gemm against torch in float64
 # ----------------------------------------------------------------------------------------------
-def _bn_ref(y: torch.Tensor, g, b, m, v, eps) -> torch.Tensor:  # noqa: ANN001
+def _bn_ref(y: torch.Tensor, g, b, m, v, eps) -> torch.Tensor:
     t = torch.from_numpy
     return F.batch_norm(y, t(m), t(v), t(g), t(b), training=False, eps=eps)
 
@@ -257,8 +273,14 @@ def test_fold_conv_matches_torch(rank: int, cin: int, cout: int, group: int, bia
     assert w2.shape == w.shape and w2.dtype == w.dtype and b2.shape == (cout,) and b2.dtype == np.float64
     x = torch.from_numpy(rng.normal(0, 1, (2, cin, *([5] * rank))))
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[rank]
-    ref = _bn_ref(conv(x, torch.from_numpy(w), None if b is None else torch.from_numpy(b), stride=1, groups=group),
-                  g, beta, m, v, eps)
+    ref = _bn_ref(
+        conv(x, torch.from_numpy(w), None if b is None else torch.from_numpy(b), stride=1, groups=group),
+        g,
+        beta,
+        m,
+        v,
+        eps,
+    )
     got = conv(x, torch.from_numpy(w2), torch.from_numpy(b2), groups=group)
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-11, atol=1e-11)
 
@@ -280,7 +302,7 @@ def test_fold_conv_explicit_loop() -> None:
             grp = o // per_g
             for ci in range(cin // group):
                 for t in range(k):
-                    out[o] += w_[o, ci, t] * x[grp * (cin // group) + ci, t:t + length - k + 1]
+                    out[o] += w_[o, ci, t] * x[grp * (cin // group) + ci, t : t + length - k + 1]
             out[o] += b_[o]
         return out
 
@@ -302,8 +324,14 @@ def test_fold_conv_transpose_matches_torch(rank: int, cin: int, cout: int, group
     assert w2.shape == w.shape
     x = torch.from_numpy(rng.normal(0, 1, (2, cin, *([4] * rank))))
     ct = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[rank]
-    ref = _bn_ref(ct(x, torch.from_numpy(w), None if b is None else torch.from_numpy(b), stride=2, groups=group),
-                  g, beta, m, v, 1e-5)
+    ref = _bn_ref(
+        ct(x, torch.from_numpy(w), None if b is None else torch.from_numpy(b), stride=2, groups=group),
+        g,
+        beta,
+        m,
+        v,
+        1e-5,
+    )
     got = ct(x, torch.from_numpy(w2), torch.from_numpy(b2), stride=2, groups=group)
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-11, atol=1e-11)
 
@@ -340,7 +368,7 @@ def test_fold_gemm_matches_linear(trans_b: bool, beta: float, c_shape: tuple[int
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
-def test_fold_rounds_once_from_float64(dtype) -> None:  # noqa: ANN001
+def test_fold_rounds_once_from_float64(dtype) -> None:
     """Every folded value equals the exact float64 product rounded once to the dtype."""
     rng = np.random.default_rng(9)
     dtype = np.dtype(dtype)
@@ -398,7 +426,7 @@ def test_fold_overflow_in_float16() -> None:
         (lambda a: fold_gemm(np.ones((4, 2)), np.array([np.inf, 1]), a, False, 1.0), "non_finite"),
     ],
 )
-def test_fold_refusals(call, code: str) -> None:  # noqa: ANN001
+def test_fold_refusals(call, code: str) -> None:
     aff = BNAffine(np.ones(2), np.zeros(2))
     with pytest.raises(FoldError) as e:
         call(aff)
@@ -407,9 +435,9 @@ def test_fold_refusals(call, code: str) -> None:  # noqa: ANN001
 
 def test_scale_output_channels_axis() -> None:
     w = np.ones((2, 3))
-    np.testing.assert_array_equal(scale_output_channels(w, np.array([1.0, 2.0, 3.0]), 1),
-                                  [[1, 2, 3], [1, 2, 3]])
-
+    np.testing.assert_array_equal(
+        scale_output_channels(w, np.array([1.0, 2.0, 3.0]), 1), [[1, 2, 3], [1, 2, 3]]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,9 +447,21 @@ def _affine(rng: np.random.Generator, c: int) -> BNAffine:
     return BNAffine(scale=rng.normal(1, 0.5, c), shift=rng.normal(0, 1, c))
 
 
-@pytest.mark.parametrize("shape,ok", [((), True), ((1,), True), ((4, 1, 1), True), ((1, 4, 1, 1), True),
-                                      ((1, 1, 1), True), ((4,), False), ((1, 4, 2, 2), False),
-                                      ((2, 4, 1, 1), False), ((1, 1, 4, 1, 1), False), ((4, 1), False)])
+@pytest.mark.parametrize(
+    "shape,ok",
+    [
+        ((), True),
+        ((1,), True),
+        ((4, 1, 1), True),
+        ((1, 4, 1, 1), True),
+        ((1, 1, 1), True),
+        ((4,), False),
+        ((1, 4, 2, 2), False),
+        ((2, 4, 1, 1), False),
+        ((1, 1, 4, 1, 1), False),
+        ((4, 1), False),
+    ],
+)
 def test_channel_vector(shape: tuple[int, ...], ok: bool) -> None:
     v = np.arange(1, 1 + int(np.prod(shape)), dtype=np.float32).reshape(shape)
     if not ok:
@@ -441,7 +481,9 @@ def test_compose_add_is_bn_of_sum() -> None:
     a = rng.normal(0, 1, 3)
     z = rng.normal(0, 1, (5, 3))
     got = compose_add(a, aff)
-    np.testing.assert_allclose(z * got.scale + got.shift, (z + a) * aff.scale + aff.shift, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(
+        z * got.scale + got.shift, (z + a) * aff.scale + aff.shift, rtol=1e-13, atol=1e-13
+    )
 
 
 @pytest.mark.parametrize("cin,cout,group,kernel", [(4, 6, 1, 3), (4, 6, 2, 3), (4, 4, 4, 1), (3, 6, 3, 2)])
@@ -451,7 +493,9 @@ def test_fold_conv_input_matches_torch(cin: int, cout: int, group: int, kernel: 
     b = rng.normal(0, 1, cout)
     aff = _affine(rng, cin)
     x = torch.from_numpy(rng.normal(0, 1, (2, cin, 5, 5)))
-    xbn = x * torch.from_numpy(aff.scale).reshape(1, -1, 1, 1) + torch.from_numpy(aff.shift).reshape(1, -1, 1, 1)
+    xbn = x * torch.from_numpy(aff.scale).reshape(1, -1, 1, 1) + torch.from_numpy(aff.shift).reshape(
+        1, -1, 1, 1
+    )
     ref = F.conv2d(xbn, torch.from_numpy(w), torch.from_numpy(b), groups=group)
     nw, nb = fold_conv_input(w, b, aff, group)
     got = F.conv2d(x, torch.from_numpy(nw), torch.from_numpy(nb), groups=group)

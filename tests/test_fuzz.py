@@ -147,8 +147,25 @@ def m_delete_initializer(model: onnx.ModelProto, draw: Any) -> None:
         del g.initializer[draw(st.integers(0, len(g.initializer) - 1))]
 
 
-ATTRS = ["group", "pads", "strides", "dilations", "kernel_shape", "epsilon", "momentum", "training_mode",
-         "spatial", "is_test", "transA", "transB", "alpha", "beta", "auto_pad", "output_padding", "consumed_inputs"]
+ATTRS = [
+    "group",
+    "pads",
+    "strides",
+    "dilations",
+    "kernel_shape",
+    "epsilon",
+    "momentum",
+    "training_mode",
+    "spatial",
+    "is_test",
+    "transA",
+    "transB",
+    "alpha",
+    "beta",
+    "auto_pad",
+    "output_padding",
+    "consumed_inputs",
+]
 
 
 def _attr_value(draw: Any, name: str) -> Any:
@@ -164,7 +181,9 @@ def _attr_value(draw: Any, name: str) -> Any:
 def m_change_attribute(model: onnx.ModelProto, draw: Any) -> None:
     n = _pick(draw, _all_nodes(model))
     action = draw(st.sampled_from(["set", "delete", "retype"]))
-    existing = [a for a in n.attribute if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)]
+    existing = [
+        a for a in n.attribute if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    ]
     if action == "delete" and existing:
         n.attribute.remove(_pick(draw, existing))
         return
@@ -194,7 +213,7 @@ def m_reshape_initializer(model: onnx.ModelProto, draw: Any) -> None:
         arr = np.random.default_rng(draw(st.integers(0, 99))).standard_normal(shape)
         try:
             dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        except Exception:  # noqa: BLE001
+        except Exception:
             dtype = np.dtype(np.float32)
         t.CopyFrom(numpy_helper.from_array(arr.astype(dtype), t.name))
     else:  # only the dims change: the data no longer fits
@@ -207,24 +226,45 @@ def m_retype_initializer(model: onnx.ModelProto, draw: Any) -> None:
     if not tensors:
         return
     t = _pick(draw, tensors)
-    new = draw(st.sampled_from([TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.INT64,
-                                TensorProto.INT8, TensorProto.BOOL, TensorProto.BFLOAT16, TensorProto.STRING,
-                                TensorProto.FLOAT8E4M3FN, 99]))
-    if draw(st.booleans()) and new not in (TensorProto.STRING, 99, TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN):
+    new = draw(
+        st.sampled_from(
+            [
+                TensorProto.FLOAT,
+                TensorProto.FLOAT16,
+                TensorProto.DOUBLE,
+                TensorProto.INT64,
+                TensorProto.INT8,
+                TensorProto.BOOL,
+                TensorProto.BFLOAT16,
+                TensorProto.STRING,
+                TensorProto.FLOAT8E4M3FN,
+                99,
+            ]
+        )
+    )
+    if draw(st.booleans()) and new not in (
+        TensorProto.STRING,
+        99,
+        TensorProto.BFLOAT16,
+        TensorProto.FLOAT8E4M3FN,
+    ):
         try:
             arr = numpy_helper.to_array(t)
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 t.CopyFrom(numpy_helper.from_array(arr.astype(helper.tensor_dtype_to_np_dtype(new)), t.name))
             return
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
     t.data_type = new  # the stored bytes keep their old meaning
 
 
 def m_special_values(model: onnx.ModelProto, draw: Any) -> None:
-    tensors = [t for t in _all_tensors(model) if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16,
-                                                                  TensorProto.DOUBLE)]
+    tensors = [
+        t
+        for t in _all_tensors(model)
+        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+    ]
     if not tensors:
         return
     t = _pick(draw, tensors)
@@ -277,8 +317,11 @@ def m_rename_reference(model: onnx.ModelProto, draw: Any) -> None:
     nodes = [n for n in _all_nodes(model) if n.input or n.output]
     if not nodes:
         return
-    names = sorted({x for n in _all_nodes(model) for x in (*n.input, *n.output) if x}
-                   | {v.name for v in model.graph.output} | {"undefined_name"})
+    names = sorted(
+        {x for n in _all_nodes(model) for x in (*n.input, *n.output) if x}
+        | {v.name for v in model.graph.output}
+        | {"undefined_name"}
+    )
     n = _pick(draw, nodes)
     if n.output and draw(st.booleans()):
         n.output[draw(st.integers(0, len(n.output) - 1))] = _pick(draw, names)
@@ -290,8 +333,20 @@ def m_node_op(model: onnx.ModelProto, draw: Any) -> None:
     n = _pick(draw, _all_nodes(model))
     choice = draw(st.sampled_from(["op", "domain", "shuffle", "duplicate"]))
     if choice == "op":
-        n.op_type = draw(st.sampled_from(["Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
-                                          "Relu", "Identity", "NoSuchOp"]))
+        n.op_type = draw(
+            st.sampled_from(
+                [
+                    "Conv",
+                    "ConvTranspose",
+                    "Gemm",
+                    "MatMul",
+                    "BatchNormalization",
+                    "Relu",
+                    "Identity",
+                    "NoSuchOp",
+                ]
+            )
+        )
     elif choice == "domain":
         n.domain = draw(st.sampled_from(["", "ai.onnx", "com.microsoft", "custom"]))
     elif choice == "shuffle":
@@ -312,9 +367,17 @@ def m_node_op(model: onnx.ModelProto, draw: Any) -> None:
 # Mutations that break the graph's structure are refused early; value-level ones (repeated, so
 # drawn more often) keep more models foldable and exercise the pass and the numeric check.
 MUTATIONS = [
-    m_drop_node_input, m_drop_graph_input, m_delete_initializer, m_rename_reference, m_node_op, m_input_type,
-    *[m_change_attribute] * 3, *[m_special_values] * 3, *[m_reshape_initializer] * 2,
-    *[m_retype_initializer] * 2, *[m_opset] * 2,
+    m_drop_node_input,
+    m_drop_graph_input,
+    m_delete_initializer,
+    m_rename_reference,
+    m_node_op,
+    m_input_type,
+    *[m_change_attribute] * 3,
+    *[m_special_values] * 3,
+    *[m_reshape_initializer] * 2,
+    *[m_retype_initializer] * 2,
+    *[m_opset] * 2,
 ]
 
 
@@ -328,7 +391,7 @@ def mutate(data: Any) -> bytes:
         mutation = draw(st.sampled_from(MUTATIONS))
         try:
             mutation(model, draw)
-        except Exception:  # noqa: BLE001 - the mutator could not apply itself to what earlier ones left
+        except Exception:
             pass
     raw = bytearray(model.SerializeToString())
     corruption = draw(st.sampled_from(["none"] * 7 + ["flip", "truncate", "splice"]))
@@ -372,7 +435,7 @@ def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
             return None
         try:
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        except Exception:  # noqa: BLE001
+        except Exception:
             return None
         shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in tt.shape.dim]
         if dtype.kind == "f":
@@ -399,7 +462,9 @@ def assert_same_outputs(ref: list[np.ndarray], got: list[np.ndarray]) -> None:
         r64, g64 = r.astype(np.float64), g.astype(np.float64)
         assert np.array_equal(np.isnan(r64), np.isnan(g64)), f"output {i}: NaN positions differ"
         finite = np.isfinite(r64)
-        assert np.array_equal(r64[~finite & ~np.isnan(r64)], g64[~finite & ~np.isnan(r64)]), f"output {i}: inf"
+        assert np.array_equal(r64[~finite & ~np.isnan(r64)], g64[~finite & ~np.isnan(r64)]), (
+            f"output {i}: inf"
+        )
         if finite.any():
             tol = TOL.get(r.dtype.name, 1e-3)
             scale = float(np.max(np.abs(r64[finite])))
@@ -430,7 +495,7 @@ def check_case(raw: bytes) -> str:
     original.ParseFromString(raw)
     try:
         onnx.checker.check_model(original)
-    except Exception:  # noqa: BLE001 - the mutation made it invalid; bnfold need not repair that
+    except Exception:
         pass
     else:
         onnx.checker.check_model(result.model)  # a valid model stays valid
@@ -440,7 +505,7 @@ def check_case(raw: bytes) -> str:
     try:
         sess = _ort_session(original)
         ref = [np.asarray(o) for o in sess.run(None, feeds)]
-    except Exception:  # noqa: BLE001 - onnxruntime cannot run the original: nothing to compare
+    except Exception:
         return "folded, original does not run"
     if overflows(ref):
         return "folded, original near the float range limit"
@@ -466,7 +531,7 @@ def huge_constants(model: onnx.ModelProto, limit: float = 1e12) -> bool:
             continue
         try:
             a = numpy_helper.to_array(t).astype(np.float64)
-        except Exception:  # noqa: BLE001 - unreadable tensors are not constants anyone computes with
+        except Exception:
             continue
         a = a[np.isfinite(a)]
         if a.size and float(np.max(np.abs(a))) > limit:
@@ -503,7 +568,12 @@ def _check_cli(raw: bytes) -> None:
             onnx.load(str(out))
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize="BNFOLD_FUZZ_EXAMPLES" not in os.environ)
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize="BNFOLD_FUZZ_EXAMPLES" not in os.environ,
+)
 @given(st.data())
 def test_mutated_models_fold_correctly_or_are_refused(data: Any) -> None:
     event(check_case(mutate(data)))  # outcome counts: pytest --hypothesis-show-statistics
@@ -517,17 +587,43 @@ def test_bases_fold() -> None:
 # ------------------------------------------------------------------------------------------------
 # external data: hostile locations, offsets and lengths, damaged data files
 
-LOCATIONS = ["w.bin", "other.bin", "", ".", "..", "../w.bin", "sub/../w.bin", "/etc/passwd", "\\\\server\\x",
-             "C:\\w.bin", "link.bin", "loop.bin", "a\0b", "x" * 300, "w.bin/", "./w.bin", "~/w.bin", "sub/w.bin"]
-NUMBERS = st.one_of(st.integers(-3, 20000).map(str), st.sampled_from(["", " 1", "1e3", "0x10", "\u0663", "99" * 15]))
+LOCATIONS = [
+    "w.bin",
+    "other.bin",
+    "",
+    ".",
+    "..",
+    "../w.bin",
+    "sub/../w.bin",
+    "/etc/passwd",
+    "\\\\server\\x",
+    "C:\\w.bin",
+    "link.bin",
+    "loop.bin",
+    "a\0b",
+    "x" * 300,
+    "w.bin/",
+    "./w.bin",
+    "~/w.bin",
+    "sub/w.bin",
+]
+NUMBERS = st.one_of(
+    st.integers(-3, 20000).map(str), st.sampled_from(["", " 1", "1e3", "0x10", "\u0663", "99" * 15])
+)
 
 
 def _external_case(data: Any, folder: Path) -> Path:
     """An external-data model in ``folder`` with its entries and data file mutated."""
     draw = data.draw
     src = folder / "m.onnx"
-    onnx.save(conv_bn_model(blocks=2, channels=16, seed=draw(st.integers(0, 3))), str(src),
-              save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin", size_threshold=0)
+    onnx.save(
+        conv_bn_model(blocks=2, channels=16, seed=draw(st.integers(0, 3))),
+        str(src),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="w.bin",
+        size_threshold=0,
+    )
     (folder / "sub").mkdir()
     (folder / "sub" / "w.bin").write_bytes((folder / "w.bin").read_bytes())
     (folder / "other.bin").write_bytes(b"\0" * 64)
@@ -556,13 +652,19 @@ def _external_case(data: Any, folder: Path) -> Path:
             data_file = folder / "w.bin"
             raw = data_file.read_bytes()
             cut = draw(st.integers(0, len(raw)))
-            data_file.write_bytes(raw[:cut] if draw(st.booleans()) else raw[:cut] + b"\xff" * 8 + raw[cut + 8:])
+            data_file.write_bytes(
+                raw[:cut] if draw(st.booleans()) else raw[:cut] + b"\xff" * 8 + raw[cut + 8 :]
+            )
     src.write_bytes(model.SerializeToString())
     return src
 
 
-@settings(max_examples=max(EXAMPLES // 3, 50), deadline=None, suppress_health_check=list(HealthCheck),
-          derandomize="BNFOLD_FUZZ_EXAMPLES" not in os.environ)
+@settings(
+    max_examples=max(EXAMPLES // 3, 50),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize="BNFOLD_FUZZ_EXAMPLES" not in os.environ,
+)
 @given(st.data())
 def test_hostile_external_data_is_refused_or_folded_correctly(data: Any) -> None:
     event(check_external_case(data))
@@ -602,7 +704,7 @@ def check_external_case(data: Any) -> str:
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 ref = _run_path(src, feeds)
-        except Exception:  # noqa: BLE001 - onnxruntime cannot run the original either
+        except Exception:
             return "folded, original does not run"
         if overflows(ref):
             return "folded, original near the float range limit"

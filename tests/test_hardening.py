@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from cli_runner import invoke, run_module
 from onnx import helper, numpy_helper
 
 import bnfold
 from bnfold.errors import BadInput
 from bnfold.testing import conv_bn_model
-from cli_runner import invoke, run_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,10 +139,14 @@ MODEL_FILES: dict[str, tuple[Callable[[], bytes], str]] = {
     "text": (lambda: b"This is not a model.\nJust text.\n", "not an ONNX model"),
     "PNG header": (lambda: b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(64)), "not an ONNX model"),
     "random bytes": (lambda: np.random.default_rng(0).bytes(4096), "not an ONNX model"),
-    "truncated at 10%": (lambda: base_model().SerializeToString()[: len(base_model().SerializeToString()) // 10],
-                         "not an ONNX model"),
-    "truncated at 50%": (lambda: base_model().SerializeToString()[: len(base_model().SerializeToString()) // 2],
-                         "not an ONNX model"),
+    "truncated at 10%": (
+        lambda: base_model().SerializeToString()[: len(base_model().SerializeToString()) // 10],
+        "not an ONNX model",
+    ),
+    "truncated at 50%": (
+        lambda: base_model().SerializeToString()[: len(base_model().SerializeToString()) // 2],
+        "not an ONNX model",
+    ),
     "truncated by one byte": (lambda: base_model().SerializeToString()[:-1], "not an ONNX model"),
     "protobuf without a graph": (lambda: mutated(_no_graph), "no graph"),
     "undefined tensor": (lambda: mutated(_undefined), "reads 'no_such_weight', which no graph input"),
@@ -165,10 +169,17 @@ def test_bad_model_file_is_refused_cleanly(tmp_path: Path, case: str) -> None:
     good = tmp_path / "good.onnx"
     onnx.save(base_model(), str(good))
     before = snapshot(tmp_path)
-    for args in ([src], [src, "--no-verify"], [src, "-o", tmp_path / "out.onnx"], ["inspect", src],
-                 ["verify", src, good], ["verify", good, src]):
-        if case == "unknown input element type" and (args[-1] == "--no-verify" or args[0] == "inspect"
-                                                     or (len(args) > 2 and args[1] == good)):
+    for args in (
+        [src],
+        [src, "--no-verify"],
+        [src, "-o", tmp_path / "out.onnx"],
+        ["inspect", src],
+        ["verify", src, good],
+        ["verify", good, src],
+    ):
+        if case == "unknown input element type" and (
+            args[-1] == "--no-verify" or args[0] == "inspect" or (len(args) > 2 and args[1] == good)
+        ):
             continue  # the fold is fine, inventing inputs fails; as a candidate it is a model that does not run
         result = invoke(*args)
         assert_one_line_error(result.exit_code, result.stdout, result.stderr, expect)
@@ -198,9 +209,16 @@ def test_structural_check_accepts_valid_oddities() -> None:
     unsorted.graph.node.extend(nodes)
     optional = base_model()
     _node(optional, "conv0").input.append("")
-    for model in (unsorted, optional, ob.if_model().model, ob.loop_model().model, ob.scan_model().model,
-                  ob.function_model().model, ob.conv_bn(bn_opset=9, opset=9, ir_version=3).model,
-                  ob.conv_bn(param_form="initializer_input").model):
+    for model in (
+        unsorted,
+        optional,
+        ob.if_model().model,
+        ob.loop_model().model,
+        ob.scan_model().model,
+        ob.function_model().model,
+        ob.conv_bn(bn_opset=9, opset=9, ir_version=3).model,
+        ob.conv_bn(param_form="initializer_input").model,
+    ):
         check_structure(model)
     result = bnfold.fold(unsorted)
     assert len(result.report.folded) == 2 and result.verification.status == "passed"
@@ -230,7 +248,10 @@ def test_structural_check_in_subgraphs_and_functions() -> None:
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     (tmp_path / "folder.onnx").mkdir()
     before = snapshot(tmp_path)
-    for path, expect in ((tmp_path / "missing.onnx", "no such file"), (tmp_path / "folder.onnx", "is a directory")):
+    for path, expect in (
+        (tmp_path / "missing.onnx", "no such file"),
+        (tmp_path / "folder.onnx", "is a directory"),
+    ):
         for args in ([path], ["inspect", path], ["verify", path, path]):
             result = invoke(*args)
             assert_one_line_error(result.exit_code, result.stdout, result.stderr, expect)
@@ -250,8 +271,11 @@ def test_devices_pipes_and_huge_inputs(tmp_path: Path) -> None:
         d.dim_value = 10**6
     huge.write_bytes(model.SerializeToString())
     before = snapshot(tmp_path)
-    for path, expect in ((Path("/dev/zero"), "not a regular file"), (fifo, "not a regular file"),
-                         (huge, "give a smaller one with --shape x=")):
+    for path, expect in (
+        (Path("/dev/zero"), "not a regular file"),
+        (fifo, "not a regular file"),
+        (huge, "give a smaller one with --shape x="),
+    ):
         result = invoke(path)
         assert_one_line_error(result.exit_code, result.stdout, result.stderr, expect)
         with pytest.raises(BadInput, match=expect.replace("(", r"\(")):
@@ -304,7 +328,9 @@ def test_several_models_one_bad(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert (tmp_path / "good.folded.onnx").exists() and not (tmp_path / "bad.folded.onnx").exists()
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("bnfold: error: ")]
-    assert len(errors) == 1 and errors[0].startswith(f"bnfold: error: {bad} is not an ONNX model"), result.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"bnfold: error: {bad} is not an ONNX model"), (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr + result.stdout
 
 
@@ -328,8 +354,14 @@ def test_hostile_names_cannot_break_lines_or_drive_the_terminal(tmp_path: Path) 
 
 def _external(tmp_path: Path, location: str = "weights.bin") -> Path:
     src = tmp_path / "model.onnx"
-    onnx.save(conv_bn_model(blocks=2, channels=16), str(src), save_as_external_data=True,
-              all_tensors_to_one_file=True, location=location, size_threshold=0)
+    onnx.save(
+        conv_bn_model(blocks=2, channels=16),
+        str(src),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
     return src
 
 
@@ -354,8 +386,12 @@ def test_bad_external_data_is_refused(tmp_path: Path, case: str) -> None:
     outside = tmp_path / "secret.bin"
     outside.write_bytes(data.read_bytes())  # a readable file with plausible content
     expect = {
-        "missing": "missing", "truncated": "truncated", "absolute path": "absolute", "parent folder": "..",
-        "symlink outside": "outside", "bad offset": "offset",
+        "missing": "missing",
+        "truncated": "truncated",
+        "absolute path": "absolute",
+        "parent folder": "..",
+        "symlink outside": "outside",
+        "bad offset": "offset",
     }[case]
     if case == "missing":
         data.unlink()
@@ -405,17 +441,20 @@ def test_output_never_replaces_the_inputs_external_data(tmp_path: Path) -> None:
 
 SKIPS = {
     "BN parameter shape": (set_init("gamma1", np.ones(5, np.float32)), "param_shape"),
-    "BN channels do not match the conv": (lambda m: [set_init(n, np.ones(5, np.float32))(m)
-                                                     for n in ("gamma1", "beta1", "mean1", "var1")],
-                                          "channel_mismatch"),
+    "BN channels do not match the conv": (
+        lambda m: [set_init(n, np.ones(5, np.float32))(m) for n in ("gamma1", "beta1", "mean1", "var1")],
+        "channel_mismatch",
+    ),
     "NaN mean": (set_init("mean1", np.array([np.nan, 0, 0, 0], np.float32)), "non_finite"),
     "Inf variance": (set_init("var1", np.array([1, np.inf, 1, 1], np.float32)), "non_finite"),
     "NaN weight": (set_init("w1", np.full((4, 4, 3, 3), np.nan, np.float32)), "non_finite"),
     "Inf bias": (set_init("bias1", np.array([0, 0, -np.inf, 0], np.float32)), "non_finite"),
     "negative variance": (set_init("var1", np.array([1, -2, 1, 1], np.float32)), "invalid_variance"),
     "zero-size weight": (set_init("w1", np.zeros((0, 4, 3, 3), np.float32)), "channel_mismatch"),
-    "zero-size BN parameters": (lambda m: [set_init(n, np.zeros(0, np.float32))(m)
-                                           for n in ("gamma1", "beta1", "mean1", "var1")], "channel_mismatch"),
+    "zero-size BN parameters": (
+        lambda m: [set_init(n, np.zeros(0, np.float32))(m) for n in ("gamma1", "beta1", "mean1", "var1")],
+        "channel_mismatch",
+    ),
 }
 
 
@@ -439,13 +478,18 @@ def test_bad_bn_is_skipped_with_a_reason_and_the_rest_folds(tmp_path: Path, case
     out = tmp_path / "m.folded.onnx"
     folded = onnx.load(str(out))
     assert [n.name for n in folded.graph.node if n.op_type == "BatchNormalization"] == ["bn1"]
-    if case not in ("zero-size weight", "zero-size BN parameters", "BN parameter shape",
-                    "BN channels do not match the conv"):  # onnxruntime cannot run those
+    if case not in (
+        "zero-size weight",
+        "zero-size BN parameters",
+        "BN parameter shape",
+        "BN channels do not match the conv",
+    ):  # onnxruntime cannot run those
         bnfold.testing.assert_models_close(src, out)
 
 
 def test_zero_size_channels_fold(tmp_path: Path) -> None:
     """A conv with zero output channels and empty BN parameters folds (there is nothing to scale)."""
+
     def change(m: onnx.ModelProto) -> None:
         for name in ("w0", "bias0", "gamma0", "beta0", "mean0", "var0"):
             shape = (0, 3, 3, 3) if name == "w0" else (0,)
@@ -482,6 +526,7 @@ def test_numeric_warnings_do_not_reach_stderr(tmp_path: Path, monkeypatch: pytes
 def test_unknown_domain_folds_but_is_not_verified(tmp_path: Path) -> None:
     """A custom op onnxruntime lacks: the fold is exact but cannot be checked. Exit 0 with a
     warning and 'not verified'; --strict makes it exit 1 and write nothing."""
+
     def change(m: onnx.ModelProto) -> None:
         _node(m, "relu1").domain = "com.example"
         m.opset_import.append(helper.make_opsetid("com.example", 1))
@@ -512,9 +557,14 @@ def test_bad_inputs_files(tmp_path: Path) -> None:
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
     np.savez(tmp_path / "pickled.npz", x=np.array([object()], dtype=object))
     before = snapshot(tmp_path)
-    for name, expect in (("name", "unknown names: nope"), ("shape", "does not match the declared shape"),
-                         ("rank", "rank 3"), ("dtype", "must have dtype float32"), ("corrupt", "cannot read"),
-                         ("pickled", "cannot read")):
+    for name, expect in (
+        ("name", "unknown names: nope"),
+        ("shape", "does not match the declared shape"),
+        ("rank", "rank 3"),
+        ("dtype", "must have dtype float32"),
+        ("corrupt", "cannot read"),
+        ("pickled", "cannot read"),
+    ):
         result = invoke(src, "--inputs", tmp_path / f"{name}.npz")
         assert_one_line_error(result.exit_code, result.stdout, result.stderr, expect)
         with pytest.raises(BadInput):
@@ -542,7 +592,9 @@ def test_output_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert snapshot(tmp_path) == before, name
     # a read-only folder (root ignores permission bits, so the check is made to see one)
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real_access(p, mode))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real_access(p, mode)
+    )
     result = invoke(src, "-o", tmp_path / "ro" / "out.onnx")
     assert_one_line_error(result.exit_code, result.stdout, result.stderr, "not writable")
     assert snapshot(tmp_path) == before
@@ -654,8 +706,9 @@ def test_read_only_file_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.parametrize("budget", [0, 5000, 12000])
-def test_full_disk_while_writing_external_data(tmp_path: Path, full_disk: Callable[[int], None],
-                                               budget: int) -> None:
+def test_full_disk_while_writing_external_data(
+    tmp_path: Path, full_disk: Callable[[int], None], budget: int
+) -> None:
     folder = tmp_path / "m"
     folder.mkdir()
     out_dir = tmp_path / "out"
@@ -706,8 +759,13 @@ def test_a_saved_result_does_not_depend_on_what_it_wrote(tmp_path: Path) -> None
         folder = tmp_path / f"src{i}"
         folder.mkdir()
         path = folder / "m.onnx"
-        onnx.save(conv_bn_model(blocks=2, channels=32, seed=i), str(path), save_as_external_data=True,
-                  location="m.data", size_threshold=0)
+        onnx.save(
+            conv_bn_model(blocks=2, channels=32, seed=i),
+            str(path),
+            save_as_external_data=True,
+            location="m.data",
+            size_threshold=0,
+        )
         results.append((path, bnfold.fold(path, stream_external=True, verify=False)))
     out = tmp_path / "out.onnx"
     (a_src, a), (b_src, b) = results
@@ -720,7 +778,9 @@ def test_a_saved_result_does_not_depend_on_what_it_wrote(tmp_path: Path) -> None
     bnfold.testing.assert_models_close(a_src, tmp_path / "again.onnx")
 
 
-def test_full_temp_folder_while_folding_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_temp_folder_while_folding_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Folded tensors of a large model spill to a temporary file; a full disk there is a clear error."""
     import bnfold.external
 
@@ -763,8 +823,14 @@ except KeyboardInterrupt:
 """
 
 
-def _kill_loop(tmp_path: Path, sig: int, rounds: int, check: Callable[[], None], start: Callable[[], Any],
-               delays: tuple[float, float]) -> None:
+def _kill_loop(
+    tmp_path: Path,
+    sig: int,
+    rounds: int,
+    check: Callable[[], None],
+    start: Callable[[], Any],
+    delays: tuple[float, float],
+) -> None:
     rng = np.random.default_rng(sig)
     for _ in range(rounds):
         proc = start()
@@ -784,8 +850,11 @@ def test_killed_while_writing_leaves_old_or_new_file(tmp_path: Path, sig: int) -
     wanted = {hashlib.sha256(bytes([v]) * size).hexdigest() for v in (1, 2)}
 
     def start() -> Any:
-        return subprocess.Popen([sys.executable, "-c", _WRITER, str(REPO), str(target), str(size)],
-                                stdout=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(REPO), str(target), str(size)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def check() -> None:
         assert hashlib.sha256(target.read_bytes()).hexdigest() in wanted
@@ -824,8 +893,13 @@ def test_interrupted_external_data_save_keeps_model_and_data_paired(tmp_path: Pa
         folder = tmp_path / f"src{i}"
         folder.mkdir()
         path = folder / "m.onnx"
-        onnx.save(conv_bn_model(blocks=2, channels=192, in_channels=192, size=4, seed=i), str(path),
-                  save_as_external_data=True, location="m.data", size_threshold=0)
+        onnx.save(
+            conv_bn_model(blocks=2, channels=192, in_channels=192, size=4, seed=i),
+            str(path),
+            save_as_external_data=True,
+            location="m.data",
+            size_threshold=0,
+        )
         sources.append(path)
     pairs = set()
     for i, path in enumerate(sources):
@@ -837,12 +911,21 @@ def test_interrupted_external_data_save_keeps_model_and_data_paired(tmp_path: Pa
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "out.onnx"
-    script = _PAIR_WRITER if sig == signal.SIGINT else _PAIR_WRITER.replace(
-        "import bnfold\n", "import bnfold, signal\nfrom bnfold.cli import _sigterm_as_interrupt\n_sigterm_as_interrupt()\n")
+    script = (
+        _PAIR_WRITER
+        if sig == signal.SIGINT
+        else _PAIR_WRITER.replace(
+            "import bnfold\n",
+            "import bnfold, signal\nfrom bnfold.cli import _sigterm_as_interrupt\n_sigterm_as_interrupt()\n",
+        )
+    )
 
     def start() -> Any:
-        return subprocess.Popen([sys.executable, "-c", script, str(REPO), *map(str, sources), str(out)],
-                                stdout=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", script, str(REPO), *map(str, sources), str(out)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def check() -> None:
         names = sorted(p.name for p in out_dir.iterdir())
@@ -866,8 +949,9 @@ def test_cli_killed_at_random_moments(tmp_path: Path, sig: int) -> None:
     out = tmp_path / "big.folded.onnx"
     env = {**os.environ, "PYTHONPATH": str(REPO), "CI": "1"}
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bnfold", src, "--no-verify", "-q"], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "bnfold", src, "--no-verify", "-q"], check=True, env=env, capture_output=True
+    )
     elapsed = time.perf_counter() - t
     new = hashlib.sha256(out.read_bytes()).hexdigest()
     old = b"previous output"
@@ -877,9 +961,19 @@ def test_cli_killed_at_random_moments(tmp_path: Path, sig: int) -> None:
     def start() -> Any:
         out.write_bytes(old)
         proc = subprocess.Popen(
-            [sys.executable, "-c", "print('ready', flush=True)\nimport runpy, sys\nsys.argv[0] = 'bnfold'\n"
-             "runpy.run_module('bnfold', run_name='__main__')", src, "--no-verify", "-q"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            [
+                sys.executable,
+                "-c",
+                "print('ready', flush=True)\nimport runpy, sys\nsys.argv[0] = 'bnfold'\n"
+                "runpy.run_module('bnfold', run_name='__main__')",
+                src,
+                "--no-verify",
+                "-q",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         procs.append(proc)
         return proc
@@ -906,8 +1000,10 @@ def test_cli_killed_at_random_moments(tmp_path: Path, sig: int) -> None:
 
     # Aim at the second half of a run, where the output is written.
     _kill_loop(tmp_path, sig, 8, check, start, (elapsed * 0.4, elapsed * 1.1))
-    print(f"{signal.Signals(sig).name}: outputs seen {sorted(seen)}, exit codes {[p.returncode for p in procs]}, "
-          f"a clean run takes {elapsed:.2f} s")
+    print(
+        f"{signal.Signals(sig).name}: outputs seen {sorted(seen)}, exit codes {[p.returncode for p in procs]}, "
+        f"a clean run takes {elapsed:.2f} s"
+    )
     assert seen  # at least one state observed (typically both)
 
 
@@ -921,16 +1017,34 @@ def test_concurrent_runs_on_the_same_model(tmp_path: Path) -> None:
     ext_dir = tmp_path / "ext"
     ext_dir.mkdir()
     ext_src = ext_dir / "m.onnx"
-    onnx.save(conv_bn_model(blocks=3, channels=64, seed=5), str(ext_src), save_as_external_data=True,
-              location="m.data", size_threshold=0)
+    onnx.save(
+        conv_bn_model(blocks=3, channels=64, seed=5),
+        str(ext_src),
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "CI": "1"}
     env.pop("GITHUB_STEP_SUMMARY", None)
     commands = [
-        [src, "-q"], [src, "-q"], [src, "-q", "-o", tmp_path / "own1.onnx"], [src, "-q", "-o", tmp_path / "own2.onnx"],
-        [ext_src, "-q"], [ext_src, "-q"], [ext_src, "-q", "-o", ext_dir / "own.onnx"],
+        [src, "-q"],
+        [src, "-q"],
+        [src, "-q", "-o", tmp_path / "own1.onnx"],
+        [src, "-q", "-o", tmp_path / "own2.onnx"],
+        [ext_src, "-q"],
+        [ext_src, "-q"],
+        [ext_src, "-q", "-o", ext_dir / "own.onnx"],
     ]
-    procs = [subprocess.Popen([sys.executable, "-m", "bnfold", *map(str, c)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for c in commands]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bnfold", *map(str, c)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for c in commands
+    ]
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
@@ -963,8 +1077,16 @@ def test_concurrent_in_place_runs(tmp_path: Path) -> None:
     want = (reference / "m.folded.onnx").read_bytes()
     env = {**os.environ, "PYTHONPATH": str(REPO), "CI": "1"}
     env.pop("GITHUB_STEP_SUMMARY", None)
-    procs = [subprocess.Popen([sys.executable, "-m", "bnfold", str(src), "--in-place", "-q"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bnfold", str(src), "--in-place", "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
@@ -984,8 +1106,12 @@ def test_concurrent_streamed_saves_of_external_data(tmp_path: Path) -> None:
         "r = bnfold.fold(sys.argv[2], stream_external=True, verify=False)\n"
         "for _ in range(5): r.save(sys.argv[3])\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(REPO), str(src), str(out)],
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(REPO), str(src), str(out)], stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err

@@ -70,7 +70,9 @@ def test_lazy_save_is_byte_identical_to_in_memory_fold(tmp_path: Path, src: Path
 
 
 def test_lazy_candidate_models_exist() -> None:
-    assert sum(_lazy_candidate(p) for p in MODELS) >= 30  # the parametrized test above exercises the lazy path
+    assert (
+        sum(_lazy_candidate(p) for p in MODELS) >= 30
+    )  # the parametrized test above exercises the lazy path
 
 
 def _big_model(path: Path) -> onnx.ModelProto:
@@ -89,7 +91,9 @@ def _big_model(path: Path) -> onnx.ModelProto:
     return model
 
 
-def test_big_model_defaults_byte_identical_and_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_big_model_defaults_byte_identical_and_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "big.onnx"
     original = _big_model(src)
     assert src.stat().st_size > 4 * 2**20
@@ -228,19 +232,28 @@ def test_raw_data_twice_keeps_the_last(tmp_path: Path, force_lazy: None) -> None
     wire = t.SerializeToString() + _field(9, last.tobytes())
     data = _model_bytes_with_extra_initializer(model, wire)
     loaded = onnx.load_from_string(data)
-    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[-1]), last)  # protobuf: last wins
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(loaded.graph.initializer[-1]), last
+    )  # protobuf: last wins
     _check_odd_file(tmp_path, data, expect_lazy=True)  # the others are still left in the file
     out = onnx.load(str(tmp_path / "lazy.onnx"))
-    np.testing.assert_array_equal(numpy_helper.to_array(next(x for x in out.graph.initializer if x.name == "twice")),
-                                  last)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(next(x for x in out.graph.initializer if x.name == "twice")), last
+    )
 
 
 def test_unusual_field_orders(tmp_path: Path, force_lazy: None) -> None:
     model = conv_bn_model(blocks=2, channels=8)
     value = np.arange(12, dtype=np.float32).reshape(3, 4)
     # raw_data first, doc_string before it, name last; dims packed
-    wire = (_field(9, value.tobytes()) + _field(12, b"doc") + external._varint_bytes(2 << 3) + b"\x01"
-            + _field(1, b"\x03\x04") + _field(8, b"odd"))
+    wire = (
+        _field(9, value.tobytes())
+        + _field(12, b"doc")
+        + external._varint_bytes(2 << 3)
+        + b"\x01"
+        + _field(1, b"\x03\x04")
+        + _field(8, b"odd")
+    )
     data = _model_bytes_with_extra_initializer(model, wire)
     assert numpy_helper.to_array(onnx.load_from_string(data).graph.initializer[-1]).tolist() == value.tolist()
     _check_odd_file(tmp_path, data, expect_lazy=True)
@@ -262,8 +275,9 @@ def test_graph_field_twice_reads_whole_file(tmp_path: Path, force_lazy: None) ->
     _check_odd_file(tmp_path, data, expect_lazy=False)
 
 
-def test_over_protobuf_limit_writes_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  force_lazy: None) -> None:
+def test_over_protobuf_limit_writes_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, force_lazy: None
+) -> None:
     src = tmp_path / "m.onnx"
     _big_model(src)
     _in_memory(src, tmp_path / "ref.onnx")

@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from onnx_builders import run_ort  # noqa: E402
+
 import bnfold  # noqa: E402
 from models.cases import CASES, TORCH_CASES, Case  # noqa: E402
-from onnx_builders import run_ort  # noqa: E402
 
 # (rtol, atol as a fraction of max|reference|) per output dtype: |a - b| <= atol + rtol * |b|
 TOLERANCES = {
@@ -57,7 +58,7 @@ def folded(case: Case) -> bnfold.FoldResult:
 
 
 def count_bn(model: onnx.ModelProto) -> int:
-    def nodes(ns) -> int:  # noqa: ANN001
+    def nodes(ns) -> int:
         total = 0
         for n in ns:
             total += n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
@@ -124,7 +125,10 @@ def assert_close(actual: np.ndarray, reference: np.ndarray, what: str) -> None:
     atol = atol_frac * max(float(np.max(np.abs(r))), 1e-6)
     err = np.abs(a - r)
     np.testing.assert_allclose(
-        a, r, rtol=rtol, atol=atol,
+        a,
+        r,
+        rtol=rtol,
+        atol=atol,
         err_msg=f"{what}: max abs err {err.max():.3g} (atol {atol:.3g}, rtol {rtol:g})",
     )
 
@@ -220,7 +224,7 @@ def test_numerics_match_original(case: Case) -> None:
 
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def torch_defs():  # noqa: ANN201
+def torch_defs():
     pytest.importorskip("torch")
     from models import definitions
 
@@ -228,7 +232,7 @@ def torch_defs():  # noqa: ANN201
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=ids(TORCH_CASES))
-def test_folded_onnx_matches_pytorch(case: Case, torch_defs) -> None:  # noqa: ANN001
+def test_folded_onnx_matches_pytorch(case: Case, torch_defs) -> None:
     import torch
 
     module, _ = torch_defs.build(case.torch_model)
@@ -307,7 +311,7 @@ def test_bnfold_verifier_handles_scalar_bool_input() -> None:
 
 # ------------------------------------------------------------------------------------------------
 # torch definitions: the torch-only cases build, run, and have randomized BN statistics
-def test_torch_definitions_build_and_run(torch_defs) -> None:  # noqa: ANN001
+def test_torch_definitions_build_and_run(torch_defs) -> None:
     import torch
 
     for name in [*torch_defs.EXPORTED, *torch_defs.TORCH_ONLY]:
@@ -328,7 +332,7 @@ def test_torch_definitions_build_and_run(torch_defs) -> None:  # noqa: ANN001
     assert issubclass(torch_defs.BNWithActivation, torch.nn.BatchNorm2d)
 
 
-def test_control_flow_net_defeats_symbolic_trace(torch_defs) -> None:  # noqa: ANN001
+def test_control_flow_net_defeats_symbolic_trace(torch_defs) -> None:
     import torch.fx
 
     module, _ = torch_defs.build("control_flow_net")

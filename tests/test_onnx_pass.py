@@ -19,9 +19,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-import bnfold
-from bnfold.onnx_pass import fold_model
 from onnx_builders import (
     BF16,
     F16,
@@ -33,7 +30,6 @@ from onnx_builders import (
     assert_f64_equivalent,
     assert_ort_equivalent,
     bn_stats,
-    cast,
     check_model,
     conv_bn,
     count_ops,
@@ -46,6 +42,9 @@ from onnx_builders import (
     run_ort,
     scan_model,
 )
+
+import bnfold
+from bnfold.onnx_pass import fold_model
 
 
 def fold(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bnfold.FoldReport]:
@@ -115,8 +114,17 @@ CONV_CASES = {
     "same_upper": dict(auto_pad="SAME_UPPER", strides=[2, 2], size=6),
     "same_lower": dict(auto_pad="SAME_LOWER", size=6, kernel=2),
     "valid": dict(auto_pad="VALID"),
-    "everything_3d": dict(rank=3, cin=4, cout=8, group=2, strides=[1, 2, 1], dilations=[1, 1, 2],
-                          pads=[1, 0, 1, 0, 1, 1], size=5, kernel=2),
+    "everything_3d": dict(
+        rank=3,
+        cin=4,
+        cout=8,
+        group=2,
+        strides=[1, 2, 1],
+        dilations=[1, 1, 2],
+        pads=[1, 0, 1, 0, 1, 1],
+        size=5,
+        kernel=2,
+    ),
 }
 
 
@@ -246,8 +254,16 @@ def test_dtypes_gemm(dtype: np.dtype) -> None:
 
 @pytest.mark.parametrize(
     ("x", "p", "m"),
-    [(F16, F32, F32), (F32, F16, F16), (F16, F16, F32), (F32, F64, F64), (F16, F32, F64), (BF16, F32, F32),
-     (F64, F32, F16), (BF16, F64, F16)],
+    [
+        (F16, F32, F32),
+        (F32, F16, F16),
+        (F16, F16, F32),
+        (F32, F64, F64),
+        (F16, F32, F64),
+        (BF16, F32, F32),
+        (F64, F32, F16),
+        (BF16, F64, F16),
+    ],
 )
 def test_bn15_mixed_param_dtypes(x: np.dtype, p: np.dtype, m: np.dtype) -> None:
     b = conv_bn(dtype=x, param_dtype=p, mean_dtype=m, bn_opset=15, opset=22 if x == BF16 else 17)
@@ -255,7 +271,7 @@ def test_bn15_mixed_param_dtypes(x: np.dtype, p: np.dtype, m: np.dtype) -> None:
     if ort_ok:
         try:
             run_ort(b.model, b.feeds)
-        except Exception:  # noqa: BLE001 - ORT has no kernel for some type combinations
+        except Exception:
             ort_ok = False
     folded, report = fold(b.model)
     assert len(report.folded) == 1
@@ -271,7 +287,9 @@ def test_float16_rounded_once_from_float64() -> None:
     b = conv_bn(dtype=F16, param_dtype=F32, seed=11)
     folded, _ = fold(b.model)
     w = initializer(b.model, "W").astype(np.float64)
-    g, beta, m, v = (initializer(b.model, f"bn_{k}").astype(np.float64) for k in ("scale", "B", "mean", "var"))
+    g, beta, m, v = (
+        initializer(b.model, f"bn_{k}").astype(np.float64) for k in ("scale", "B", "mean", "var")
+    )
     s = g / np.sqrt(v + np.float64(np.float32(1e-5)))
     np.testing.assert_array_equal(initializer(folded, "W"), (w * s[:, None, None, None]).astype(np.float16))
     bias = initializer(b.model, "Bc").astype(np.float64)
@@ -292,8 +310,9 @@ def test_constant_node_weights_and_params(op: str) -> None:
 
 
 def test_constant_node_gemm() -> None:
-    assert_folds(gemm_bn(weight_form="constant_node", param_form="constant_node", trans_b=1, c_shape=(1, 4)),
-                 f64=True)
+    assert_folds(
+        gemm_bn(weight_form="constant_node", param_form="constant_node", trans_b=1, c_shape=(1, 4)), f64=True
+    )
 
 
 def _torch_style_zero_bias(b: Built, target_from: str = "X") -> None:
@@ -304,8 +323,13 @@ def _torch_style_zero_bias(b: Built, target_from: str = "X") -> None:
         helper.make_node("Shape", ["W"], ["val_0"], name="n_shape", start=0, end=1),
         helper.make_node("Constant", [], ["val_1"], name="n_c1", value_ints=[1]),
         helper.make_node("Expand", ["val_0", "val_1"], ["val_2"], name="n_expand0"),
-        helper.make_node("Constant", [], ["val_3"], name="n_c3",
-                         value=numpy_helper.from_array(np.array(0.0, np.float32), "v")),
+        helper.make_node(
+            "Constant",
+            [],
+            ["val_3"],
+            name="n_c3",
+            value=numpy_helper.from_array(np.array(0.0, np.float32), "v"),
+        ),
         helper.make_node("CastLike", ["val_3", target_from], ["val_4"], name="n_castlike"),
         helper.make_node("Expand", ["val_4", "val_2"], ["val_5"], name="n_expand1"),
     ]
@@ -510,11 +534,19 @@ def test_nested_if_inside_loop() -> None:
     # move the Conv+BN of the body into an If(then) inside the body
     conv_bn_nodes = [n for n in body.node if n.op_type in ("Conv", "BatchNormalization")]
     rest = [n for n in body.node if n.op_type not in ("Conv", "BatchNormalization")]
-    then = helper.make_graph(conv_bn_nodes, "then", [], [helper.make_tensor_value_info("body_y", TensorProto.FLOAT, [1, 4, 5, 5])])
-    els = helper.make_graph([helper.make_node("Identity", ["v_in"], ["e_y"])], "else", [],
-                           [helper.make_tensor_value_info("e_y", TensorProto.FLOAT, [1, 4, 5, 5])])
+    then = helper.make_graph(
+        conv_bn_nodes, "then", [], [helper.make_tensor_value_info("body_y", TensorProto.FLOAT, [1, 4, 5, 5])]
+    )
+    els = helper.make_graph(
+        [helper.make_node("Identity", ["v_in"], ["e_y"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_y", TensorProto.FLOAT, [1, 4, 5, 5])],
+    )
     del body.node[:]
-    body.node.append(helper.make_node("If", ["c_in"], ["body_y"], name="inner_if", then_branch=then, else_branch=els))
+    body.node.append(
+        helper.make_node("If", ["c_in"], ["body_y"], name="inner_if", then_branch=then, else_branch=els)
+    )
     body.node.extend(rest)
     assert_folds(b)
 
@@ -532,7 +564,9 @@ def test_function_shared_constant_weight_copy_on_write() -> None:
     b = function_model()
     f = b.model.functions[0]
     # a second Conv in the function on the same Constant weight, without BN
-    f.node.append(helper.make_node("Conv", ["x", "fw"], ["y2"], name="f_conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    f.node.append(
+        helper.make_node("Conv", ["x", "fw"], ["y2"], name="f_conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    )
     f.output.append("y2")
     call = b.model.graph.node[0]
     call.output.append("Y2")
@@ -559,13 +593,23 @@ def _decorated() -> Built:
     g.input.insert(0, helper.make_tensor_value_info("Z_extra", TensorProto.FLOAT, [2]))
     g.node.append(helper.make_node("Identity", ["Z_extra"], ["A_out"], name="id_extra"))
     g.output.append(helper.make_tensor_value_info("A_out", TensorProto.FLOAT, [2]))
-    g.value_info.extend([
-        helper.make_tensor_value_info("conv_out", TensorProto.FLOAT, [2, 6, 3, 3]),
-        helper.make_tensor_value_info("bn_out", TensorProto.FLOAT, [2, 6, 3, 3]),
-    ])
+    g.value_info.extend(
+        [
+            helper.make_tensor_value_info("conv_out", TensorProto.FLOAT, [2, 6, 3, 3]),
+            helper.make_tensor_value_info("bn_out", TensorProto.FLOAT, [2, 6, 3, 3]),
+        ]
+    )
     g.initializer.append(numpy_helper.from_array(np.arange(3, dtype=np.float32), "unrelated_unused"))
-    g.node.insert(0, helper.make_node("Constant", [], ["dangling"], name="dangling_const",
-                                      value=numpy_helper.from_array(np.ones(2, np.float32), "d")))
+    g.node.insert(
+        0,
+        helper.make_node(
+            "Constant",
+            [],
+            ["dangling"],
+            name="dangling_const",
+            value=numpy_helper.from_array(np.ones(2, np.float32), "d"),
+        ),
+    )
     for t in g.initializer:
         if t.name == "W":
             t.doc_string = "weight doc"
@@ -578,8 +622,12 @@ def test_interface_preserved() -> None:
     folded = assert_folds(b)
     m0, m1 = b.model, folded
     assert [v.name for v in m1.graph.input] == [v.name for v in m0.graph.input]
-    assert [v.SerializeToString() for v in m1.graph.output] == [v.SerializeToString() for v in m0.graph.output]
-    assert [o.SerializeToString() for o in m1.opset_import] == [o.SerializeToString() for o in m0.opset_import]
+    assert [v.SerializeToString() for v in m1.graph.output] == [
+        v.SerializeToString() for v in m0.graph.output
+    ]
+    assert [o.SerializeToString() for o in m1.opset_import] == [
+        o.SerializeToString() for o in m0.opset_import
+    ]
     for field in ("ir_version", "producer_name", "producer_version", "doc_string", "domain", "model_version"):
         assert getattr(m1, field) == getattr(m0, field), field
     assert list(m1.metadata_props) == list(m0.metadata_props)
@@ -594,8 +642,13 @@ def test_interface_preserved() -> None:
 
 
 def test_deterministic_and_idempotent() -> None:
-    for b in (_decorated(), _shared_weight_model(), if_model(shared_weight=True), function_model(),
-              gemm_bn(c_shape=None)):
+    for b in (
+        _decorated(),
+        _shared_weight_model(),
+        if_model(shared_weight=True),
+        function_model(),
+        gemm_bn(c_shape=None),
+    ):
         first, _ = fold(b.model)
         second, _ = fold(b.model)
         assert first.SerializeToString() == second.SerializeToString()
@@ -624,7 +677,7 @@ def test_api_inputs_modelproto_path_onnx_ir(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def torch_program():  # noqa: ANN201
+def torch_program():
     torch = pytest.importorskip("torch")
 
     class M(torch.nn.Module):
@@ -635,7 +688,7 @@ def torch_program():  # noqa: ANN201
             self.c2 = torch.nn.Conv2d(4, 4, 3, groups=2, bias=False)
             self.b2 = torch.nn.BatchNorm2d(4)
 
-        def forward(self, x):  # noqa: ANN001, ANN201
+        def forward(self, x):
             return self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
 
     torch.manual_seed(0)
@@ -651,7 +704,7 @@ def torch_program():  # noqa: ANN201
     return program, x.numpy(), m(x).detach().numpy()
 
 
-def test_api_input_torch_onnx_program(torch_program) -> None:  # noqa: ANN001
+def test_api_input_torch_onnx_program(torch_program) -> None:
     program, x, expected = torch_program
     original = copy.deepcopy(program.model_proto)
     result = bnfold.fold(program, verify=False)
@@ -749,8 +802,13 @@ def test_skip_producer_outside_scope() -> None:
     gb = GraphBuilder()
     gb.input("X", F32, [1, 3, 5, 5])
     gb.input("cond", np.bool_, [])
-    gb.node("Conv", ["X", gb.const("W", rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float32))], ["c"],
-            name="conv", kernel_shape=[3, 3])
+    gb.node(
+        "Conv",
+        ["X", gb.const("W", rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float32))],
+        ["c"],
+        name="conv",
+        kernel_shape=[3, 3],
+    )
     then = GraphBuilder()
     add_bn(then, "c", "ty", bn_stats(rng, 4), dtype=F32, bn_opset=15, prefix="bn")
     then.output("ty", F32, [1, 4, 3, 3])
@@ -798,10 +856,18 @@ def test_skip_multiple_consumers_via_subgraph() -> None:
     b = conv_bn()
     g = b.model.graph
     g.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
-    then = helper.make_graph([helper.make_node("Identity", ["conv_out"], ["t"])], "then", [],
-                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 6, 3, 3])])
-    els = helper.make_graph([helper.make_node("Identity", ["Y"], ["e"])], "else", [],
-                            [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 6, 3, 3])])
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["conv_out"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 6, 3, 3])],
+    )
+    els = helper.make_graph(
+        [helper.make_node("Identity", ["Y"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 6, 3, 3])],
+    )
     g.node.append(helper.make_node("If", ["cond"], ["Z"], name="if", then_branch=then, else_branch=els))
     g.output.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, [2, 6, 3, 3]))
     assert_skipped(b.model, "multiple_consumers", check=True)
@@ -881,7 +947,9 @@ def test_skip_param_shape() -> None:
     assert_skipped(b.model, "param_shape")
 
 
-@pytest.mark.parametrize(("name", "value"), [("bn_var", np.nan), ("bn_mean", np.inf), ("W", np.nan), ("Bc", -np.inf)])
+@pytest.mark.parametrize(
+    ("name", "value"), [("bn_var", np.nan), ("bn_mean", np.inf), ("W", np.nan), ("Bc", -np.inf)]
+)
 def test_skip_non_finite(name: str, value: float) -> None:
     b = conv_bn()
     arr = initializer(b.model, name).copy()
@@ -980,7 +1048,7 @@ def test_skip_report_fields() -> None:
     assert report.to_dict()["skipped"][0]["code"] == "training_mode"
 
 
-def _append_second_bn(nodes, initializers_or_consts, y: str, c: int, rng, *, as_constants: bool) -> None:  # noqa: ANN001
+def _append_second_bn(nodes, initializers_or_consts, y: str, c: int, rng, *, as_constants: bool) -> None:
     """Rename the BN output ``y`` to ``y_mid`` and add a second BN ``y_mid -> y``."""
     bn = next(n for n in nodes if n.op_type == "BatchNormalization" and n.output[0] == y)
     bn.output[0] = f"{y}_mid"
@@ -995,7 +1063,9 @@ def test_function_shared_weight_bn_chain() -> None:
     a constant (and update it in place)."""
     b = function_model()
     f = b.model.functions[0]
-    f.node.append(helper.make_node("Conv", ["x", "fw"], ["y2"], name="f_conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    f.node.append(
+        helper.make_node("Conv", ["x", "fw"], ["y2"], name="f_conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    )
     f.output.append("y2")
     b.model.graph.node[0].output.append("Y2")
     b.model.graph.output.append(helper.make_tensor_value_info("Y2", TensorProto.FLOAT, [1, 4, 5, 5]))
@@ -1019,9 +1089,10 @@ def test_ir3_if_shared_weight_bn_chain() -> None:
 
 
 # ----- malformed models are refused with a code, never an exception -------------------------
-def _set_attr(node_name: str, name: str, value) -> callable:  # noqa: ANN001
+def _set_attr(node_name: str, name: str, value) -> callable:
     def mutate(m: onnx.ModelProto) -> None:
         node_named(m.graph, node_name).attribute.append(helper.make_attribute(name, value))
+
     return mutate
 
 
@@ -1041,6 +1112,7 @@ def _corrupt_tensor(name: str, how: str) -> callable:
             t.data_location = TensorProto.EXTERNAL
             e = t.external_data.add()
             e.key, e.value = "location", "missing.bin"
+
     return mutate
 
 
@@ -1053,9 +1125,14 @@ MALFORMED = {
     "epsilon_list": (lambda: conv_bn(), _set_attr("bn", "epsilon", [1.0, 2.0])),
     "epsilon_int": (lambda: conv_bn(), _set_attr("bn", "epsilon", 0)),
     "training_mode_string": (lambda: conv_bn(bn_opset=14), _set_attr("bn", "training_mode", "x")),
-    "is_test_float": (lambda: conv_bn(bn_opset=6), lambda m: [
-        a.CopyFrom(helper.make_attribute("is_test", 1.0)) for a in node_named(m.graph, "bn").attribute
-        if a.name == "is_test"]),
+    "is_test_float": (
+        lambda: conv_bn(bn_opset=6),
+        lambda m: [
+            a.CopyFrom(helper.make_attribute("is_test", 1.0))
+            for a in node_named(m.graph, "bn").attribute
+            if a.name == "is_test"
+        ],
+    ),
     "group_list": (lambda: conv_bn(), _set_attr("conv", "group", [1, 2])),
     "group_float": (lambda: conv_bn(), _set_attr("conv", "group", 1.5)),
     "transB_string": (lambda: gemm_bn(), _set_attr("gemm", "transB", "x")),
@@ -1110,8 +1187,12 @@ def test_function_value_info_removed() -> None:
     f = b.model.functions[0]
     if not hasattr(f, "value_info"):
         pytest.skip("FunctionProto.value_info needs onnx >= 1.16")
-    f.value_info.extend([helper.make_tensor_value_info("conv_out", TensorProto.FLOAT, [1, 4, 5, 5]),
-                         helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])])
+    f.value_info.extend(
+        [
+            helper.make_tensor_value_info("conv_out", TensorProto.FLOAT, [1, 4, 5, 5]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5]),
+        ]
+    )
     folded = assert_folds(b)
     assert [v.name for v in folded.functions[0].value_info] == ["y"]
 
@@ -1135,7 +1216,9 @@ def test_training_info_references_keep_tensors() -> None:
     b = conv_bn(seed=2)
     info = b.model.training_info.add()
     algo = helper.make_graph(
-        [helper.make_node("Mul", ["W", "bn_scale_f"], ["W_new"])], "algo", [],
+        [helper.make_node("Mul", ["W", "bn_scale_f"], ["W_new"])],
+        "algo",
+        [],
         [helper.make_tensor_value_info("W_new", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.float32(0.5), "bn_scale_f")],
     )
@@ -1170,8 +1253,13 @@ def _affine_false_dynamo_bn(declare_shape: bool) -> onnx.ModelProto:
     ]
     value_info = [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2, 6, 6])] if declare_shape else []
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 6])], [w, mean, var], value_info=value_info)
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 6])],
+        [w, mean, var],
+        value_info=value_info,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 

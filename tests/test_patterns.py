@@ -18,9 +18,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-import bnfold
-from bnfold.onnx_pass import fold_model
 from onnx_builders import (
     F16,
     F32,
@@ -34,6 +31,9 @@ from onnx_builders import (
     initializer,
 )
 
+import bnfold
+from bnfold.onnx_pass import fold_model
+
 
 def fold(model: onnx.ModelProto, **kw: Any) -> tuple[onnx.ModelProto, bnfold.FoldReport]:
     out = copy.deepcopy(model)
@@ -41,8 +41,15 @@ def fold(model: onnx.ModelProto, **kw: Any) -> tuple[onnx.ModelProto, bnfold.Fol
     return out, report
 
 
-def assert_pattern(model: onnx.ModelProto, feeds: dict[str, np.ndarray], patterns: Sequence[str], *,
-                   gone: Sequence[str] = (), dtype: Any = F32, **kw: Any) -> onnx.ModelProto:
+def assert_pattern(
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    patterns: Sequence[str],
+    *,
+    gone: Sequence[str] = (),
+    dtype: Any = F32,
+    **kw: Any,
+) -> onnx.ModelProto:
     """Fold; check the patterns, ops removed, checker, ORT numerics (optimizations off), idempotence."""
     check_model(model)
     original = model.SerializeToString()
@@ -61,7 +68,9 @@ def assert_pattern(model: onnx.ModelProto, feeds: dict[str, np.ndarray], pattern
     return folded
 
 
-def assert_skipped(model: onnx.ModelProto, code: str, *, op: str = "BatchNormalization", **kw: Any) -> bnfold.FoldReport:
+def assert_skipped(
+    model: onnx.ModelProto, code: str, *, op: str = "BatchNormalization", **kw: Any
+) -> bnfold.FoldReport:
     """Nothing folded, one skip with ``code``, the model byte-identical and valid."""
     check_model(model)
     original = model.SerializeToString()
@@ -76,8 +85,16 @@ def assert_skipped(model: onnx.ModelProto, code: str, *, op: str = "BatchNormali
     return report
 
 
-def bn(gb: GraphBuilder, x: str, y: str, c: int, rng: np.random.Generator, prefix: str = "bn",
-       dtype: Any = F32, **kw: Any) -> None:
+def bn(
+    gb: GraphBuilder,
+    x: str,
+    y: str,
+    c: int,
+    rng: np.random.Generator,
+    prefix: str = "bn",
+    dtype: Any = F32,
+    **kw: Any,
+) -> None:
     add_bn(gb, x, y, bn_stats(rng, c), dtype=dtype, bn_opset=15, prefix=prefix, **kw)
 
 
@@ -88,10 +105,18 @@ def rnd(rng: np.random.Generator, shape: Sequence[int], scale: float = 1.0, dtyp
 # ==============================================================================================
 # MatMul (+ Add) -> BN
 # ==============================================================================================
-def matmul_model(*, x_shape: Sequence[Any] | None = (3, 5), feed_shape: Sequence[int] = (3, 5),
-                 n: int = 4, add: Sequence[int] | None = None, bn_channels: int | None = None,
-                 pre: str = "", w_shape: Sequence[int] | None = None, seed: int = 0,
-                 dtype: Any = F32) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def matmul_model(
+    *,
+    x_shape: Sequence[Any] | None = (3, 5),
+    feed_shape: Sequence[int] = (3, 5),
+    n: int = 4,
+    add: Sequence[int] | None = None,
+    bn_channels: int | None = None,
+    pre: str = "",
+    w_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    dtype: Any = F32,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """X -> [pre] -> MatMul(., W) [-> Add(b)] -> BN -> Y."""
     rng = np.random.default_rng(seed)
     gb = GraphBuilder()
@@ -182,9 +207,18 @@ def test_matmul_two_consumers_kept() -> None:
 # ==============================================================================================
 # chains: Conv -> BN -> BN, Conv -> Add -> BN, Conv -> Mul -> Add
 # ==============================================================================================
-def conv_chain(*, ops: Sequence[tuple[str, Sequence[int] | None]], cin: int = 3, cout: int = 4,
-               bias: bool = True, op: str = "Conv", group: int = 1, seed: int = 0,
-               size: int = 5, rank: int = 2) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def conv_chain(
+    *,
+    ops: Sequence[tuple[str, Sequence[int] | None]],
+    cin: int = 3,
+    cout: int = 4,
+    bias: bool = True,
+    op: str = "Conv",
+    group: int = 1,
+    seed: int = 0,
+    size: int = 5,
+    rank: int = 2,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """X -> Conv -> ops... -> Y, each op ``("bn", None)``, ``("add", shape)`` or ``("mul", shape)``."""
     rng = np.random.default_rng(seed)
     gb = GraphBuilder()
@@ -201,7 +235,11 @@ def conv_chain(*, ops: Sequence[tuple[str, Sequence[int] | None]], cin: int = 3,
         if kind == "bn":
             bn(gb, prev, out, cout, rng, prefix=f"bn{i}")
         else:
-            vals = rng.uniform(0.5, 1.5, shape) * rng.choice([-1, 1], shape) if kind == "mul" else rng.normal(0, 1, shape)
+            vals = (
+                rng.uniform(0.5, 1.5, shape) * rng.choice([-1, 1], shape)
+                if kind == "mul"
+                else rng.normal(0, 1, shape)
+            )
             gb.const(f"k{i}", np.asarray(vals, np.float32))
             gb.node(kind.capitalize(), [prev, f"k{i}"], [out], name=f"{kind}{i}")
         prev = out
@@ -239,7 +277,9 @@ def test_skip_conv1d_add_with_2d_conv_shape_broadcast() -> None:
 
 
 def test_conv_transpose_grouped_add_bn() -> None:
-    model, feeds = conv_chain(ops=[("add", (6, 1, 1)), ("bn", None)], op="ConvTranspose", cin=4, cout=6, group=2)
+    model, feeds = conv_chain(
+        ops=[("add", (6, 1, 1)), ("bn", None)], op="ConvTranspose", cin=4, cout=6, group=2
+    )
     assert_pattern(model, feeds, ["bn_after_chain"], gone=["BatchNormalization", "Add"])
 
 
@@ -250,8 +290,9 @@ def test_skip_conv_add_bn_not_per_channel_broadcast(shape: tuple[int, ...]) -> N
     assert_skipped(model, "broadcast")
 
 
-@pytest.mark.parametrize("mshape,ashape", [((4, 1, 1), (4, 1, 1)), ((1, 4, 1, 1), (1, 4, 1, 1)),
-                                           ((), (4, 1, 1)), ((4, 1, 1), ())])
+@pytest.mark.parametrize(
+    "mshape,ashape", [((4, 1, 1), (4, 1, 1)), ((1, 4, 1, 1), (1, 4, 1, 1)), ((), (4, 1, 1)), ((4, 1, 1), ())]
+)
 def test_decomposed_mul_add(mshape: tuple[int, ...], ashape: tuple[int, ...]) -> None:
     model, feeds = conv_chain(ops=[("mul", mshape), ("add", ashape)])
     assert_pattern(model, feeds, ["decomposed_affine"], gone=["Mul", "Add"])
@@ -259,7 +300,9 @@ def test_decomposed_mul_add(mshape: tuple[int, ...], ashape: tuple[int, ...]) ->
 
 def test_decomposed_mul_add_then_bn() -> None:
     model, feeds = conv_chain(ops=[("mul", (4, 1, 1)), ("add", (4, 1, 1)), ("bn", None)], bias=False)
-    assert_pattern(model, feeds, ["decomposed_affine", "bn_after_chain"], gone=["Mul", "Add", "BatchNormalization"])
+    assert_pattern(
+        model, feeds, ["decomposed_affine", "bn_after_chain"], gone=["Mul", "Add", "BatchNormalization"]
+    )
 
 
 def test_decomposed_mul_only_and_bad_add_kept() -> None:
@@ -308,10 +351,20 @@ def test_mul_of_activations_ignored() -> None:
 # ==============================================================================================
 # BN before Conv / Flatten -> Gemm
 # ==============================================================================================
-def bn_conv_model(*, cin: int = 4, cout: int = 6, group: int = 1, pads: Sequence[int] | None = None,
-                  auto_pad: str | None = None, strides: Sequence[int] | None = None, bias: bool = True,
-                  kernel: int = 3, relu_before: bool = False, seed: int = 0,
-                  size: int = 6) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def bn_conv_model(
+    *,
+    cin: int = 4,
+    cout: int = 6,
+    group: int = 1,
+    pads: Sequence[int] | None = None,
+    auto_pad: str | None = None,
+    strides: Sequence[int] | None = None,
+    bias: bool = True,
+    kernel: int = 3,
+    relu_before: bool = False,
+    seed: int = 0,
+    size: int = 6,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """X [-> Relu] -> BN -> Conv -> Y."""
     rng = np.random.default_rng(seed)
     gb = GraphBuilder()
@@ -324,8 +377,16 @@ def bn_conv_model(*, cin: int = 4, cout: int = 6, group: int = 1, pads: Sequence
     ins = ["b", gb.const("W", rnd(rng, [cout, cin // group, kernel, kernel], 0.3))]
     if bias:
         ins.append(gb.const("Bc", rnd(rng, [cout])))
-    gb.node("Conv", ins, ["Y"], name="conv", group=group if group > 1 else None, pads=pads,
-            auto_pad=auto_pad, strides=strides)
+    gb.node(
+        "Conv",
+        ins,
+        ["Y"],
+        name="conv",
+        group=group if group > 1 else None,
+        pads=pads,
+        auto_pad=auto_pad,
+        strides=strides,
+    )
     gb.output("Y", F32, [None] * 4)
     return gb.model(17), {"X": rnd(rng, [2, cin, size, size])}
 
@@ -349,7 +410,9 @@ def test_bn_before_conv(case: str) -> None:
     assert_pattern(model, feeds, ["bn_before"], gone=["BatchNormalization"])
 
 
-@pytest.mark.parametrize("kw", [dict(pads=[1, 1, 1, 1]), dict(pads=[0, 0, 1, 0]), dict(auto_pad="SAME_UPPER")])
+@pytest.mark.parametrize(
+    "kw", [dict(pads=[1, 1, 1, 1]), dict(pads=[0, 0, 1, 0]), dict(auto_pad="SAME_UPPER")]
+)
 def test_skip_bn_before_padded_conv(kw: dict) -> None:
     model, _ = bn_conv_model(**kw)
     assert_skipped(model, "padding")
@@ -374,10 +437,19 @@ def test_bn_before_conv_then_bn_after() -> None:
     assert_pattern(model, feeds, ["bn_before", "bn_after_chain"], gone=["BatchNormalization"])
 
 
-def bn_flatten_gemm(*, c: int = 3, hw: Sequence[int] = (2, 2), n: int = 5, trans_b: int = 0,
-                    alpha: float | None = None, beta: float | None = None, c_shape: Sequence[int] | None = (5,),
-                    axis: int | None = None, trans_a: int = 0,
-                    seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def bn_flatten_gemm(
+    *,
+    c: int = 3,
+    hw: Sequence[int] = (2, 2),
+    n: int = 5,
+    trans_b: int = 0,
+    alpha: float | None = None,
+    beta: float | None = None,
+    c_shape: Sequence[int] | None = (5,),
+    axis: int | None = None,
+    trans_a: int = 0,
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     gb = GraphBuilder()
     gb.input("X", F32, [2, c, *hw])
@@ -387,14 +459,33 @@ def bn_flatten_gemm(*, c: int = 3, hw: Sequence[int] = (2, 2), n: int = 5, trans
     ins = ["f", gb.const("B", rnd(rng, (n, k) if trans_b else (k, n), 0.4))]
     if c_shape is not None:
         ins.append(gb.const("C", rnd(rng, c_shape)))
-    gb.node("Gemm", ins, ["Y"], name="gemm", transB=trans_b or None, transA=trans_a or None, alpha=alpha, beta=beta)
+    gb.node(
+        "Gemm",
+        ins,
+        ["Y"],
+        name="gemm",
+        transB=trans_b or None,
+        transA=trans_a or None,
+        alpha=alpha,
+        beta=beta,
+    )
     gb.output("Y", F32, [None] * 2)
     return gb.model(17), {"X": rnd(rng, [2, c, *hw])}
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(trans_b=1), dict(c_shape=None), dict(alpha=0.5, beta=1.5),
-                                dict(c_shape=(2, 5), beta=-1.0), dict(hw=()), dict(hw=(3,), trans_b=1),
-                                dict(beta=0.0)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(trans_b=1),
+        dict(c_shape=None),
+        dict(alpha=0.5, beta=1.5),
+        dict(c_shape=(2, 5), beta=-1.0),
+        dict(hw=()),
+        dict(hw=(3,), trans_b=1),
+        dict(beta=0.0),
+    ],
+)
 def test_bn_before_flatten_gemm(kw: dict) -> None:
     model, feeds = bn_flatten_gemm(**kw)
     assert_pattern(model, feeds, ["bn_before"], gone=["BatchNormalization"])
@@ -422,8 +513,14 @@ def test_skip_bn_before_gemm_trans_a() -> None:
 # ==============================================================================================
 # BN -> Mul + Add (opt-in)
 # ==============================================================================================
-def lone_bn(shape: Sequence[Any] | None, *, dtype: Any = F32, param_dtype: Any = None,
-            feed: Sequence[int] = (2, 3, 4, 4), seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def lone_bn(
+    shape: Sequence[Any] | None,
+    *,
+    dtype: Any = F32,
+    param_dtype: Any = None,
+    feed: Sequence[int] = (2, 3, 4, 4),
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     gb = GraphBuilder()
     gb.input("X", dtype, list(feed))
@@ -482,9 +579,18 @@ def test_bn_to_affine_leaves_foldable_bns_to_folding() -> None:
 # ==============================================================================================
 # dequantized Conv weights
 # ==============================================================================================
-def dq_model(*, per_channel: bool = True, dtype: Any = np.int8, axis: int | None = 0, opset: int = 13,
-             zero_point: bool = True, bias: bool = True, scale_shape: Sequence[int] | None = None,
-             shared: bool = False, seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def dq_model(
+    *,
+    per_channel: bool = True,
+    dtype: Any = np.int8,
+    axis: int | None = 0,
+    opset: int = 13,
+    zero_point: bool = True,
+    bias: bool = True,
+    scale_shape: Sequence[int] | None = None,
+    shared: bool = False,
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     cout, cin = 4, 3
     gb = GraphBuilder()
@@ -510,9 +616,18 @@ def dq_model(*, per_channel: bool = True, dtype: Any = np.int8, axis: int | None
     return gb.model(opset), {"X": rnd(rng, [1, cin, 5, 5])}
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(bias=False), dict(zero_point=False), dict(dtype=np.uint8),
-                                dict(per_channel=False, axis=None), dict(per_channel=False, dtype=np.uint8, axis=1),
-                                dict(opset=17, per_channel=False, zero_point=False, bias=False)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(bias=False),
+        dict(zero_point=False),
+        dict(dtype=np.uint8),
+        dict(per_channel=False, axis=None),
+        dict(per_channel=False, dtype=np.uint8, axis=1),
+        dict(opset=17, per_channel=False, zero_point=False, bias=False),
+    ],
+)
 def test_dequantized_weight(kw: dict) -> None:
     model, feeds = dq_model(**kw)
     folded = assert_pattern(model, feeds, ["dequantized_weight"], gone=["BatchNormalization"])
@@ -576,7 +691,9 @@ def test_patterns_inside_if_branch_and_function_bn_to_affine() -> None:
     other = GraphBuilder()
     other.node("Identity", ["X"], ["ey"])
     other.output("ey", F32, [1, 3, 4, 4])
-    outer.node("If", ["cond"], ["Y"], name="if", then_branch=then.graph("then"), else_branch=other.graph("else"))
+    outer.node(
+        "If", ["cond"], ["Y"], name="if", then_branch=then.graph("then"), else_branch=other.graph("else")
+    )
     outer.output("Y", F32, [1, 3, 4, 4])
     feeds = {"X": rnd(rng, (1, 3, 4, 4)), "cond": np.array(True)}
     assert_pattern(outer.model(17), feeds, ["bn_to_affine"], gone=["BatchNormalization"], bn_to_affine=True)
@@ -624,12 +741,25 @@ def test_api_bn_to_affine_flag() -> None:
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4, 4])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3, 4, 4])
     rng = np.random.default_rng(0)
-    params = [onnx.numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
-        ("g", rng.normal(1, 0.5, 3)), ("b", rng.normal(0, 1, 3)), ("m", rng.normal(0, 1, 3)), ("v", rng.uniform(0.5, 2, 3)))]
+    params = [
+        onnx.numpy_helper.from_array(a.astype(np.float32), n)
+        for n, a in (
+            ("g", rng.normal(1, 0.5, 3)),
+            ("b", rng.normal(0, 1, 3)),
+            ("m", rng.normal(0, 1, 3)),
+            ("v", rng.uniform(0.5, 2, 3)),
+        )
+    ]
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Relu", ["x"], ["r"]),
-         onnx.helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["y"])],
-        "g", [x], [y], params)
+        [
+            onnx.helper.make_node("Relu", ["x"], ["r"]),
+            onnx.helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["y"]),
+        ],
+        "g",
+        [x],
+        [y],
+        params,
+    )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     plain = bnfold.fold(model, verify=False)
     assert [s.code for s in plain.report.skipped] == ["unsupported_producer"]

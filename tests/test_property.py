@@ -14,8 +14,6 @@ import copy
 import numpy as np
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-
-from bnfold.onnx_pass import fold_model
 from onnx_builders import (
     F16,
     F32,
@@ -27,6 +25,8 @@ from onnx_builders import (
     count_ops,
     gemm_bn,
 )
+
+from bnfold.onnx_pass import fold_model
 
 EPSILONS = [None, 1e-5, 1e-3, 0.1, 0.0]
 
@@ -54,7 +54,9 @@ def conv_cases(draw: st.DrawFn) -> dict:
     pads = None
     output_padding = None
     if auto_pad == "NOTSET":
-        pads = [draw(st.integers(0, max(0, e - 1))) for e in eff] + [draw(st.integers(0, max(0, e - 1))) for e in eff]
+        pads = [draw(st.integers(0, max(0, e - 1))) for e in eff] + [
+            draw(st.integers(0, max(0, e - 1))) for e in eff
+        ]
     if op == "ConvTranspose" and auto_pad in ("NOTSET", "VALID") and draw(st.booleans()):
         # below the stride: onnxruntime releases differ beyond it (1.24 computes uninitialised
         # values for output_padding >= stride with dilation, 1.32 refuses the model)
@@ -68,9 +70,20 @@ def conv_cases(draw: st.DrawFn) -> dict:
             out = strides[i] * (size[i] - 1) + (output_padding[i] if output_padding else 0) + eff[i] - p
         assume(out >= 1)
     return dict(
-        op=op, rank=rank, group=group, cin=group * cin_pg, cout=group * cout_pg, kernel=kernel,
-        strides=strides, dilations=dilations, pads=pads, size=size, output_padding=output_padding,
-        auto_pad=None if auto_pad == "NOTSET" else auto_pad, bias=draw(st.booleans()), batch=1,
+        op=op,
+        rank=rank,
+        group=group,
+        cin=group * cin_pg,
+        cout=group * cout_pg,
+        kernel=kernel,
+        strides=strides,
+        dilations=dilations,
+        pads=pads,
+        size=size,
+        output_padding=output_padding,
+        auto_pad=None if auto_pad == "NOTSET" else auto_pad,
+        bias=draw(st.booleans()),
+        batch=1,
     )
 
 
@@ -80,8 +93,13 @@ def gemm_cases(draw: st.DrawFn) -> dict:
     c_shape = draw(st.sampled_from([None, "n", "1n", "scalar", "mn", "m1", "1"]))
     shapes = {"n": (n,), "1n": (1, n), "scalar": (), "mn": (m, n), "m1": (m, 1), "1": (1,), None: None}
     return dict(
-        m=m, k=k, n=n, trans_a=draw(st.integers(0, 1)), trans_b=draw(st.integers(0, 1)),
-        alpha=draw(st.sampled_from([None, 1.0, 0.5, -2.0])), beta=draw(st.sampled_from([None, 1.0, 0.0, 1.5])),
+        m=m,
+        k=k,
+        n=n,
+        trans_a=draw(st.integers(0, 1)),
+        trans_b=draw(st.integers(0, 1)),
+        alpha=draw(st.sampled_from([None, 1.0, 0.5, -2.0])),
+        beta=draw(st.sampled_from([None, 1.0, 0.0, 1.5])),
         c_shape=shapes[c_shape],
     )
 
@@ -92,8 +110,12 @@ def cases(draw: st.DrawFn) -> tuple[str, dict]:
     kw = draw(conv_cases()) if family == "conv" else draw(gemm_cases())
     dtype = draw(st.sampled_from([F32, F32, F16, F64]))
     bn_opset = draw(st.sampled_from([7, 9, 14, 15]))
-    kw.update(dtype=dtype, bn_opset=bn_opset, epsilon=draw(st.sampled_from(EPSILONS)),
-              seed=draw(st.integers(0, 2**31 - 1)))
+    kw.update(
+        dtype=dtype,
+        bn_opset=bn_opset,
+        epsilon=draw(st.sampled_from(EPSILONS)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
     if bn_opset == 15 and dtype == F16 and draw(st.booleans()):
         kw["param_dtype"] = F32  # BN-15: scale/bias/mean/var in float32 with a float16 X
     if family == "gemm":
@@ -109,8 +131,12 @@ def _ort_runs(family: str, dtype: np.dtype) -> bool:
     return dtype in (F32, F16) or (dtype == F64 and family == "gemm")
 
 
-@settings(max_examples=200, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 @given(cases())
 def test_random_layer_bn_folds_exactly(case: tuple[str, dict]) -> None:
     family, kw = case
@@ -131,7 +157,7 @@ def test_random_layer_bn_folds_exactly(case: tuple[str, dict]) -> None:
     assert count_ops(folded, "BatchNormalization") == 0
     check_model(folded)
 
-    def user_inputs(m):  # noqa: ANN001, ANN202 - IR < 4 lists initializers as inputs too
+    def user_inputs(m):
         inits = {t.name for t in m.graph.initializer}
         return [v.name for v in m.graph.input if v.name not in inits]
 
@@ -159,8 +185,11 @@ def pattern_cases(draw: st.DrawFn) -> tuple[str, dict, list[str]]:
         pre = draw(st.sampled_from(["", "flatten", "gemm_relu"]))
         feed = (m, k) if pre != "flatten" else (m, k, draw(st.integers(1, 3)))
         add = draw(st.sampled_from([None, (n,), (1, n), ()]))
-        return kind, dict(pre=pre, x_shape=feed if not pre else None, feed_shape=feed, n=n, add=add,
-                          seed=seed), ["matmul"]
+        return (
+            kind,
+            dict(pre=pre, x_shape=feed if not pre else None, feed_shape=feed, n=n, add=add, seed=seed),
+            ["matmul"],
+        )
     if kind in ("conv_add_bn", "decomposed"):
         op = draw(st.sampled_from(["Conv", "ConvTranspose"]))
         group = draw(st.integers(1, 3))
@@ -173,29 +202,76 @@ def pattern_cases(draw: st.DrawFn) -> tuple[str, dict, list[str]]:
             if draw(st.booleans()):
                 ops.append(("bn", None))
                 expect.append("bn_after_chain")
-        return kind, dict(ops=ops, cin=cin, cout=cout, op=op, group=group, bias=draw(st.booleans()),
-                          size=draw(st.integers(2, 5)), seed=seed), expect
+        return (
+            kind,
+            dict(
+                ops=ops,
+                cin=cin,
+                cout=cout,
+                op=op,
+                group=group,
+                bias=draw(st.booleans()),
+                size=draw(st.integers(2, 5)),
+                seed=seed,
+            ),
+            expect,
+        )
     if kind == "bn_conv":
         group = draw(st.integers(1, 3))
         cin, cout = group * draw(st.integers(1, 3)), group * draw(st.integers(1, 3))
         kernel = draw(st.integers(1, 3))
         size = draw(st.integers(kernel, 6))
-        return kind, dict(cin=cin, cout=cout, group=group, kernel=kernel, size=size, seed=seed,
-                          strides=[draw(st.integers(1, 2))] * 2, bias=draw(st.booleans()),
-                          auto_pad=draw(st.sampled_from([None, "VALID"])),
-                          relu_before=draw(st.booleans())), ["bn_before"]
+        return (
+            kind,
+            dict(
+                cin=cin,
+                cout=cout,
+                group=group,
+                kernel=kernel,
+                size=size,
+                seed=seed,
+                strides=[draw(st.integers(1, 2))] * 2,
+                bias=draw(st.booleans()),
+                auto_pad=draw(st.sampled_from([None, "VALID"])),
+                relu_before=draw(st.booleans()),
+            ),
+            ["bn_before"],
+        )
     if kind == "bn_flatten_gemm":
-        return kind, dict(c=draw(st.integers(1, 4)), hw=draw(st.sampled_from([(), (2,), (2, 3), (1, 1)])),
-                          n=draw(st.integers(1, 4)), trans_b=draw(st.integers(0, 1)),
-                          alpha=draw(st.sampled_from([None, 0.5, -2.0])), beta=draw(st.sampled_from([None, 0.0, 1.5])),
-                          c_shape=draw(st.sampled_from([None, "n", "1n", "scalar"])), seed=seed), ["bn_before"]
-    return kind, dict(per_channel=draw(st.booleans()), dtype=draw(st.sampled_from([np.int8, np.uint8])),
-                      zero_point=draw(st.booleans()), bias=draw(st.booleans()),
-                      opset=draw(st.sampled_from([13, 17, 21])), seed=seed), ["dequantized_weight"]
+        return (
+            kind,
+            dict(
+                c=draw(st.integers(1, 4)),
+                hw=draw(st.sampled_from([(), (2,), (2, 3), (1, 1)])),
+                n=draw(st.integers(1, 4)),
+                trans_b=draw(st.integers(0, 1)),
+                alpha=draw(st.sampled_from([None, 0.5, -2.0])),
+                beta=draw(st.sampled_from([None, 0.0, 1.5])),
+                c_shape=draw(st.sampled_from([None, "n", "1n", "scalar"])),
+                seed=seed,
+            ),
+            ["bn_before"],
+        )
+    return (
+        kind,
+        dict(
+            per_channel=draw(st.booleans()),
+            dtype=draw(st.sampled_from([np.int8, np.uint8])),
+            zero_point=draw(st.booleans()),
+            bias=draw(st.booleans()),
+            opset=draw(st.sampled_from([13, 17, 21])),
+            seed=seed,
+        ),
+        ["dequantized_weight"],
+    )
 
 
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 @given(pattern_cases())
 def test_random_affine_patterns_fold_exactly(case: tuple[str, dict, list[str]]) -> None:
     import test_patterns as tp
@@ -207,7 +283,13 @@ def test_random_affine_patterns_fold_exactly(case: tuple[str, dict, list[str]]) 
         kw["c_shape"] = {None: None, "n": (n,), "1n": (1, n), "scalar": ()}[kw["c_shape"]]
     if kind == "dq" and not kw["per_channel"]:
         kw["axis"] = None
-    build = {"matmul": tp.matmul_model, "conv_add_bn": tp.conv_chain, "decomposed": tp.conv_chain,
-             "bn_conv": tp.bn_conv_model, "bn_flatten_gemm": tp.bn_flatten_gemm, "dq": tp.dq_model}[kind]
+    build = {
+        "matmul": tp.matmul_model,
+        "conv_add_bn": tp.conv_chain,
+        "decomposed": tp.conv_chain,
+        "bn_conv": tp.bn_conv_model,
+        "bn_flatten_gemm": tp.bn_flatten_gemm,
+        "dq": tp.dq_model,
+    }[kind]
     model, feeds = build(**kw)
     tp.assert_pattern(model, feeds, expect)

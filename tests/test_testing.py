@@ -22,7 +22,9 @@ def _corrupted(model: onnx.ModelProto, delta: float = 0.5) -> onnx.ModelProto:
     return folded
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"blocks": 3, "channels": 8}, {"dtype": "float16"}, {"matmul_bn": True}, {"batch": 2}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"blocks": 3, "channels": 8}, {"dtype": "float16"}, {"matmul_bn": True}, {"batch": 2}]
+)
 def test_conv_bn_model_is_valid(kwargs: dict) -> None:
     model = conv_bn_model(**kwargs)
     onnx.checker.check_model(model, full_check=True)
@@ -41,7 +43,9 @@ def test_assert_fold_preserves_returns_the_result(tmp_path: Path) -> None:
 
 
 def test_assert_fold_preserves_failure_messages() -> None:
-    with pytest.raises(AssertionError, match=r"expected 2 BatchNormalization\(s\) folded, got 1 folded, 0 kept"):
+    with pytest.raises(
+        AssertionError, match=r"expected 2 BatchNormalization\(s\) folded, got 1 folded, 0 kept"
+    ):
         assert_fold_preserves(conv_bn_model(), expect_folded=2)
     with pytest.raises(AssertionError, match=r"bn_mm after MatMul mm: channel_axis"):
         assert_fold_preserves(conv_bn_model(matmul_bn=True), strict=True)

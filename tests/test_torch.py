@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import fx, nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import fx, nn  # noqa: E402
 
 import bnfold.torch as bt  # noqa: E402
 from bnfold.errors import BadInput, VerificationFailed  # noqa: E402
@@ -39,9 +39,19 @@ def _bn_nodes(gm: fx.GraphModule) -> list[str]:
 
 @pytest.mark.parametrize(
     "name, folds",
-    [("resnet_small", 6), ("mobilenet_small", 10), ("unet_decoder", 8), ("audio_cnn1d", 4),
-     ("conv3d_block", 3), ("mlp_bn", 2), ("grouped_conv_transpose", 1), ("linear_bn", 1),
-     ("functional_conv_bn", 1), ("conv_bn_with_activation", 1), ("reused_conv", 1)],
+    [
+        ("resnet_small", 6),
+        ("mobilenet_small", 10),
+        ("unet_decoder", 8),
+        ("audio_cnn1d", 4),
+        ("conv3d_block", 3),
+        ("mlp_bn", 2),
+        ("grouped_conv_transpose", 1),
+        ("linear_bn", 1),
+        ("functional_conv_bn", 1),
+        ("conv_bn_with_activation", 1),
+        ("reused_conv", 1),
+    ],
 )
 def test_fold_matches_module(name: str, folds: int) -> None:
     model, x = build(name)
@@ -79,14 +89,16 @@ def test_bn_subclass_with_activation_keeps_the_activation() -> None:
     result = bt.fold(model, (x,))
     out = result.module(x)
     assert (out >= 0).all()  # the subclass's ReLU survived the fold
-    assert (model.bn.__class__.forward is not nn.BatchNorm2d.forward)
+    assert model.bn.__class__.forward is not nn.BatchNorm2d.forward
     _close(out, model(x))
 
 
 def test_grouped_conv_transpose_all_dims() -> None:
     torch.manual_seed(1)
-    for conv, shape in ((nn.ConvTranspose1d(6, 9, 3, groups=3), (2, 6, 7)),
-                        (nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2, bias=False), (1, 4, 3, 3, 3))):
+    for conv, shape in (
+        (nn.ConvTranspose1d(6, 9, 3, groups=3), (2, 6, 7)),
+        (nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2, bias=False), (1, 4, 3, 3, 3)),
+    ):
         bn = {1: nn.BatchNorm1d, 3: nn.BatchNorm3d}[len(shape) - 2](conv.out_channels)
         model = randomize_bn(nn.Sequential(conv, bn), torch.Generator().manual_seed(3)).eval()
         x = torch.randn(shape)
@@ -96,9 +108,16 @@ def test_grouped_conv_transpose_all_dims() -> None:
 
 
 def test_affine_false_and_conv1d_conv3d() -> None:
-    model = randomize_bn(nn.Sequential(nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5, affine=False), nn.ReLU(),
-                                       nn.Conv1d(5, 4, 1), nn.BatchNorm1d(4)),
-                         torch.Generator().manual_seed(0)).eval()
+    model = randomize_bn(
+        nn.Sequential(
+            nn.Conv1d(3, 5, 3),
+            nn.BatchNorm1d(5, affine=False),
+            nn.ReLU(),
+            nn.Conv1d(5, 4, 1),
+            nn.BatchNorm1d(4),
+        ),
+        torch.Generator().manual_seed(0),
+    ).eval()
     x = torch.randn(2, 3, 9)
     result = bt.fold(model, (x,))
     assert len(result.report.folded) == 2
@@ -131,7 +150,9 @@ def test_kept_bns_have_reasons() -> None:
 
 
 def test_linear_with_3d_output_is_kept() -> None:
-    model = randomize_bn(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(3)), torch.Generator().manual_seed(0)).eval()
+    model = randomize_bn(
+        nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(3)), torch.Generator().manual_seed(0)
+    ).eval()
     x = torch.randn(2, 3, 4)
     result = bt.fold(model, (x,))
     assert [s.code for s in result.report.skipped] == ["channel_axis"]

@@ -79,11 +79,14 @@ def _vi(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
 
 
 def test_make_inputs_binds_symbolic_dims_from_given_arrays_and_records_assumptions() -> None:
-    interface = [(v.name, v.type) for v in (
-        _vi("a", TensorProto.FLOAT, ["B", 3, "T"]),
-        _vi("b", TensorProto.FLOAT, ["B", None]),
-        _vi("ids", TensorProto.INT64, ["B", 4]),
-    )]
+    interface = [
+        (v.name, v.type)
+        for v in (
+            _vi("a", TensorProto.FLOAT, ["B", 3, "T"]),
+            _vi("b", TensorProto.FLOAT, ["B", None]),
+            _vi("ids", TensorProto.INT64, ["B", 4]),
+        )
+    ]
     assumed: dict[str, int] = {}
     given = {"a": np.zeros((5, 3, 7), np.float32)}
     feeds = make_inputs(interface, np.random.default_rng(0), {}, {}, given, assumed)
@@ -92,7 +95,9 @@ def test_make_inputs_binds_symbolic_dims_from_given_arrays_and_records_assumptio
     assert assumed == {"b[1]": 32}
     assert feeds["ids"].dtype == np.int64 and feeds["ids"].min() >= 0 and feeds["ids"].max() < 4
     assert symbolic_dims(interface) == ["B", "T", "b[1]"]
-    feeds = make_inputs(interface, np.random.default_rng(0), {}, {"B": 2, "T": 9, "b[1]": 3}, {}, assumed := {})
+    feeds = make_inputs(
+        interface, np.random.default_rng(0), {}, {"B": 2, "T": 9, "b[1]": 3}, {}, assumed := {}
+    )
     assert feeds["a"].shape == (2, 3, 9) and feeds["b"].shape == (2, 3) and assumed == {}
 
 
@@ -105,7 +110,10 @@ def test_make_inputs_is_seeded() -> None:
 
 
 def test_scalar_boolean_inputs_alternate_between_runs() -> None:
-    interface = [("cond", _vi("cond", TensorProto.BOOL, []).type), ("mask", _vi("mask", TensorProto.BOOL, [64]).type)]
+    interface = [
+        ("cond", _vi("cond", TensorProto.BOOL, []).type),
+        ("mask", _vi("mask", TensorProto.BOOL, [64]).type),
+    ]
     runs = [make_inputs(interface, np.random.default_rng([0, r]), {}, {}, {}, {}, None, r) for r in range(3)]
     assert [bool(f["cond"]) for f in runs] == [True, False, True]
     assert runs[0]["mask"].dtype == bool and 0 < runs[0]["mask"].sum() < 64
@@ -173,8 +181,10 @@ def test_check_request_validates_without_running() -> None:
 
 def test_fold_with_nothing_to_fold_still_validates_options() -> None:
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g",
-        [_vi("x", TensorProto.FLOAT, [1, 4])], [_vi("y", TensorProto.FLOAT, [1, 4])],
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [_vi("x", TensorProto.FLOAT, [1, 4])],
+        [_vi("y", TensorProto.FLOAT, [1, 4])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = bnfold.fold(model)
@@ -198,8 +208,14 @@ def test_verify_identical_models_and_options() -> None:
 
 def test_verify_paths_with_external_data(tmp_path: Path) -> None:
     model = conv_bn_model(blocks=2, channels=16)
-    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="ext.data", size_threshold=0)
+    onnx.save(
+        model,
+        str(tmp_path / "ext.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.data",
+        size_threshold=0,
+    )
     assert (tmp_path / "ext.data").exists()
     result = bnfold.fold(str(tmp_path / "ext.onnx"))
     assert result.verification is not None and result.verification.status == "passed"
@@ -249,7 +265,8 @@ def test_verify_different_interfaces_is_bad_input() -> None:
 def test_inputs_backed_by_initializers_may_be_overridden() -> None:
     # IR < 4 style: an initializer also listed as graph input is optional to feed
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "bias"], ["y"])], "g",
+        [helper.make_node("Add", ["x", "bias"], ["y"])],
+        "g",
         [_vi("x", TensorProto.FLOAT, [2]), _vi("bias", TensorProto.FLOAT, [2])],
         [_vi("y", TensorProto.FLOAT, [2])],
         [numpy_helper.from_array(np.ones(2, np.float32), "bias")],
@@ -292,13 +309,13 @@ def test_provider_names_and_one_line_messages() -> None:
     assert _one_line(RuntimeError("")) == "RuntimeError"
 
 
-def test_onnxruntime_banner_and_source_paths_stay_out_of_messages(monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_onnxruntime_banner_and_source_paths_stay_out_of_messages(monkeypatch, capsys) -> None:
     """onnxruntime's Python wrapper prints an 'EP Error' banner to stdout when a session fails
     with a ValueError; its messages carry C++ source paths and signatures. Neither reaches the user."""
     import onnxruntime as ort
 
     class Failing:
-        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        def __init__(self, *args, **kwargs) -> None:
             print("*************** EP Error ***************")
             raise RuntimeError(
                 "[ONNXRuntimeError] : 1 : FAIL : Load model from /x/m.onnx failed:/onnxruntime_src/onnxruntime/"
