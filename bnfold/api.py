@@ -13,8 +13,7 @@ from typing import Any
 import onnx
 
 from .errors import BadInput, VerificationFailed
-from .external import Embedded, Spill
-from .graph import SPILL
+from .external import Embedded, FileStore, Spill
 from .io import has_external_data, open_model, same_file, save_model_located
 from .onnx_pass import fold_model
 from .report import FoldReport, Verification
@@ -213,9 +212,8 @@ def fold(
             f"{where}cannot create a temporary file for folded tensors in {tempfile.gettempdir()} "
             f"({exc.strerror or exc}); set TMPDIR to a folder with space"
         ) from None
-    token = SPILL.set(spill)
     try:
-        report = fold_model(folded, base_dir, bn_to_affine=bn_to_affine)
+        report = fold_model(folded, FileStore(base_dir, spill), bn_to_affine=bn_to_affine)
     except OSError as exc:  # the spill file's disk is full, or external data became unreadable
         if spill is not None:
             spill.close()
@@ -229,8 +227,6 @@ def fold(
         if spill is not None:
             spill.close()  # no temporary file outlives a failed fold
         raise
-    finally:
-        SPILL.reset(token)
     result = FoldResult(folded, report, None, path, base_dir, spill, tuple(input_files))
     if isinstance(spill, Spill):  # (an Embedded closes its file itself when it goes away)
         weakref.finalize(result, spill.close)

@@ -17,7 +17,6 @@ bytes ``onnx.save`` would write.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import weakref
@@ -29,6 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import BadInput
+from .onnx.tensor_store import _NATIVE, MemoryStore, raw_to_array
 
 ALIGN = 4096  # offsets in written data files are page aligned (mmap-friendly)
 EXTERNAL_THRESHOLD = 1024  # tensors at least this large go to the data file when writing external data
@@ -225,48 +225,6 @@ def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     if len(raw) != length:
         raise BadInput(f"external data of tensor '{tensor.name}' is truncated")
     return raw_to_array(tensor, raw)
-
-
-def raw_to_array(tensor: onnx.TensorProto, raw: bytes) -> np.ndarray:
-    """The value of ``tensor`` whose data bytes are ``raw`` (little-endian, as ONNX stores them).
-
-    Fixed-size numeric types are viewed in place (no copy); other types go through numpy_helper.
-    """
-    dtype = _NATIVE.get(tensor.data_type)
-    if dtype is not None:
-        dims = tuple(tensor.dims)
-        if len(raw) == math.prod(dims) * dtype.itemsize:
-            return np.frombuffer(raw, dtype=dtype).reshape(dims)
-    inline = onnx.TensorProto()
-    inline.CopyFrom(tensor)
-    del inline.external_data[:]
-    inline.data_location = onnx.TensorProto.DEFAULT
-    inline.raw_data = raw
-    return numpy_helper.to_array(inline)
-
-
-def _native_types() -> dict[int, np.dtype]:
-    import ml_dtypes
-
-    t = onnx.TensorProto
-    types = {
-        t.FLOAT: np.float32,
-        t.FLOAT16: np.float16,
-        t.DOUBLE: np.float64,
-        t.BFLOAT16: ml_dtypes.bfloat16,
-        t.INT8: np.int8,
-        t.UINT8: np.uint8,
-        t.INT16: np.int16,
-        t.UINT16: np.uint16,
-        t.INT32: np.int32,
-        t.UINT32: np.uint32,
-        t.INT64: np.int64,
-        t.UINT64: np.uint64,
-    }
-    return {k: np.dtype(v).newbyteorder("<") for k, v in types.items()}
-
-
-_NATIVE = _native_types()
 
 
 class Spill:
@@ -966,3 +924,30 @@ def write_pieces(fd: int, pieces: list, source_fd: int) -> None:
                 pending, pending_size = [], 0
     if pending:
         _write_all(fd, b"".join(pending))
+
+
+class FileStore(MemoryStore):
+    """The pass's tensor store for a model read from ``base_dir``: external data is read one tensor
+    at a time (never outside that folder); while ``spill`` is set (a :class:`Spill`, or the
+    :class:`Embedded` weights of a lazily loaded file), tensors it holds are read from it and new
+    tensors of EXTERNAL_THRESHOLD bytes or more are written to it instead of the protobuf."""
+
+    def __init__(self, base_dir: str, spill: Spill | Embedded | None = None) -> None:
+        self.base_dir = base_dir
+        self.spill = spill
+
+    @property
+    def spills(self) -> bool:
+        return self.spill is not None
+
+    def read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if self.spill is not None and self.spill.holds(tensor):
+                return self.spill.read(tensor)
+            return read_external(tensor, self.base_dir)
+        return super().read(tensor)
+
+    def write(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        if self.spill is not None and array.nbytes >= EXTERNAL_THRESHOLD:
+            return self.spill.store_array(name, array)
+        return super().write(name, array)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .external import EXTERNAL_THRESHOLD, Spill, raw_to_array
+from .errors import BadInput
+from .onnx.tensor_store import TensorStore
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -360,66 +360,7 @@ class NotConstant(Exception):
     """A value is not a constant; the message says why."""
 
 
-def tensor_array(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
-    """A TensorProto as a numpy array (bfloat16 via ml_dtypes); external data is read from
-    ``base_dir`` (only this tensor's bytes, refusing locations outside that folder)."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        from .errors import BadInput
-        from .external import read_external
-
-        spill = SPILL.get()
-        try:
-            if spill is not None and spill.holds(tensor):
-                return spill.read(tensor)
-            return read_external(tensor, base_dir)
-        except BadInput as exc:
-            raise BadTensor(str(exc)) from None
-    if tensor.HasField("raw_data") and not tensor.HasField("segment"):
-        return raw_to_array(tensor, tensor.raw_data)  # a read-only view: values are never mutated
-    return numpy_helper.to_array(tensor, base_dir)
-
-
 CACHE_LIMIT = 1 << 20  # constants up to this many bytes stay cached for repeated lookups
-
-# Where new initializer data goes while folding a model with external data: a spill file, so
-# folded tensors never pile up in memory (see bnfold.external). None: keep data in the proto.
-SPILL: ContextVar[Spill | None] = ContextVar("bnfold_spill", default=None)
-
-
-def make_tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
-    """A TensorProto for ``array``; while spilling, a large one refers to the spill file instead
-    of holding its bytes (bytes put into a model's protobuf arena stay until the model dies)."""
-    spill = SPILL.get()
-    if spill is not None and array.nbytes >= EXTERNAL_THRESHOLD:
-        return spill.store_array(name, array)
-    data_type = _PLAIN_TYPES.get(array.dtype)
-    if data_type is None or not name:
-        return numpy_helper.from_array(array, name)
-    # what numpy_helper.from_array builds for these types, without its generic checks
-    return onnx.TensorProto(dims=array.shape, data_type=data_type, name=name, raw_data=array.tobytes())
-
-
-# Fixed-size numbers on a little-endian machine: raw_data is the array's own bytes.
-_PLAIN_TYPES: dict[np.dtype, int] = (
-    {
-        np.dtype(t): onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t))
-        for t in (
-            np.float16,
-            np.float32,
-            np.float64,
-            np.int8,
-            np.uint8,
-            np.int16,
-            np.uint16,
-            np.int32,
-            np.uint32,
-            np.int64,
-            np.uint64,
-        )
-    }
-    if np.little_endian
-    else {}
-)
 
 
 class BadTensor(NotConstant):
@@ -470,7 +411,7 @@ class Scope:
     label: str
     opset: dict[str, int]
     ir_version: int
-    base_dir: str
+    store: TensorStore
     names: NameAllocator
     parent: Scope | None = None
     producer: dict[str, int] = field(default_factory=dict)
@@ -501,12 +442,12 @@ class Scope:
         label: str,
         opset: dict[str, int],
         ir_version: int,
-        base_dir: str,
+        store: TensorStore,
         names: NameAllocator,
         parent: Scope | None = None,
     ) -> Scope:
         """Index ``proto`` in one scan."""
-        s = cls(proto, label, opset, ir_version, base_dir, names, parent)
+        s = cls(proto, label, opset, ir_version, store, names, parent)
         if isinstance(proto, onnx.GraphProto):
             s.inputs = {v.name for v in proto.input}
             s.outputs = {v.name for v in proto.output}
@@ -596,9 +537,9 @@ class Scope:
                 raise NotConstant(f"'{name}' is a graph input (an initializer callers may override)")
             tensor = self.proto.initializer[index]
             try:
-                value = np.asarray(tensor_array(tensor, self.base_dir))
-            except NotConstant:
-                raise
+                value = np.asarray(self.store.read(tensor))
+            except BadInput as exc:
+                raise BadTensor(str(exc)) from None
             except Exception as exc:  # noqa: BLE001 - numpy/onnx raise many types for corrupt tensors
                 raise BadTensor(f"'{name}' cannot be read: {type(exc).__name__}: {exc}") from None
             c = Const(name, self, "initializer", value)
@@ -922,7 +863,7 @@ class Scope:
         self.uses[name] += 1
 
     def _overwrite(self, const: Const, array: np.ndarray) -> None:
-        new = make_tensor(array, const.name)
+        new = self.store.write(const.name, array)
         if const.kind == "initializer":
             tensor = self.proto.initializer[self.initializers[const.name]]
             doc = tensor.doc_string
@@ -946,7 +887,7 @@ class Scope:
             self._cache[name] = Const(name, self, "constant_node", array)
             return
         graph = self.proto
-        tensor = make_tensor(array, name)
+        tensor = self.store.write(name, array)
         self.initializers[name] = len(graph.initializer)
         graph.initializer.append(tensor)
         if self.ir_version < 4:

@@ -74,7 +74,6 @@ from .folding import (
 )
 from .graph import (
     ONNX_DOMAINS,
-    SPILL,
     AttributeRef,
     BadAttribute,
     BadTensor,
@@ -90,6 +89,7 @@ from .graph import (
     set_attr,
     subgraphs,
 )
+from .onnx.tensor_store import MemoryStore, TensorStore
 from .report import FoldedPair, FoldReport, SkippedBN
 
 TARGET_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -170,9 +170,9 @@ def _plain_initializer(scope: Scope, initializers: Any, name: str) -> np.ndarray
 
 
 class _Pass:
-    def __init__(self, model: onnx.ModelProto, base_dir: str, *, bn_to_affine: bool = False) -> None:
+    def __init__(self, model: onnx.ModelProto, store: TensorStore, *, bn_to_affine: bool = False) -> None:
         self.model = model
-        self.base_dir = base_dir
+        self.store = store
         self.bn_to_affine = bn_to_affine
         self.names = NameAllocator(set())  # filled from the main graph's index in run()
         self.report = FoldReport()
@@ -187,7 +187,7 @@ class _Pass:
         parent: Scope | None = None,
     ) -> Scope:
         """Index ``proto`` (before it is rewritten) and count its nodes and initializers."""
-        s = Scope.build(proto, label, opset, self.model.ir_version, self.base_dir, self.names, parent)
+        s = Scope.build(proto, label, opset, self.model.ir_version, self.store, self.names, parent)
         self.scopes.append(s)
         self.report.nodes_before += len(proto.node)
         if isinstance(proto, onnx.GraphProto):
@@ -375,7 +375,7 @@ class _Pass:
         (its input is not a BN's output). Every other BN, and every pair the math refuses, takes
         the one-by-one path, which also gives the reasons.
         """
-        if len(bns) < _BULK_MIN or SPILL.get() is not None or not isinstance(scope.proto, onnx.GraphProto):
+        if len(bns) < _BULK_MIN or self.store.spills or not isinstance(scope.proto, onnx.GraphProto):
             return {}
         version = bn_version(scope.opset.get("", 1))
         nodes = scope.proto.node
@@ -1044,10 +1044,13 @@ class _Pass:
         return rewrite
 
 
-def fold_model(model: onnx.ModelProto, base_dir: str = "", *, bn_to_affine: bool = False) -> FoldReport:
+def fold_model(
+    model: onnx.ModelProto, store: TensorStore | None = None, *, bn_to_affine: bool = False
+) -> FoldReport:
     """Fold every foldable BN of ``model`` in place and return the report.
 
-    ``base_dir`` is where external data of the model's tensors is read from. ``bn_to_affine``
+    ``store`` reads the tensors' data and makes the new tensors (default: a
+    :class:`~bnfold.onnx.tensor_store.MemoryStore`, for models without external data). ``bn_to_affine``
     rewrites the BNs that cannot be folded (inference-mode, constant parameters, input rank
     provable) as ``Mul`` + ``Add`` (pattern ``bn_to_affine``).
     """
@@ -1057,7 +1060,7 @@ def fold_model(model: onnx.ModelProto, base_dir: str = "", *, bn_to_affine: bool
     collecting = gc.isenabled()
     gc.disable()
     try:
-        report = _Pass(model, base_dir, bn_to_affine=bn_to_affine).run()
+        report = _Pass(model, store or MemoryStore(), bn_to_affine=bn_to_affine).run()
     finally:
         if collecting:
             gc.enable()

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import assert_ort_equivalent, check_model, count_ops
 
 from bnfold import onnx_pass
+from bnfold.external import FileStore
 from bnfold.folding import FoldError, bn_affine, fold_conv, fold_conv_many
 from bnfold.onnx_pass import fold_model
 
@@ -31,7 +32,7 @@ def _fold_both(model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch, base_dir
     for minimum in (1, ONE_BY_ONE):
         monkeypatch.setattr(onnx_pass, "_BULK_MIN", minimum)
         m = copy.deepcopy(model)
-        report = fold_model(m, base_dir)
+        report = fold_model(m, FileStore(base_dir))
         results.append((m.SerializeToString(deterministic=True), report))
     return results
 
@@ -238,14 +239,14 @@ def test_fold_conv_many_matches_fold_conv_bit_for_bit() -> None:
     ],
 )
 def test_new_tensors_are_what_numpy_helper_builds(dtype: type) -> None:
-    """graph.make_tensor builds plain numeric tensors itself: the bytes must be from_array's."""
-    from bnfold.graph import make_tensor
+    """tensor_store.plain_tensor builds plain numeric tensors itself: the bytes must be from_array's."""
+    from bnfold.onnx.tensor_store import plain_tensor
 
     rng = np.random.default_rng(5)
     for shape in ((), (3,), (2, 3, 4), (0, 2)):
         a = (rng.standard_normal(shape) * 10).astype(dtype)
         for arr in (a, a.T):  # a transposed view is not C-contiguous
             assert (
-                make_tensor(arr, "t").SerializeToString()
+                plain_tensor(arr, "t").SerializeToString()
                 == numpy_helper.from_array(arr, "t").SerializeToString()
             )

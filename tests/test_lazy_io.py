@@ -14,7 +14,6 @@ from onnx import numpy_helper
 
 import bnfold
 import bnfold.external as external
-import bnfold.graph as graph
 import bnfold.io as bio
 from bnfold.errors import BadInput
 from bnfold.external import Embedded
@@ -29,7 +28,7 @@ def force_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bio, "EMBEDDED_THRESHOLD", 0)
     monkeypatch.setattr(external, "LAZY_MIN_BYTES", 1)
     monkeypatch.setattr(external, "LAZY_MIN_FRACTION", 0.0)
-    monkeypatch.setattr(graph, "EXTERNAL_THRESHOLD", 1)
+    monkeypatch.setattr(external, "EXTERNAL_THRESHOLD", 1)
 
 
 def _sha(path: Path) -> str:
