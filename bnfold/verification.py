@@ -41,7 +41,7 @@ DEFAULT_DIM = 32
 INT_HIGH = 4  # integers are drawn from [0, INT_HIGH)
 MAX_INPUT_ELEMENTS = 2**30  # a generated input larger than this is refused (a declared shape gone wrong)
 
-Inputs = Mapping[str, np.ndarray] | str | Path | None
+from .verify.options import Inputs
 
 
 @dataclass
