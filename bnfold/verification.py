@@ -28,6 +28,7 @@ import onnx
 from .errors import BadInput
 from .io import load_model, open_model
 from .report import OutputCheck, Verification
+from .verify.options import Inputs
 
 # dtype name -> (rtol, atol as a fraction of max |reference|)
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
@@ -40,8 +41,6 @@ DEFAULT_BATCH = 1
 DEFAULT_DIM = 32
 INT_HIGH = 4  # integers are drawn from [0, INT_HIGH)
 MAX_INPUT_ELEMENTS = 2**30  # a generated input larger than this is refused (a declared shape gone wrong)
-
-from .verify.options import Inputs
 
 
 @dataclass
