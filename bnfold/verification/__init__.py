@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import BadInput
-from .io import load_model, open_model
-from .report import OutputCheck, Verification
-from .verify.options import Inputs
+from ..errors import BadInput
+from ..io import load_model, open_model
+from ..report import OutputCheck, Verification
+from .options import Inputs
 
 # dtype name -> (rtol, atol as a fraction of max |reference|)
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
