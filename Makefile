@@ -1,6 +1,7 @@
 # Entry points for a fresh machine with Python 3.11 and pip:
 #   make demo         create .venv, install the locked runtime, fold + verify a bundled model
-#   make test         create .venv, install the locked test environment, run checks and the suite
+#   make test         create .venv, install the locked test environment, run the suite
+#   make check        ruff, ruff format, mypy, import-linter and the size limits (CI runs it before test)
 #   make test-latest  the same suite in .venv-latest against the newest releases pyproject allows
 #   make test-floor   the same suite in .venv-floor on the lower bounds pyproject states
 #   make lock         regenerate requirements/*.lock from pyproject.toml (newest allowed releases)
@@ -16,7 +17,7 @@ LOCK_VENV := build/lock-venv
 LATEST_VENV := .venv-latest
 FLOOR_VENV := .venv-floor
 
-.PHONY: demo test test-latest test-floor lock install install-test clean
+.PHONY: demo check test test-latest test-floor lock install install-test clean
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,14 @@ install-test: $(VENV)/.test-installed
 demo: install
 	@mkdir -p build
 	@$(BIN)/bnfold models/onnx/resnet_small.onnx -o build/resnet_small.folded.onnx
+
+# The house's static checks: lint, format, types, layering, sizes (.ci/run runs them before the tests).
+check: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/check_sizes.py
 
 test: install-test
 	$(BIN)/python -m pytest -n 2 -q
