@@ -19,7 +19,7 @@ def test_public_functions_are_not_shadowed_by_subpackages() -> None:
     code = (
         "import importlib, pkgutil, bnfold\n"
         "for m in pkgutil.walk_packages(bnfold.__path__, 'bnfold.'):\n"
-        "    if not m.name.startswith(('bnfold.torch', 'bnfold.fx_pass')):\n"
+        "    if not m.name.startswith(('bnfold.torch',)):\n"
         "        importlib.import_module(m.name)\n"
         f"for name in {PUBLIC_CALLABLES!r}:\n"
         "    value = getattr(bnfold, name)\n"
@@ -32,7 +32,7 @@ def test_public_functions_are_not_shadowed_by_subpackages() -> None:
 
 def test_every_module_imports() -> None:
     for info in pkgutil.walk_packages(bnfold.__path__, "bnfold."):
-        if info.name.startswith(("bnfold.torch", "bnfold.fx_pass")):
+        if info.name.startswith(("bnfold.torch",)):
             continue  # torch is an optional extra, imported by its own tests
         importlib.import_module(info.name)
     assert callable(bnfold.verify) and callable(bnfold.fold)

@@ -2,7 +2,7 @@
 
 ``bnfold.torch.fold(model, example_inputs)`` captures the model as a ``torch.fx.GraphModule``
 (``symbolic_trace`` first, ``torch.export`` when tracing fails), folds at the graph-node level
-(:mod:`bnfold.fx_pass`) and compares the folded module with the original on the example inputs.
+(:mod:`bnfold.torch.fx_pass`) and compares the folded module with the original on the example inputs.
 ``bnfold.torch.export(model, example_inputs, path)`` exports with torch.onnx's dynamo exporter,
 runs the ONNX pass on what the exporter left, and checks the ONNX file in onnxruntime against the
 PyTorch module itself. The caller's model is never modified.
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .errors import BadInput, VerificationFailed
+from ..errors import BadInput, VerificationFailed
+from ..report import FoldedPair, FoldReport, OutputCheck, SkippedBN, Verification
+from ..verification import compare
 from .fx_pass import _to_numpy, fold_graph_module
-from .report import FoldedPair, FoldReport, OutputCheck, SkippedBN, Verification
-from .verification import compare
 
 __all__ = ["fold", "export", "TorchFoldResult", "capture"]
 
@@ -309,9 +309,9 @@ def export(
     is run in onnxruntime (optimizations off) on ``example_inputs`` and compared with the PyTorch
     module's outputs; a failed comparison raises VerificationFailed and writes nothing.
     """
-    from .api import FoldResult
-    from .io import save_model
-    from .onnx_pass import fold_model
+    from ..api import FoldResult
+    from ..io import save_model
+    from ..onnx_pass import fold_model
 
     args = _as_tuple(example_inputs)
     if args is None:
