@@ -33,7 +33,7 @@ __all__ = ["fold", "export", "TorchFoldResult", "capture"]
 class TorchFoldResult:
     """The folded module, the report of what was folded or kept, and the comparison."""
 
-    module: fx.GraphModule
+    module: nn.Module  # a torch.fx.GraphModule, or the module itself when folded partially
     report: FoldReport
     verification: Verification | None
     capture: str  # "symbolic_trace", "torch.export", "graph_module", "exported_program"
@@ -168,6 +168,7 @@ def fold(
     recorded; when no shapes are known, ``verification`` is None.
     """
     args = _as_tuple(example_inputs)
+    gm: nn.Module
     if isinstance(model, torch.export.ExportedProgram):
         reference: Any = model.module()
         gm, how = capture(model, args)
@@ -187,6 +188,7 @@ def fold(
     if how == "partial":
         report = _fold_children(gm, args)
     else:
+        assert isinstance(gm, fx.GraphModule)
         if args is not None and how in ("symbolic_trace", "graph_module"):
             _propagate_shapes(gm, args)
         report = fold_graph_module(gm)
@@ -203,7 +205,7 @@ def fold(
     return result
 
 
-def _inferred_inputs(model: Any, gm: fx.GraphModule, seed: int = 0) -> tuple[torch.Tensor, ...] | None:
+def _inferred_inputs(model: Any, gm: nn.Module, seed: int = 0) -> tuple[torch.Tensor, ...] | None:
     """Seeded random inputs shaped like the example inputs an ExportedProgram recorded, or like the
     placeholders' recorded values of a GraphModule from torch.export; None if shapes are unknown."""
     specs: list[Any] = []
@@ -215,7 +217,7 @@ def _inferred_inputs(model: Any, gm: fx.GraphModule, seed: int = 0) -> tuple[tor
         if kwargs:
             return None
         specs = list(args)
-    else:
+    elif isinstance(gm, fx.GraphModule):
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 val = node.meta.get("val")
@@ -300,7 +302,7 @@ def export(
     atol: float | None = None,
     rtol: float | None = None,
     force: bool = False,
-):
+) -> Any:
     """Export ``model`` to ONNX at ``path`` with every BatchNorm folded, proven against PyTorch.
 
     The dynamo exporter runs with its own optimizer off (``exporter_optimize=False``) so every fold
@@ -325,6 +327,8 @@ def export(
     if dynamic_shapes is not None:
         kwargs["dynamic_shapes"] = dynamic_shapes
     program = torch.onnx.export(private, args, **kwargs)
+    if program is None:
+        raise BadInput("torch.onnx.export returned no program")
     proto = program.model_proto
     bn_in_onnx = _count_onnx_bn(proto)
     report = fold_model(proto)

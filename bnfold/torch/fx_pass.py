@@ -109,8 +109,16 @@ _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _DEFAULTS = {"bias": None, "groups": 1, "weight": None, "training": False, "eps": 1e-5}
 
 
+def _path(node: fx.Node) -> str:
+    """The attribute path a ``call_module`` or ``get_attr`` node names (always a string there)."""
+    target = node.target
+    if not isinstance(target, str):
+        raise TypeError(f"{node.op} node {node.name} has a non-string target")
+    return target
+
+
 def _bind(node: fx.Node, names: tuple[str, ...]) -> dict[str, object]:
-    bound = dict(zip(names, node.args))
+    bound: dict[str, object] = dict(zip(names, node.args))
     bound.update(node.kwargs)
     return bound
 
@@ -183,10 +191,10 @@ class FxFolder:
     # ----- helpers ---------------------------------------------------------------------------
     def _attr(self, node: object, what: str, code: str) -> torch.Tensor:
         if isinstance(node, fx.Node) and node.op == "get_attr":
-            value = _get_attr(self.gm, node.target)
+            value = _get_attr(self.gm, _path(node))
             if isinstance(value, torch.Tensor):
                 return value
-        desc = node.format_node() if isinstance(node, fx.Node) else repr(node)
+        desc = (node.format_node() or node.name) if isinstance(node, fx.Node) else repr(node)
         raise _Skip(code, f"{what} is not a constant parameter or buffer ({desc.split('=')[0].strip()})")
 
     def _fresh_name(self, base: str) -> str:
@@ -218,11 +226,12 @@ class FxFolder:
                 raise _Skip(
                     "no_running_stats", "track_running_stats=False: the BN normalizes with batch statistics"
                 )
-            if not node.args:
+            source = node.args[0] if node.args else None
+            if not isinstance(source, fx.Node):
                 raise _Skip("malformed", "BN called without input")
             return _BN(
                 node,
-                node.args[0],
+                source,
                 node,
                 [],
                 mod.weight,
@@ -230,7 +239,7 @@ class FxFolder:
                 mod.running_mean,
                 mod.running_var,
                 float(mod.eps),
-                node.target,
+                _path(node),
             )
         if node.op != "call_function":
             return None
@@ -294,7 +303,7 @@ class FxFolder:
                     mod.bias,
                     getattr(mod, "groups", 1),
                     self._module_installer(node, mod),
-                    node.target,
+                    _path(node),
                 )
             what = type(mod).__name__ if mod is not None else node.target
             raise _Skip("unsupported_producer", f"follows {what}, not Conv/ConvTranspose/Linear")
@@ -324,13 +333,15 @@ class FxFolder:
     ) -> Callable[[torch.Tensor, torch.Tensor], None]:
         def install(weight: torch.Tensor, bias: torch.Tensor) -> None:
             clone = copy.deepcopy(mod)
-            clone.weight = nn.Parameter(weight, requires_grad=mod.weight.requires_grad)
-            clone.bias = nn.Parameter(bias, requires_grad=mod.weight.requires_grad)
-            if self.call_counts.get(node.target, 0) == 1:
-                target = node.target  # the only call: replace the module under its own name
+            trainable = bool(mod.weight.requires_grad)
+            clone.weight = nn.Parameter(weight, requires_grad=trainable)
+            clone.bias = nn.Parameter(bias, requires_grad=trainable)
+            path = _path(node)
+            if self.call_counts.get(path, 0) == 1:
+                target = path  # the only call: replace the module under its own name
             else:
-                target = self._fresh_name(node.target)
-                self.call_counts[node.target] -= 1
+                target = self._fresh_name(path)
+                self.call_counts[path] -= 1
             self.gm.add_submodule(target, clone) if "." not in target else _set_submodule(
                 self.gm, target, clone
             )
@@ -350,16 +361,16 @@ class FxFolder:
                 if (
                     isinstance(old, fx.Node)
                     and old.op == "get_attr"
-                    and self.attr_counts.get(old.target, 0) == 1
+                    and self.attr_counts.get(_path(old), 0) == 1
                 ):
-                    _set_attr(self.gm, old.target, nn.Parameter(value, requires_grad=False))
+                    _set_attr(self.gm, _path(old), nn.Parameter(value, requires_grad=False))
                     continue
                 name = self._fresh_name(f"{node.name}_{key}")
                 _set_attr(self.gm, name, nn.Parameter(value, requires_grad=False))
                 with self.gm.graph.inserting_before(node):
                     getter = self.gm.graph.get_attr(name)
                 if isinstance(old, fx.Node) and old.op == "get_attr":
-                    self.attr_counts[old.target] -= 1
+                    self.attr_counts[_path(old)] -= 1
                     self.touched.append(old)
                 pos = names.index(key)
                 if key in kwargs or pos >= len(args):
@@ -455,7 +466,7 @@ class FxFolder:
         dropped: set[str] = set()
         for node in self.touched:
             if not _erased(node) and not node.users:
-                dropped.add(node.target)
+                dropped.add(_path(node))
                 graph.erase_node(node)
         still_read = {n.target for n in graph.nodes if n.op == "get_attr"}
         for target in sorted(dropped - still_read):
