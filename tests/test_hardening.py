@@ -823,6 +823,13 @@ except KeyboardInterrupt:
 """
 
 
+def _default_sigint() -> None:
+    """Run in the child before exec: Ctrl-C as a terminal delivers it. A shell starts background
+    jobs with SIGINT ignored, and a Python started so never raises KeyboardInterrupt (the test would
+    then wait for a child that cannot be interrupted), so the test must not depend on how it was run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _kill_loop(
     tmp_path: Path,
     sig: int,
@@ -854,6 +861,7 @@ def test_killed_while_writing_leaves_old_or_new_file(tmp_path: Path, sig: int) -
             [sys.executable, "-c", _WRITER, str(REPO), str(target), str(size)],
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=_default_sigint,
         )
 
     def check() -> None:
@@ -925,6 +933,7 @@ def test_interrupted_external_data_save_keeps_model_and_data_paired(tmp_path: Pa
             [sys.executable, "-c", script, str(REPO), *map(str, sources), str(out)],
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=_default_sigint,
         )
 
     def check() -> None:
@@ -974,6 +983,7 @@ def test_cli_killed_at_random_moments(tmp_path: Path, sig: int) -> None:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            preexec_fn=_default_sigint,
         )
         procs.append(proc)
         return proc
