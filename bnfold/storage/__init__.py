@@ -17,6 +17,7 @@ data file and appends the folded ones from the spill file. A large single-file m
 treatment for its embedded weights: they stay in the model file until saved, and the saved file
 has the bytes ``onnx.save`` would write.
 
-This layer imports only the standard library, numpy, onnx/protobuf, :mod:`bnfold.errors` and the
-tensor store of :mod:`bnfold.onnx`; never the CLI, the API, verification, onnxruntime or torch.
+This layer imports only the standard library, numpy, onnx/protobuf, :mod:`bnfold.errors`, the
+tensor store of :mod:`bnfold.onnx` and ``may_have_subgraphs`` of the graph index; never the CLI,
+the API, verification, onnxruntime or torch.
 """

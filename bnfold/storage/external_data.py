@@ -20,10 +20,12 @@ ALIGN = 4096  # offsets in written data files are page aligned (mmap-friendly)
 
 
 def entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    """The tensor's external data entries (location, offset, length, ...) as a dict."""
     return {e.key: e.value for e in tensor.external_data}
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:
+    """True if the tensor's data is outside the protobuf (in a file, or virtual: see embedded)."""
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
