@@ -38,15 +38,16 @@ _LAZY = {
     "BnfoldError": "errors",
     "BadInput": "errors",
     "VerificationFailed": "errors",
-    "load_model": "io",
-    "save_model": "io",
+    "load_model": "storage.load",
+    "save_model": "storage.save",
 }
 
 if TYPE_CHECKING:
     from .api import FoldResult, fold
     from .errors import BadInput, BnfoldError, VerificationFailed
-    from .io import load_model, save_model
     from .report import FoldedPair, FoldReport, OutputCheck, SkippedBN, Verification
+    from .storage.load import load_model
+    from .storage.save import save_model
     from .verification import verify
 
 

@@ -13,17 +13,21 @@ from typing import Any
 import onnx
 
 from .errors import BadInput, VerificationFailed
-from .external import Embedded, FileStore, Spill
-from .io import has_external_data, open_model, same_file, save_model_located
 from .onnx_pass import fold_model
 from .report import FoldReport, Verification
+from .storage.embedded import Embedded, LayoutError, plan_embedded
+from .storage.external_data import has_external_data
+from .storage.load import open_model
+from .storage.policy import DEFAULT_POLICY, StoragePolicy
+from .storage.save import same_file, save_model_located
+from .storage.spill import FileStore, Spill
 from .verification import Inputs
 
 
 class _CompleteModel:
     """The ``FoldResult.model`` field: a complete ModelProto whenever it is read.
 
-    A large model file folded lazily (:func:`bnfold.io.open_model`) keeps its untouched weights
+    A large model file folded lazily (:func:`bnfold.storage.load.open_model`) keeps its untouched weights
     in the file and its folded ones in memory until saved; reading ``.model`` puts them all into
     the proto first (once). :meth:`FoldResult.save` writes without doing so.
     """
@@ -55,6 +59,7 @@ class FoldResult:
     # (an Embedded: untouched ones still in the input file, folded ones in memory)
     spill: Spill | Embedded | None = field(default=None, repr=False)
     input_files: tuple[Path, ...] = field(default=(), repr=False)  # the source's external data files
+    storage_policy: StoragePolicy = field(default=DEFAULT_POLICY, repr=False)  # the thresholds of save()
 
     @property
     def passed(self) -> bool:
@@ -79,7 +84,12 @@ class FoldResult:
         self._check_not_input_data(target)
         # the output keeps its weights in external data when the input did (or is over 2 GiB)
         saved, moved = save_model_located(
-            self.__dict__["_model"], target, self.base_dir, self.spill, external=self._external()
+            self.__dict__["_model"],
+            target,
+            self.base_dir,
+            self.spill,
+            external=self._external(),
+            policy=self.storage_policy,
         )
         if moved:  # saved over a data file it read from: its tensors now live beside the output
             self.base_dir = str(saved.resolve().parent)
@@ -100,11 +110,9 @@ class FoldResult:
         its file (``self.model.ByteSize()`` would first read them all)."""
         model = self.__dict__["_model"]
         if isinstance(self.spill, Embedded):
-            from .external import _Layout, plan_embedded
-
             try:
                 return plan_embedded(model, self.spill)[1]
-            except _Layout:
+            except LayoutError:
                 pass
         return self.model.ByteSize()
 
@@ -165,6 +173,7 @@ def fold(
     bn_to_affine: bool = False,
     lazy: bool = True,
     output: str | os.PathLike[str] | None = None,
+    storage_policy: StoragePolicy | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization of ``model`` and (by default) verify the result.
 
@@ -175,20 +184,25 @@ def fold(
     (``"loading"``, ``"folding"``, ``"verifying"``). ``stream_external`` forces (True) or
     forbids (False) keeping external data on disk; by default only large data stays there.
     ``bn_to_affine`` rewrites BNs that cannot be folded as ``Mul`` + ``Add`` (off by default).
-    ``lazy`` (default) leaves the big weights of a large model file (``io.EMBEDDED_THRESHOLD``)
+    ``lazy`` (default) leaves the big weights of a large model file (``embedded_threshold``)
     in the file until :meth:`FoldResult.save` copies them, and keeps folded ones in memory, so no
     copy of the whole model is ever built; ``result.model`` still is a complete ModelProto
     (read on first access). ``False`` reads the whole file first.
     ``output``: where the result will be saved, if known. Folded tensors of a model with
     external data are then kept in a temporary file beside it, which becomes the output's data
     file at that save (they are written once instead of being copied there).
+    ``storage_policy``: the size thresholds of loading, spilling and saving (default
+    :class:`~bnfold.storage.policy.StoragePolicy`), also used by :meth:`FoldResult.save`.
     Raises :class:`bnfold.BadInput` for unreadable models and unusable verification options.
     """
     step = progress or (lambda _name: None)
+    policy = DEFAULT_POLICY if storage_policy is None else storage_policy
     step("loading")
     input_files: list[Path] = []
     # A large model file is read lazily: its big weights stay in the file (see FoldResult.model).
-    folded, base_dir, path, embedded = open_model(model, stream_external, input_files, lazy=lazy)
+    folded, base_dir, path, embedded = open_model(
+        model, stream_external, input_files, lazy=lazy, policy=policy
+    )
     # a file whose model names no external data file has none (input_files lists them)
     external = (
         embedded is None and (bool(input_files) if path is not None else True) and has_external_data(folded)
@@ -213,7 +227,7 @@ def fold(
             f"({exc.strerror or exc}); set TMPDIR to a folder with space"
         ) from None
     try:
-        report = fold_model(folded, FileStore(base_dir, spill), bn_to_affine=bn_to_affine)
+        report = fold_model(folded, FileStore(base_dir, spill, policy), bn_to_affine=bn_to_affine)
     except OSError as exc:  # the spill file's disk is full, or external data became unreadable
         if spill is not None:
             spill.close()
@@ -227,7 +241,7 @@ def fold(
         if spill is not None:
             spill.close()  # no temporary file outlives a failed fold
         raise
-    result = FoldResult(folded, report, None, path, base_dir, spill, tuple(input_files))
+    result = FoldResult(folded, report, None, path, base_dir, spill, tuple(input_files), policy)
     if isinstance(spill, Spill):  # (an Embedded closes its file itself when it goes away)
         weakref.finalize(result, spill.close)
     if verify:
@@ -268,7 +282,7 @@ def fold(
                 # be written, to a scratch folder (the model in memory is left as it was)
                 with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
                     target = Path(scratch) / "candidate.onnx"
-                    save_model_located(folded, target, base_dir, spill, durable=False)
+                    save_model_located(folded, target, base_dir, spill, durable=False, policy=policy)
                     result.verification = run_verify(reference, target, **kwargs)
             else:
                 result.verification = run_verify(reference, folded, **kwargs)

@@ -822,7 +822,7 @@ def _write_json(doc: dict[str, Any], target: str | None, console: Console) -> No
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        from .io import write_atomic
+        from .storage.atomic import write_atomic
 
         write_atomic(text, target)
 
@@ -987,7 +987,7 @@ def _write_reports(
         code = EXIT_BAD_INPUT
     if junit_path is not None:
         try:
-            from .io import write_atomic
+            from .storage.atomic import write_atomic
 
             write_atomic(junit_text(), junit_path)
         except BadInput as exc:

@@ -18,9 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import assert_ort_equivalent, check_model, count_ops
 
 from bnfold import onnx_pass
-from bnfold.external import FileStore
 from bnfold.folding import FoldError, bn_affine, fold_conv, fold_conv_many
 from bnfold.onnx_pass import fold_model
+from bnfold.storage.spill import FileStore
 
 MODELS = sorted((Path(__file__).resolve().parent.parent / "models" / "onnx").glob("*.onnx"))
 ONE_BY_ONE = 10**9  # a _BULK_MIN no graph reaches

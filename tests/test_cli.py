@@ -623,12 +623,12 @@ def test_final_word_is_coloured_only_on_a_terminal_without_no_color(monkeypatch:
 def test_failed_write_leaves_no_temp_file_and_input_untouched(
     folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import bnfold.io
+    import bnfold.storage.atomic
 
     def broken_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bnfold.io.os, "replace", broken_replace)
+    monkeypatch.setattr(bnfold.storage.atomic.os, "replace", broken_replace)
     src = folder / "a.onnx"
     before = src.read_bytes()
     for extra in ([], ["--in-place"]):
@@ -640,12 +640,12 @@ def test_failed_write_leaves_no_temp_file_and_input_untouched(
 
 
 def test_interrupted_write_leaves_no_temp_file(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bnfold.io
+    import bnfold.storage.atomic
 
     def interrupted(fd: int) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bnfold.io.os, "fsync", interrupted)
+    monkeypatch.setattr(bnfold.storage.atomic.os, "fsync", interrupted)
     result = invoke(folder / "a.onnx")
     assert result.exit_code == 130
     assert result.stderr.strip() == "bnfold: interrupted"

@@ -201,7 +201,7 @@ def test_structural_check_accepts_valid_oddities() -> None:
     initializer overriding a graph input's default, empty optional inputs."""
     import onnx_builders as ob
 
-    from bnfold.io import check_structure
+    from bnfold.storage.structure import check_structure
 
     unsorted = base_model()
     nodes = list(unsorted.graph.node)[::-1]
@@ -227,7 +227,7 @@ def test_structural_check_accepts_valid_oddities() -> None:
 def test_structural_check_in_subgraphs_and_functions() -> None:
     import onnx_builders as ob
 
-    from bnfold.io import check_structure
+    from bnfold.storage.structure import check_structure
 
     model = ob.if_model().model
     then = next(a.g for a in model.graph.node[0].attribute if a.name == "then_branch")
@@ -782,7 +782,7 @@ def test_full_temp_folder_while_folding_external_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Folded tensors of a large model spill to a temporary file; a full disk there is a clear error."""
-    import bnfold.external
+    import bnfold.storage.spill
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -795,7 +795,7 @@ def test_full_temp_folder_while_folding_external_data(
     def full(self: Any, name: str, array: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(bnfold.external.Spill, "store_array", full)
+    monkeypatch.setattr(bnfold.storage.spill.Spill, "store_array", full)
     with pytest.raises(BadInput, match="No space left on device.*TMPDIR"):
         bnfold.fold(src, stream_external=True)
     assert list(spills.iterdir()) == []  # the spill file is gone
@@ -808,7 +808,7 @@ _WRITER = r"""
 import os, sys, signal
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from bnfold.io import write_atomic
+from bnfold.storage.atomic import write_atomic
 target = Path(sys.argv[2])
 a = bytes([1]) * int(sys.argv[3])
 b = bytes([2]) * int(sys.argv[3])

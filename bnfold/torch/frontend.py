@@ -312,8 +312,8 @@ def export(
     module's outputs; a failed comparison raises VerificationFailed and writes nothing.
     """
     from ..api import FoldResult
-    from ..io import save_model
     from ..onnx_pass import fold_model
+    from ..storage.save import save_model
 
     args = _as_tuple(example_inputs)
     if args is None:

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 
 from ..errors import BadInput
-from ..io import load_model, open_model
 from ..report import OutputCheck, Verification
+from ..storage.load import load_model, open_model
 from .options import Inputs
 
 # dtype name -> (rtol, atol as a fraction of max |reference|)
