@@ -480,7 +480,7 @@ def verify(
 ) -> Verification:
     """Run ``reference`` and ``candidate`` on the same seeded inputs and compare every output.
 
-    Models may be paths, ``onnx.ModelProto`` or anything :func:`bnfold.io.load_model` accepts.
+    Models may be paths, ``onnx.ModelProto`` or anything :func:`bnfold.storage.load.load_model` accepts.
     ``provider`` is an onnxruntime execution provider (``"cpu"``/``"cuda"`` are accepted as
     short names); ``threads`` caps onnxruntime's intra-op threads (default: onnxruntime's choice).
 
