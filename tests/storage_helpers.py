@@ -15,7 +15,7 @@ from onnx import numpy_helper
 import bnfold
 from bnfold.testing import conv_bn_model
 
-MODELS = sorted((Path(__file__).resolve().parents[2] / "models" / "onnx").glob("*.onnx"))
+MODELS = sorted((Path(__file__).resolve().parents[1] / "models" / "onnx").glob("*.onnx"))
 
 
 def sha(path: Path) -> str:
