@@ -15,17 +15,15 @@ import bnfold
 from bnfold.errors import BadInput
 from bnfold.testing import conv_bn_model
 from bnfold.verification import (
-    _one_line,
     check_request,
     compare,
     default_tolerances,
     jsonable,
-    load_inputs,
-    make_inputs,
     normalize_provider,
-    symbolic_dims,
     verify,
 )
+from bnfold.verification.inputs import load_inputs, make_inputs, symbolic_dims
+from bnfold.verification.runner import one_line
 
 # ------------------------------------------------------------------------------------------------
 # compare
@@ -155,8 +153,8 @@ def test_load_inputs(tmp_path: Path) -> None:
         ({"inputs": {"x": np.zeros((1, 3, 8, 8), np.float64)}}, "dtype float32, got float64"),
         ({"inputs": {"x": np.zeros((1, 3, 8), np.float32)}}, "rank 3"),
         ({"inputs": {"x": np.zeros((1, 2, 8, 8), np.float32)}}, "at axis 1"),
-        ({"inputs": {"x": np.zeros((2, 3, 8, 8), np.float32)}, "dims": {"N": 3}}, "--dim N=3"),
-        ({"shapes": {"y": [1]}}, "--shape for unknown input"),
+        ({"inputs": {"x": np.zeros((2, 3, 8, 8), np.float32)}, "dims": {"N": 3}}, r"dims\['N'\]=3"),
+        ({"shapes": {"y": [1]}}, "shapes= for unknown input"),
         ({"shapes": {"x": [1, 3, 8]}}, "rank 3"),
         ({"shapes": {"x": [1, 3, 8, 8]}, "inputs": {"x": np.zeros((1, 3, 8, 8), np.float32)}}, "both"),
         ({"dims": {"batch": 1}}, r"unknown dimension\(s\): batch \(dynamic dimensions: N\)"),
@@ -305,8 +303,8 @@ def test_provider_names_and_one_line_messages() -> None:
     assert normalize_provider("CUDA") == "CUDAExecutionProvider"
     assert normalize_provider("MyExecutionProvider") == "MyExecutionProvider"
     exc = RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : bad\nmore")
-    assert _one_line(exc) == "INVALID_GRAPH : bad"
-    assert _one_line(RuntimeError("")) == "RuntimeError"
+    assert one_line(exc) == "INVALID_GRAPH : bad"
+    assert one_line(RuntimeError("")) == "RuntimeError"
 
 
 def test_onnxruntime_banner_and_source_paths_stay_out_of_messages(monkeypatch, capsys) -> None:
