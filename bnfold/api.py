@@ -292,11 +292,13 @@ def _verify_fold(
             seed=options.seed,
             provider=normalize_provider(options.provider),
         )
+    # the noise floor moves what the fold read: the folded layers' and BNs' parameters
+    touched = {name for pair in result.report.folded for name in (pair.bn, pair.target)}
     if isinstance(result.spill, Embedded) or external:
         # onnxruntime needs the candidate's weights on disk: write it as the output would
         # be written, to a scratch folder (the model in memory is left as it was)
         with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
             target = Path(scratch) / "candidate.onnx"
             save_model_located(folded, target, result.base_dir, result.spill, durable=False)
-            return verify_models(reference, target, options)
-    return verify_models(reference, folded, options)
+            return verify_models(reference, target, options, touched_nodes=touched)
+    return verify_models(reference, folded, options, touched_nodes=touched)

@@ -78,6 +78,9 @@ class OutputCheck:
     min_rtol: float  # smallest rtol that passes with the atol used
     mismatches: int = 0
     message: str = ""
+    # the largest change of this output when the parameters move by one ulp (None: not measured)
+    noise_floor: float | None = None
+    err_over_noise: float | None = None  # max_abs_err / noise_floor (None when the floor is 0 or unknown)
 
 
 @dataclass

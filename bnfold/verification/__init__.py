@@ -2,12 +2,13 @@
 (optimizations off): :func:`verify`, with its options as one :class:`VerifyOptions`.
 
 Modules: :mod:`.inputs` (the feeds), :mod:`.compare` (tolerances and comparison),
-:mod:`.runner` (onnxruntime sessions, the only importer of onnxruntime), :mod:`.verifier`.
+:mod:`.runner` (onnxruntime sessions, the only importer of onnxruntime), :mod:`.noise` (the
+noise floor), :mod:`.verifier`.
 """
 
 from __future__ import annotations
 
-from .compare import compare, default_tolerances, jsonable
+from .compare import compare, default_tolerances, describe_error, jsonable
 from .inputs import Inputs, check_request
 from .options import VerifyOptions
 from .runner import check_provider, normalize_provider
@@ -20,6 +21,7 @@ __all__ = [
     "check_request",
     "compare",
     "default_tolerances",
+    "describe_error",
     "jsonable",
     "normalize_provider",
     "verify",

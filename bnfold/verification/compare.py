@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..report import OutputCheck
+from ..report import OutputCheck, Verification
 
 # dtype name -> (rtol, atol as a fraction of max |reference|)
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
@@ -71,7 +71,11 @@ def compare(
     ``atol``/``rtol`` None: the defaults (:func:`default_tolerances`, with ``noise_floor``).
     The check records ``noise_floor`` and ``err_over_noise`` (None when the floor is 0 or unknown).
     """
-    return _compare(name, reference, candidate, atol, rtol, noise_floor)
+    check = _compare(name, reference, candidate, atol, rtol, noise_floor)
+    check.noise_floor = noise_floor
+    if noise_floor is not None and noise_floor > 0 and math.isfinite(noise_floor):
+        check.err_over_noise = check.max_abs_err / noise_floor
+    return check
 
 
 def _compare(
@@ -183,3 +187,23 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return jsonable(value.item())
     return value
+
+
+def describe_error(verification: Verification) -> str:
+    """How the error compares with the noise, for a final line: ``"max abs err 3.1e-06 = 0.8
+    noise floors"`` (the output whose error is the most floors; without floors, the largest
+    error and why there is no ratio). Empty when no output was compared."""
+    outputs = verification.outputs
+    if not outputs:
+        return ""
+    ratios = [o for o in outputs if o.err_over_noise is not None]
+    if ratios:
+        o = max(ratios, key=lambda c: c.err_over_noise or 0.0)
+        return f"max abs err {_figure(o.max_abs_err)} = {_figure(o.err_over_noise or 0.0)} noise floors"
+    o = max(outputs, key=lambda c: c.max_abs_err)
+    why = "noise floor 0" if o.noise_floor == 0 else "noise floor not measured"
+    return f"max abs err {_figure(o.max_abs_err)} ({why})"
+
+
+def _figure(x: float) -> str:
+    return "0" if x == 0 else "inf" if math.isinf(x) else f"{x:.2g}"

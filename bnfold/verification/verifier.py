@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from ..errors import BadInput
 from ..io import load_model, open_model
 from ..report import OutputCheck, Verification
 from .compare import compare, worst
@@ -26,6 +29,7 @@ from .inputs import (
     make_inputs,
     validate_request,
 )
+from .noise import noise_floors, touched_tensors
 from .options import VerifyOptions
 from .runner import Feeds, ModelSource, check_provider, one_line, run_all
 
@@ -45,6 +49,9 @@ def verify(
     threads: int | None = None,
 ) -> Verification:
     """Run ``reference`` and ``candidate`` on the same seeded inputs and compare every output.
+
+    Each output's ``noise_floor`` is measured on ``reference`` with every float parameter
+    nudged by at most one ulp; unless ``atol`` is given, the tolerance is at least ten floors.
 
     Models may be paths, ``onnx.ModelProto`` or anything :func:`bnfold.io.load_model` accepts.
     ``provider`` is an onnxruntime execution provider (``"cpu"``/``"cuda"`` are accepted as
@@ -92,8 +99,19 @@ def make_feeds(
     return feeds, assumed
 
 
-def verify_models(reference: Any, candidate: Any, options: VerifyOptions) -> Verification:
-    """:func:`verify` with its options as one object."""
+def verify_models(
+    reference: Any,
+    candidate: Any,
+    options: VerifyOptions,
+    *,
+    touched_nodes: Collection[str] | None = None,
+) -> Verification:
+    """:func:`verify` with its options as one object.
+
+    The noise floor of each output is measured on ``reference`` with the parameters of the
+    nodes named ``touched_nodes`` nudged (a fold passes the layers and BNs it folded; None:
+    every float parameter), see :mod:`.noise`.
+    """
     start = time.perf_counter()
     options.check()
     ref_model, ref_path = _interface_model(reference)
@@ -102,6 +120,7 @@ def verify_models(reference: Any, candidate: Any, options: VerifyOptions) -> Ver
     check_same_interface(ref_if, interface(cand_model))
     given = load_request(ref_if, options)
     provider = check_provider(options.provider)
+    options = replace(options, provider=provider)
     feeds, assumed = make_feeds(ref_if, options, given)
     names = [n for n, _ in ref_if.outputs]
     result = Verification(
@@ -130,7 +149,8 @@ def verify_models(reference: Any, candidate: Any, options: VerifyOptions) -> Ver
         result.message = f"onnxruntime cannot run the candidate model: {one_line(exc)}"
         result.seconds = time.perf_counter() - start
         return result
-    result.outputs = _checks(names, ref_out, cand_out, options)
+    floors = _noise_floors(ref_source, feeds, names, ref_out, options, touched_nodes)
+    result.outputs = _checks(names, ref_out, cand_out, options, floors)
     result.passed = all(c.passed for c in result.outputs)
     result.status = "passed" if result.passed else "failed"
     if not result.passed:
@@ -145,17 +165,42 @@ def _checks(
     ref_out: list[list[np.ndarray]],
     cand_out: list[list[np.ndarray]],
     options: VerifyOptions,
+    floors: list[float | None],
 ) -> list[OutputCheck]:
     """One check per output, the worst over the runs."""
     checks: list[OutputCheck] = []
     for i, name in enumerate(names):
         check: OutputCheck | None = None
         for ref_run, cand_run in zip(ref_out, cand_out, strict=True):
-            c = compare(name, ref_run[i], cand_run[i], options.atol, options.rtol)
+            c = compare(name, ref_run[i], cand_run[i], options.atol, options.rtol, floors[i])
             check = c if check is None else worst(check, c)
         assert check is not None
         checks.append(check)
     return checks
+
+
+def _noise_floors(
+    reference: ModelSource,
+    feeds: list[Feeds],
+    names: list[str],
+    ref_out: list[list[np.ndarray]],
+    options: VerifyOptions,
+    touched_nodes: Collection[str] | None,
+) -> list[float | None]:
+    """The noise floor of each output (None where it cannot be measured)."""
+    if isinstance(reference, Path):
+        try:
+            model, _, _ = load_model(reference, stream_external=False)
+        except BadInput:
+            return [None] * len(names)
+    elif isinstance(reference, onnx.ModelProto):
+        model = reference
+    else:
+        return [None] * len(names)
+    touched = None if touched_nodes is None else touched_tensors(model, touched_nodes)
+    return noise_floors(
+        model, touched, options.seed, options.provider, feeds, names, ref_out, options.threads
+    )
 
 
 def _interface_model(source: Any) -> tuple[onnx.ModelProto, Path | None]:
