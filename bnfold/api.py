@@ -67,7 +67,8 @@ class FoldResult:
         if not self.passed and not force:
             raise VerificationFailed(
                 f"not writing {path}: the folded model failed verification "
-                f"({self.verification.message if self.verification else ''})"
+                f"({self.verification.message if self.verification else ''})",
+                first_divergence=self.verification.first_divergence if self.verification else None,
             )
         target = Path(path)
         if (
@@ -301,4 +302,10 @@ def _verify_fold(
             target = Path(scratch) / "candidate.onnx"
             save_model_located(folded, target, result.base_dir, result.spill, durable=False)
             return verify_models(reference, target, options, touched_nodes=touched)
-    return verify_models(reference, folded, options, touched_nodes=touched)
+    # a failed fold says where it broke: the first intermediate tensor that diverges
+    verification = verify_models(reference, folded, options, touched_nodes=touched)
+    if verification.status == "failed" and verification.outputs:
+        from .verification.divergence import localize
+
+        verification.first_divergence = localize(reference, folded, options, touched_nodes=touched)
+    return verification

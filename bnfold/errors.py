@@ -80,4 +80,9 @@ def flag_message(exc: BaseException, flags: Mapping[str, str]) -> str:
 
 
 class VerificationFailed(BnfoldError):
-    """A folded model did not match the original within tolerance."""
+    """A folded model did not match the original within tolerance; ``first_divergence``: where
+    it broke (a :class:`bnfold.report.Divergence`), when localization found it."""
+
+    def __init__(self, message: object = "", *args: object, first_divergence: object = None) -> None:
+        super().__init__(message, *args)
+        self.first_divergence = first_divergence

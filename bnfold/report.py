@@ -84,6 +84,21 @@ class OutputCheck:
 
 
 @dataclass
+class Divergence:
+    """The first tensor (in the reference's topological order) at which a candidate diverges:
+    the node producing it in each model and the error figures; ``compared``: the tensors both
+    models compute, ``skipped``: those only one of them computes."""
+
+    tensor: str
+    ref_node: str
+    cand_node: str
+    max_abs_err: float
+    max_rel_err: float
+    compared: int = 0
+    skipped: int = 0
+
+
+@dataclass
 class Verification:
     """Result of running reference and candidate in onnxruntime (optimizations off)."""
 
@@ -97,6 +112,7 @@ class Verification:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     assumed_dims: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    first_divergence: Divergence | None = None  # set when localization ran and found one
 
     @property
     def max_abs_err(self) -> float:

@@ -3,12 +3,13 @@
 
 Modules: :mod:`.inputs` (the feeds), :mod:`.compare` (tolerances and comparison),
 :mod:`.runner` (onnxruntime sessions, the only importer of onnxruntime), :mod:`.noise` (the
-noise floor), :mod:`.verifier`.
+noise floor), :mod:`.divergence` (the first diverging tensor), :mod:`.verifier`.
 """
 
 from __future__ import annotations
 
 from .compare import compare, default_tolerances, describe_error, jsonable
+from .divergence import describe_divergence, localize
 from .inputs import Inputs, check_request
 from .options import VerifyOptions
 from .runner import check_provider, normalize_provider
@@ -21,8 +22,10 @@ __all__ = [
     "check_request",
     "compare",
     "default_tolerances",
+    "describe_divergence",
     "describe_error",
     "jsonable",
+    "localize",
     "normalize_provider",
     "verify",
     "verify_models",

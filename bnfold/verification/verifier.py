@@ -47,11 +47,14 @@ def verify(
     rtol: float | None = None,
     provider: str = "CPUExecutionProvider",
     threads: int | None = None,
+    localize: bool = False,
 ) -> Verification:
     """Run ``reference`` and ``candidate`` on the same seeded inputs and compare every output.
 
     Each output's ``noise_floor`` is measured on ``reference`` with every float parameter
     nudged by at most one ulp; unless ``atol`` is given, the tolerance is at least ten floors.
+    ``localize`` also finds the first intermediate tensor that diverges
+    (``first_divergence``, see :func:`bnfold.verification.localize`).
 
     Models may be paths, ``onnx.ModelProto`` or anything :func:`bnfold.io.load_model` accepts.
     ``provider`` is an onnxruntime execution provider (``"cpu"``/``"cuda"`` are accepted as
@@ -64,7 +67,7 @@ def verify(
     reference but not the candidate, or the outputs differ.
     """
     options = VerifyOptions(inputs, shapes, dims, seed, runs, atol, rtol, provider, threads)
-    return verify_models(reference, candidate, options)
+    return verify_models(reference, candidate, options, localize=localize)
 
 
 def load_request(model_interface: Interface, options: VerifyOptions) -> dict[str, np.ndarray]:
@@ -105,12 +108,14 @@ def verify_models(
     options: VerifyOptions,
     *,
     touched_nodes: Collection[str] | None = None,
+    localize: bool = False,
 ) -> Verification:
     """:func:`verify` with its options as one object.
 
     The noise floor of each output is measured on ``reference`` with the parameters of the
     nodes named ``touched_nodes`` nudged (a fold passes the layers and BNs it folded; None:
-    every float parameter), see :mod:`.noise`.
+    every float parameter), see :mod:`.noise`. ``localize``: also set ``first_divergence``
+    when both models ran (in-memory models only, see :func:`.divergence.localize`).
     """
     start = time.perf_counter()
     options.check()
@@ -156,6 +161,10 @@ def verify_models(
     if not result.passed:
         bad = [c.name for c in result.outputs if not c.passed]
         result.message = f"outputs differ beyond tolerance: {', '.join(bad)}"
+    if localize:
+        from .divergence import localize as find_divergence
+
+        result.first_divergence = find_divergence(reference, candidate, options, touched_nodes=touched_nodes)
     result.seconds = time.perf_counter() - start
     return result
 
