@@ -3,19 +3,26 @@
 Every float parameter chosen (the ones a fold read, or all of them) is moved, element by
 element, by -1, 0 or +1 ulp in its own dtype (``np.nextafter``; seeded), and the original model
 runs again on the same inputs. An output's floor is its largest change: an error of that size
-is rounding, not breakage. The nudged copy is built in memory, so the floor is measured for
-models whose serialized size is under protobuf's 2 GiB (else it is unknown, None).
+is rounding, not breakage.
+
+A model in memory (or a small file) is nudged as a copy: every constant, in every graph and
+function, can move. A large file or one with external data is never copied: onnxruntime runs
+the file with the nudged main-graph initializers given as overrides, read one by one (constants
+in subgraphs, functions and Constant nodes then stay as they are).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..external import FileStore
+from ..io import EMBEDDED_THRESHOLD, has_external_data, load_model, open_model
 from .compare import max_change
 from .runner import Feeds, run_all
 
@@ -131,7 +138,7 @@ def nudged_copy(model: onnx.ModelProto, names: Collection[str] | None, seed: int
     skip = _size_tensors(copy)
     rng = np.random.default_rng([seed, NOISE_STREAM])
     for name, tensor in sorted(_constants(copy).items()):
-        if tensor.data_type not in FLOAT_TYPES or name in skip or (names is not None and name not in names):
+        if not _nudgeable(name, tensor, names, skip):
             continue
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             continue  # not in memory: left as it is
@@ -141,6 +148,70 @@ def nudged_copy(model: onnx.ModelProto, names: Collection[str] | None, seed: int
             tensor.ClearField(field)
         tensor.raw_data = np.ascontiguousarray(moved).tobytes()
     return copy
+
+
+def _nudgeable(
+    name: str, tensor: onnx.TensorProto, names: Collection[str] | None, skip: Collection[str]
+) -> bool:
+    """Whether the constant ``name`` moves: a float, not a size, and chosen (``names`` None: all)."""
+    return tensor.data_type in FLOAT_TYPES and name not in skip and (names is None or name in names)
+
+
+def file_overrides(path: Path, touched_nodes: Collection[str] | None, seed: int) -> dict[str, np.ndarray]:
+    """The nudged main-graph initializers of the model file ``path`` (those the nodes
+    ``touched_nodes`` read; None: every float one), read one at a time, never the whole model."""
+    model, base_dir, _, embedded = open_model(path, stream_external=True, lazy=True)
+    try:
+        names = None if touched_nodes is None else touched_tensors(model, touched_nodes)
+        skip = _size_tensors(model)
+        store = FileStore(base_dir, embedded)
+        rng = np.random.default_rng([seed, NOISE_STREAM])
+        return {
+            t.name: nudge(store.read(t), rng)
+            for t in sorted(model.graph.initializer, key=lambda t: t.name)
+            if _nudgeable(t.name, t, names, skip)
+        }
+    finally:
+        if embedded is not None:
+            embedded.close()
+
+
+def file_noise_floors(
+    path: Path,
+    touched_nodes: Collection[str] | None,
+    seed: int,
+    provider: str,
+    feeds: Sequence[Feeds],
+    names: list[str],
+    reference: Sequence[Sequence[np.ndarray]],
+    threads: int | None = None,
+) -> list[float | None]:
+    """:func:`noise_floors` for a model file: a small one without external data is nudged as a
+    copy, any other runs from the file with nudged initializers (see the module's docstring)."""
+    unknown: list[float | None] = [None] * len(names)
+    try:
+        if path.stat().st_size < EMBEDDED_THRESHOLD:
+            model, _, _ = load_model(path, stream_external=True)
+            if not has_external_data(model):
+                touched = None if touched_nodes is None else touched_tensors(model, touched_nodes)
+                return noise_floors(model, touched, seed, provider, feeds, names, reference, threads)
+            del model
+        overrides = file_overrides(path, touched_nodes, seed)
+        moved = run_all(path, provider, feeds, names, threads, overrides)
+    except Exception:  # noqa: BLE001 - unreadable now, or onnxruntime's own types: the floor is unknown
+        return unknown
+    return _floors(reference, moved)
+
+
+def _floors(
+    reference: Sequence[Sequence[np.ndarray]], moved: Sequence[Sequence[np.ndarray]]
+) -> list[float | None]:
+    """Per output: the largest change over the runs (None where it is not finite)."""
+    floors: list[float | None] = []
+    for i in range(len(reference[0]) if reference else 0):
+        change = max(max_change(ref[i], new[i]) for ref, new in zip(reference, moved, strict=True))
+        floors.append(change if math.isfinite(change) else None)
+    return floors
 
 
 def noise_floors(
@@ -164,8 +235,4 @@ def noise_floors(
         moved = run_all(source, provider, feeds, names, threads)
     except Exception:  # noqa: BLE001 - onnxruntime's own types; the floor is then unknown
         return unknown
-    floors: list[float | None] = []
-    for i in range(len(names)):
-        change = max(max_change(ref[i], new[i]) for ref, new in zip(reference, moved, strict=True))
-        floors.append(change if math.isfinite(change) else None)
-    return floors
+    return _floors(reference, moved)

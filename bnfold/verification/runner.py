@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,13 @@ def check_provider(provider: str) -> str:
     return full
 
 
-def _session(model: ModelSource, provider: str, threads: int | None = None) -> Any:
+def _session(
+    model: ModelSource,
+    provider: str,
+    threads: int | None = None,
+    overrides: Mapping[str, np.ndarray] | None = None,
+) -> tuple[Any, list[Any]]:
+    """The session, and the onnxruntime values of ``overrides`` (they must outlive it)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -68,6 +74,10 @@ def _session(model: ModelSource, provider: str, threads: int | None = None) -> A
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+    values = []
+    for name, array in (overrides or {}).items():
+        values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
+        opts.add_initializer(name, values[-1])
     if isinstance(model, Path):
         source: str | bytes = str(model)
     elif isinstance(model, bytes):
@@ -77,7 +87,7 @@ def _session(model: ModelSource, provider: str, threads: int | None = None) -> A
     # onnxruntime's Python wrapper print()s an "EP Error ... Falling back" banner to stdout when
     # creating a session fails with a ValueError (e.g. a message it cannot decode): keep stdout ours.
     with contextlib.redirect_stdout(io.StringIO()):
-        return ort.InferenceSession(source, sess_options=opts, providers=[provider])
+        return ort.InferenceSession(source, sess_options=opts, providers=[provider]), values
 
 
 def run_all(
@@ -86,14 +96,16 @@ def run_all(
     feeds: Sequence[Feeds],
     names: list[str],
     threads: int | None = None,
+    overrides: Mapping[str, np.ndarray] | None = None,
 ) -> list[list[np.ndarray]]:
     """The outputs ``names`` of ``model`` for each feed (a file goes by path, so onnxruntime
-    finds its external data beside it). Raises whatever onnxruntime raises."""
-    session = _session(model, provider, threads)
+    finds its external data beside it), with the main-graph initializers ``overrides`` replaced
+    by the arrays given. Raises whatever onnxruntime raises."""
+    session, values = _session(model, provider, threads, overrides)
     try:
         return [[np.asarray(o) for o in session.run(names, f)] for f in feeds]
     finally:
-        del session
+        del session, values
 
 
 def one_line(exc: BaseException) -> str:

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..errors import BadInput
 from ..io import load_model, open_model
 from ..report import OutputCheck, Verification
 from .compare import compare, worst
@@ -29,7 +28,7 @@ from .inputs import (
     make_inputs,
     validate_request,
 )
-from .noise import noise_floors, touched_tensors
+from .noise import file_noise_floors, noise_floors, touched_tensors
 from .options import VerifyOptions
 from .runner import Feeds, ModelSource, check_provider, one_line, run_all
 
@@ -198,11 +197,10 @@ def _noise_floors(
 ) -> list[float | None]:
     """The noise floor of each output (None where it cannot be measured)."""
     if isinstance(reference, Path):
-        try:
-            model, _, _ = load_model(reference, stream_external=False)
-        except BadInput:
-            return [None] * len(names)
-    elif isinstance(reference, onnx.ModelProto):
+        return file_noise_floors(
+            reference, touched_nodes, options.seed, options.provider, feeds, names, ref_out, options.threads
+        )
+    if isinstance(reference, onnx.ModelProto):
         model = reference
     else:
         return [None] * len(names)

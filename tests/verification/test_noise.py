@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -206,3 +207,23 @@ def test_describe_error_names_the_output_most_floors_away() -> None:
         "max abs err inf = inf noise floors"
     )
     assert describe_error(Verification(False, "error")) == ""
+
+
+def test_a_file_with_external_data_is_nudged_through_overrides_with_the_same_floor(tmp_path: Path) -> None:
+    """No copy of a file with external data is built: onnxruntime runs the file with nudged
+    initializers; the nudges (same seed, same tensors) and so the floor equal the in-memory ones."""
+    model = _chain(blocks=4, channels=16)
+    on_disk = _chain(blocks=4, channels=16)  # a copy: saving moves its tensors out of the proto
+    onnx.save(
+        on_disk, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="e.data", size_threshold=0
+    )
+    folded = bnfold.fold(model, verify=False).model
+    from_file = verify(tmp_path / "ext.onnx", folded).outputs[0]
+    in_memory = verify(model, folded).outputs[0]
+    assert from_file.noise_floor is not None and from_file.noise_floor > 0
+    assert from_file.noise_floor == in_memory.noise_floor
+    result = bnfold.fold(str(tmp_path / "ext.onnx"))  # the fold's own verification, from the file
+    assert (
+        result.verification is not None
+        and result.verification.outputs[0].noise_floor == in_memory.noise_floor
+    )
