@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from .storage.load import open_model
 from .storage.policy import DEFAULT_POLICY, StoragePolicy
 from .storage.save import same_file, save_model_located
 from .storage.spill import FileStore, Spill
-from .verification import Inputs
+from .verification.inputs import Dims, Inputs, Shapes
+from .verification.options import VerifyOptions
 
 
 class _CompleteModel:
@@ -71,7 +72,8 @@ class FoldResult:
         if not self.passed and not force:
             raise VerificationFailed(
                 f"not writing {path}: the folded model failed verification "
-                f"({self.verification.message if self.verification else ''})"
+                f"({self.verification.message if self.verification else ''})",
+                first_divergence=self.verification.first_divergence if self.verification else None,
             )
         target = Path(path)
         if (
@@ -138,7 +140,7 @@ class FoldResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: non-finite numbers (an infinite relative error) become None."""
-        from .verification import jsonable
+        from .verification.compare import jsonable
 
         return jsonable(
             {
@@ -160,8 +162,8 @@ def fold(
     *,
     verify: bool = True,
     inputs: Inputs = None,
-    shapes: Mapping[str, list[int] | tuple[int, ...]] | None = None,
-    dims: Mapping[str, int] | None = None,
+    shapes: Shapes | None = None,
+    dims: Dims | None = None,
     seed: int = 0,
     runs: int = 1,
     atol: float | None = None,
@@ -195,6 +197,34 @@ def fold(
     :class:`~bnfold.storage.policy.StoragePolicy`), also used by :meth:`FoldResult.save`.
     Raises :class:`bnfold.BadInput` for unreadable models and unusable verification options.
     """
+    options = (
+        VerifyOptions(inputs, shapes, dims, seed, runs, atol, rtol, provider, threads) if verify else None
+    )
+    return fold_with(
+        model,
+        options,
+        progress=progress,
+        stream_external=stream_external,
+        bn_to_affine=bn_to_affine,
+        lazy=lazy,
+        output=output,
+        storage_policy=storage_policy,
+    )
+
+
+def fold_with(
+    model: Any,
+    options: VerifyOptions | None,
+    *,
+    progress: Callable[[str], None] | None = None,
+    stream_external: bool | None = None,
+    bn_to_affine: bool = False,
+    lazy: bool = True,
+    output: str | os.PathLike[str] | None = None,
+    storage_policy: StoragePolicy | None = None,
+) -> FoldResult:
+    """:func:`fold` with the verification options as one object (None: no verification)."""
+    verify = options is not None
     step = progress or (lambda _name: None)
     policy = DEFAULT_POLICY if storage_policy is None else storage_policy
     step("loading")
@@ -244,46 +274,56 @@ def fold(
     result = FoldResult(folded, report, None, path, base_dir, spill, tuple(input_files), policy)
     if isinstance(spill, Spill):  # (an Embedded closes its file itself when it goes away)
         weakref.finalize(result, spill.close)
-    if verify:
-        from .verification import check_request, normalize_provider
-        from .verification import verify as run_verify
-
-        if not report.changed:
-            check_request(folded, inputs, shapes, dims)  # bad options are errors even with nothing to do
-            result.verification = Verification(
-                passed=True,
-                status="passed",
-                message="nothing folded: the model is unchanged",
-                runs=0,
-                seed=seed,
-                provider=normalize_provider(provider),
-            )
-        else:
+    if options is not None:
+        reference: Path | onnx.ModelProto | None = None
+        if report.changed:
             step("verifying")
             if isinstance(original, bytes):
-                reference: Any = onnx.ModelProto()
+                reference = onnx.ModelProto()
                 reference.ParseFromString(original)
-                del original
             else:
                 reference = original
-            kwargs: dict[str, Any] = dict(
-                inputs=inputs,
-                shapes=shapes,
-                dims=dims,
-                seed=seed,
-                runs=runs,
-                atol=atol,
-                rtol=rtol,
-                provider=provider,
-                threads=threads,
-            )
-            if embedded is not None or external:
-                # onnxruntime needs the candidate's weights on disk: write it as the output would
-                # be written, to a scratch folder (the model in memory is left as it was)
-                with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
-                    target = Path(scratch) / "candidate.onnx"
-                    save_model_located(folded, target, base_dir, spill, durable=False, policy=policy)
-                    result.verification = run_verify(reference, target, **kwargs)
-            else:
-                result.verification = run_verify(reference, folded, **kwargs)
+        del original  # (the snapshot's bytes are no longer needed)
+        result.verification = _verify_fold(result, reference, options, external)
     return result
+
+
+def _verify_fold(
+    result: FoldResult, reference: Path | onnx.ModelProto | None, options: VerifyOptions, external: bool
+) -> Verification:
+    """Compare the folded model of ``result`` with ``reference`` (None: nothing was folded, only
+    the options are checked)."""
+    from .verification.inputs import check_request
+    from .verification.runner import normalize_provider
+    from .verification.verifier import verify_models
+
+    folded = result.__dict__["_model"]
+    if reference is None:
+        # bad options are errors even with nothing to do
+        check_request(folded, options.inputs, options.shapes, options.dims)
+        return Verification(
+            passed=True,
+            status="passed",
+            message="nothing folded: the model is unchanged",
+            runs=0,
+            seed=options.seed,
+            provider=normalize_provider(options.provider),
+        )
+    # the noise floor moves what the fold read: the folded layers' and BNs' parameters
+    touched = {name for pair in result.report.folded for name in (pair.bn, pair.target)}
+    if isinstance(result.spill, Embedded) or external:
+        # onnxruntime needs the candidate's weights on disk: write it as the output would
+        # be written, to a scratch folder (the model in memory is left as it was)
+        with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as scratch:
+            target = Path(scratch) / "candidate.onnx"
+            save_model_located(
+                folded, target, result.base_dir, result.spill, durable=False, policy=result.storage_policy
+            )
+            return verify_models(reference, target, options, touched_nodes=touched)
+    # a failed fold says where it broke: the first intermediate tensor that diverges
+    verification = verify_models(reference, folded, options, touched_nodes=touched)
+    if verification.status == "failed" and verification.outputs:
+        from .verification.divergence import localize
+
+        verification.first_divergence = localize(reference, folded, options, touched_nodes=touched)
+    return verification

@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from .errors import printable  # standard library only
+from .errors import flag_message, printable  # standard library only
+
+FLAGS = {"shapes": "--shape", "dims": "--dim", "inputs": "--inputs"}  # the flag of each API parameter
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -112,18 +114,21 @@ class CheckOptions:
     provider: str = "CPUExecutionProvider"
     threads: int | None = None
 
-    def kwargs(self) -> dict[str, Any]:
-        return {
-            "inputs": self.inputs,
-            "shapes": self.shapes,
-            "dims": self.dims,
-            "seed": self.seed,
-            "runs": self.runs,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "provider": self.provider,
-            "threads": self.threads,
-        }
+    def verify_options(self) -> Any:
+        """These options as the library takes them (a ``bnfold.verification.VerifyOptions``)."""
+        from .verification.options import VerifyOptions
+
+        return VerifyOptions(
+            self.inputs,
+            self.shapes,
+            self.dims,
+            self.seed,
+            self.runs,
+            self.atol,
+            self.rtol,
+            self.provider,
+            self.threads,
+        )
 
 
 @dataclass(frozen=True)
@@ -300,7 +305,7 @@ def process_model(job: FoldJob, progress: Any = None) -> dict[str, Any]:
         from .errors import BadInput
 
         if isinstance(exc, BadInput):
-            rec["exit_code"], rec["message"] = EXIT_BAD_INPUT, str(exc)
+            rec["exit_code"], rec["message"] = EXIT_BAD_INPUT, flag_message(exc, FLAGS)
         else:
             rec["exit_code"] = EXIT_INTERNAL
             rec["message"] = f"internal error: {type(exc).__name__}: {exc}"
@@ -313,7 +318,7 @@ def process_model(job: FoldJob, progress: Any = None) -> dict[str, Any]:
 
 
 def _process(job: FoldJob, rec: dict[str, Any], progress: Any) -> None:
-    from .api import fold
+    from .api import fold_with
     from .verification import jsonable
 
     src = Path(job.input)
@@ -323,13 +328,12 @@ def _process(job: FoldJob, rec: dict[str, Any], progress: Any) -> None:
         pass  # load_model reports it
     opts = job.check
     # (the output path lets folded tensors of an external-data model be written once, in place)
-    result = fold(
+    result = fold_with(
         job.input,
-        verify=opts.enabled,
+        opts.verify_options() if opts.enabled else None,
         progress=progress,
         bn_to_affine=job.bn_to_affine,
         output=None if job.dry_run else job.output,
-        **opts.kwargs(),
     )
     report, ver = result.report, result.verification
     rec["report"] = report.to_dict()  # plain JSON already: only verification figures can be non-finite
@@ -1475,7 +1479,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"bnfold: error: {printable(str(exc))} (see '{exc.prog} --help')\n")
         return EXIT_BAD_INPUT
     except (UsageProblem, BadInput) as exc:
-        sys.stderr.write(f"bnfold: error: {printable(str(exc))}\n")
+        sys.stderr.write(f"bnfold: error: {printable(flag_message(exc, FLAGS))}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write("bnfold: interrupted\n")
@@ -1673,13 +1677,11 @@ def verify_command(
         if bar is not None:
             bar.set_step("verifying")
         try:
-            from .verification import jsonable, verify
+            from .verification import jsonable, verify_models
 
-            ver = verify(
-                str(reference), str(candidate), **{k: v for k, v in check.kwargs().items() if k != "threads"}
-            )
+            ver = verify_models(str(reference), str(candidate), check.verify_options())
         except BadInput as exc:
-            rec["message"] = str(exc)
+            rec["message"] = flag_message(exc, FLAGS)
             ver = None
     if ver is not None:
         rec["verification"] = jsonable(ver.to_dict())

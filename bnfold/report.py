@@ -78,6 +78,24 @@ class OutputCheck:
     min_rtol: float  # smallest rtol that passes with the atol used
     mismatches: int = 0
     message: str = ""
+    # the largest change of this output when the parameters move by one ulp (None: not measured)
+    noise_floor: float | None = None
+    err_over_noise: float | None = None  # max_abs_err / noise_floor (None when the floor is 0 or unknown)
+
+
+@dataclass
+class Divergence:
+    """The first tensor (in the reference's topological order) at which a candidate diverges:
+    the node producing it in each model and the error figures; ``compared``: the tensors both
+    models compute, ``skipped``: those only one of them computes."""
+
+    tensor: str
+    ref_node: str
+    cand_node: str
+    max_abs_err: float
+    max_rel_err: float
+    compared: int = 0
+    skipped: int = 0
 
 
 @dataclass
@@ -94,6 +112,7 @@ class Verification:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     assumed_dims: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    first_divergence: Divergence | None = None  # set when localization ran and found one
 
     @property
     def max_abs_err(self) -> float:

@@ -91,20 +91,10 @@ def assert_models_close(
     Returns the :class:`bnfold.Verification` on success.
     """
     __tracebackhide__ = True
-    from .verification import verify
+    from .verification import VerifyOptions, verify_models
 
-    v = verify(
-        reference,
-        candidate,
-        inputs=inputs,
-        shapes=shapes,
-        dims=dims,
-        seed=seed,
-        runs=runs,
-        atol=atol,
-        rtol=rtol,
-        provider=provider,
-    )
+    options = VerifyOptions(inputs, shapes, dims, seed, runs, atol, rtol, provider)
+    v = verify_models(reference, candidate, options)
     if v.status == "passed" or (v.status == "error" and allow_unverifiable):
         return v
     what = "could not be compared" if v.status == "error" else "differ"
@@ -133,20 +123,10 @@ def assert_fold_preserves(
     :class:`bnfold.FoldResult` (call ``.save(path)`` to keep the model).
     """
     __tracebackhide__ = True
-    from .api import fold
+    from .api import fold_with
+    from .verification import VerifyOptions
 
-    result = fold(
-        model,
-        verify=True,
-        inputs=inputs,
-        shapes=shapes,
-        dims=dims,
-        seed=seed,
-        runs=runs,
-        atol=atol,
-        rtol=rtol,
-        provider=provider,
-    )
+    result = fold_with(model, VerifyOptions(inputs, shapes, dims, seed, runs, atol, rtol, provider))
     report = result.report
     counts = f"{len(report.folded)} folded, {len(report.skipped)} kept"
     if expect_folded is not None and len(report.folded) != expect_folded:
