@@ -36,7 +36,7 @@ class _CompleteModel:
     def __get__(self, obj: Any, owner: Any = None) -> onnx.ModelProto:
         if obj is None:
             raise AttributeError("model")  # no class-level default: the field stays required
-        model = obj.__dict__["_model"]
+        model: onnx.ModelProto = obj.__dict__["_model"]
         spill = obj.__dict__.get("spill")
         if isinstance(spill, Embedded):
             spill.materialize(model)
@@ -52,7 +52,8 @@ class FoldResult:
     """A folded model, what was done to it, and how it compared with the original."""
 
     model: onnx.ModelProto = _CompleteModel()  # type: ignore[assignment]
-    report: FoldReport
+    # (the descriptor gives ``model`` no default: it stays a required field)
+    report: FoldReport  # type: ignore[misc]
     verification: Verification | None = None
     source: Path | None = None
     base_dir: str = ""  # where the model's external data files are
@@ -113,10 +114,11 @@ class FoldResult:
         model = self.__dict__["_model"]
         if isinstance(self.spill, Embedded):
             try:
-                return plan_embedded(model, self.spill)[1]
+                size: int = plan_embedded(model, self.spill)[1]
+                return size
             except LayoutError:
                 pass
-        return self.model.ByteSize()
+        return int(self.model.ByteSize())
 
     def _check_not_input_data(self, target: Path) -> None:
         """Never write over the input's external data file (its model would point into the new
@@ -142,13 +144,14 @@ class FoldResult:
         """A JSON-ready dict: non-finite numbers (an infinite relative error) become None."""
         from .verification.compare import jsonable
 
-        return jsonable(
+        plain: dict[str, Any] = jsonable(
             {
                 "source": str(self.source) if self.source else None,
                 "report": self.report.to_dict(),
                 "verification": self.verification.to_dict() if self.verification else None,
             }
         )
+        return plain
 
 
 def _folder_of(output: str | os.PathLike[str]) -> str | None:

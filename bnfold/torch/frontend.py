@@ -24,7 +24,8 @@ from torch import fx, nn
 from ..errors import BadInput, VerificationFailed
 from ..report import FoldedPair, FoldReport, OutputCheck, SkippedBN, Verification
 from ..verification import compare
-from .fx_pass import _to_numpy, fold_graph_module
+from .fx_pass import fold_graph_module
+from .tensors import to_numpy
 
 __all__ = ["fold", "export", "TorchFoldResult", "capture"]
 
@@ -144,7 +145,7 @@ def _verification(checks: list[OutputCheck], start_shapes: dict[str, list[int]])
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    return _to_numpy(t.detach())
+    return to_numpy(t.detach())
 
 
 def fold(

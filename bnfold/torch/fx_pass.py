@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from ..folding import BNAffine, FoldError, bn_affine, fold_conv, fold_conv_transpose, fold_gemm
 from ..report import FoldedPair, FoldReport, SkippedBN
+from .tensors import del_attr, erased, get_attr, set_attr, set_submodule, to_numpy, to_torch
 
 aten = torch.ops.aten
 
@@ -148,23 +149,6 @@ class _Layer:
     label: str
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _to_torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    if a.dtype.name == "bfloat16":
-        t = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.to(like.device)
-
-
 class _Skip(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -191,7 +175,7 @@ class FxFolder:
     # ----- helpers ---------------------------------------------------------------------------
     def _attr(self, node: object, what: str, code: str) -> torch.Tensor:
         if isinstance(node, fx.Node) and node.op == "get_attr":
-            value = _get_attr(self.gm, _path(node))
+            value = get_attr(self.gm, _path(node))
             if isinstance(value, torch.Tensor):
                 return value
         desc = (node.format_node() or node.name) if isinstance(node, fx.Node) else repr(node)
@@ -342,7 +326,7 @@ class FxFolder:
             else:
                 target = self._fresh_name(path)
                 self.call_counts[path] -= 1
-            self.gm.add_submodule(target, clone) if "." not in target else _set_submodule(
+            self.gm.add_submodule(target, clone) if "." not in target else set_submodule(
                 self.gm, target, clone
             )
             node.target = target
@@ -363,10 +347,10 @@ class FxFolder:
                     and old.op == "get_attr"
                     and self.attr_counts.get(_path(old), 0) == 1
                 ):
-                    _set_attr(self.gm, _path(old), nn.Parameter(value, requires_grad=False))
+                    set_attr(self.gm, _path(old), nn.Parameter(value, requires_grad=False))
                     continue
                 name = self._fresh_name(f"{node.name}_{key}")
-                _set_attr(self.gm, name, nn.Parameter(value, requires_grad=False))
+                set_attr(self.gm, name, nn.Parameter(value, requires_grad=False))
                 with self.gm.graph.inserting_before(node):
                     getter = self.gm.graph.get_attr(name)
                 if isinstance(old, fx.Node) and old.op == "get_attr":
@@ -411,11 +395,11 @@ class FxFolder:
             self.touched.extend(a for a in bn.node.all_input_nodes if a.op == "get_attr")
             bn.out.replace_all_uses_with(layer.node)
             for n in [*bn.extra, bn.out, bn.node]:
-                if not _erased(n) and not n.users:
+                if not erased(n) and not n.users:
                     graph.erase_node(n)
             kind = {"conv": "Conv", "conv_transpose": "ConvTranspose", "linear": "Linear"}[layer.kind]
             self.report.folded.append(FoldedPair(bn.label, layer.label, kind, "fx"))
-        self._cleanup()
+        _drop_unused(self.gm, self.touched)
         self.report.nodes_after = len(graph.nodes)
         self.report.seconds = time.perf_counter() - start
         return self.report
@@ -447,67 +431,34 @@ class FxFolder:
                 )
         channels = bn.mean.shape[0] if bn.mean.ndim == 1 else -1
         ones = np.ones(max(channels, 0))
-        gamma = _to_numpy(bn.gamma) if bn.gamma is not None else ones
-        beta = _to_numpy(bn.beta) if bn.beta is not None else np.zeros_like(ones)
-        affine: BNAffine = bn_affine(gamma, beta, _to_numpy(bn.mean), _to_numpy(bn.var), bn.eps)
-        w = _to_numpy(layer.weight)
-        b = None if layer.bias is None else _to_numpy(layer.bias)
+        gamma = to_numpy(bn.gamma) if bn.gamma is not None else ones
+        beta = to_numpy(bn.beta) if bn.beta is not None else np.zeros_like(ones)
+        affine: BNAffine = bn_affine(gamma, beta, to_numpy(bn.mean), to_numpy(bn.var), bn.eps)
+        w = to_numpy(layer.weight)
+        b = None if layer.bias is None else to_numpy(layer.bias)
         if layer.kind == "conv":
             nw, nb = fold_conv(w, b, affine, layer.groups)
         elif layer.kind == "conv_transpose":
             nw, nb = fold_conv_transpose(w, b, affine, layer.groups)
         else:
             nw, nb = fold_gemm(w, b, affine, trans_b=True, beta=1.0)
-        return _to_torch(nw, layer.weight), _to_torch(nb, layer.weight)
-
-    def _cleanup(self) -> None:
-        """Drop what the folds left unused: getters, their tensors, modules no longer called."""
-        graph = self.gm.graph
-        dropped: set[str] = set()
-        for node in self.touched:
-            if not _erased(node) and not node.users:
-                dropped.add(_path(node))
-                graph.erase_node(node)
-        still_read = {n.target for n in graph.nodes if n.op == "get_attr"}
-        for target in sorted(dropped - still_read):
-            _del_attr(self.gm, target)
-        graph.lint()
-        self.gm.delete_all_unused_submodules()
-        self.gm.recompile()
+        return to_torch(nw, layer.weight), to_torch(nb, layer.weight)
 
 
-def _erased(node: fx.Node) -> bool:
-    return bool(getattr(node, "_erased", False))
-
-
-def _get_attr(gm: nn.Module, target: str) -> object:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _split(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
-    owner, _, leaf = target.rpartition(".")
-    return (gm.get_submodule(owner) if owner else gm), leaf
-
-
-def _set_attr(gm: nn.Module, target: str, value: nn.Parameter) -> None:
-    mod, leaf = _split(gm, target)
-    if leaf in mod._buffers:
-        del mod._buffers[leaf]
-    setattr(mod, leaf, value)
-
-
-def _del_attr(gm: nn.Module, target: str) -> None:
-    mod, leaf = _split(gm, target)
-    if hasattr(mod, leaf):
-        delattr(mod, leaf)
-
-
-def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
-    owner, leaf = _split(gm, target)
-    setattr(owner, leaf, module)
+def _drop_unused(gm: fx.GraphModule, touched: list[fx.Node]) -> None:
+    """Drop what the folds left unused: getters, their tensors, modules no longer called."""
+    graph = gm.graph
+    dropped: set[str] = set()
+    for node in touched:
+        if not erased(node) and not node.users:
+            dropped.add(_path(node))
+            graph.erase_node(node)
+    still_read = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for target in sorted(dropped - still_read):
+        del_attr(gm, target)
+    graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 def fold_graph_module(gm: fx.GraphModule) -> FoldReport:
