@@ -25,7 +25,13 @@ from cli_runner import invoke, run_module
 from onnx import numpy_helper
 
 from bnfold import cli
+from bnfold.cli.console import Console
+from bnfold.cli.outcome import FoldJob, ModelOutcome
+from bnfold.cli.outputs import default_output
+from bnfold.cli.process import process_model
+from bnfold.cli.workers import run_parallel, worker_loop
 from bnfold.testing import assert_models_close, conv_bn_model
+from bnfold.verification.options import VerifyOptions
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "cli.md"
@@ -510,15 +516,33 @@ def test_fold_help_lists_options_with_their_metavars_and_defaults() -> None:
     )
 
 
+def _parse(command: str, args: list[str]) -> dict[str, Any]:
+    """What typer's parser makes of ``bnfold COMMAND ARGS``: the command function's arguments
+    (as typer's callback wrapper hands them over: an unset repeatable option is None)."""
+    from typer.main import _normalize_collection_value, get_command
+
+    from bnfold.cli.app import app
+
+    group = get_command(app)
+    sub = group.commands[command]  # type: ignore[attr-defined]
+    ctx = sub.make_context(f"bnfold {command}", list(args))
+    by_name = {p.name: p for p in sub.params}
+    return {k: _normalize_collection_value(by_name[k], v) for k, v in ctx.params.items()}
+
+
 def test_parsed_defaults_match_the_command_functions() -> None:
     import inspect
 
-    for parser, function, args in (
-        (cli._fold_parser, cli.fold_command, ["m.onnx"]),
-        (cli._verify_parser, cli.verify_command, ["a.onnx", "b.onnx"]),
-        (cli._inspect_parser, cli.inspect_command, ["m.onnx"]),
+    from bnfold.cli.fold_command import fold_command
+    from bnfold.cli.inspect_command import inspect_command
+    from bnfold.cli.verify_command import verify_command
+
+    for command, function, args in (
+        ("fold", fold_command, ["m.onnx"]),
+        ("verify", verify_command, ["a.onnx", "b.onnx"]),
+        ("inspect", inspect_command, ["m.onnx"]),
     ):
-        values = parser().parse(args)
+        values = _parse(command, args)
         params = inspect.signature(function).parameters
         assert set(values) == set(params), function.__name__
         for name, p in params.items():
@@ -527,7 +551,8 @@ def test_parsed_defaults_match_the_command_functions() -> None:
 
 
 def test_options_and_models_may_be_mixed_and_repeated(tmp_path: Path) -> None:
-    values = cli._fold_parser().parse(
+    values = _parse(
+        "fold",
         [
             "a.onnx",
             "--shape",
@@ -542,7 +567,7 @@ def test_options_and_models_may_be_mixed_and_repeated(tmp_path: Path) -> None:
             "-j2",
             "--",
             "-c.onnx",
-        ]
+        ],
     )
     assert values["models"] == [Path("a.onnx"), Path("b.onnx"), Path("-c.onnx")]
     assert values["shape"] == ["x=1x3", "y=4"] and values["dim"] == ["N=2"]
@@ -605,12 +630,12 @@ def test_final_word_is_coloured_only_on_a_terminal_without_no_color(monkeypatch:
         else:
             monkeypatch.setenv("NO_COLOR", env)
         for line, code in (
-            ("PASSED 1 folded, 0 kept", "\x1b[32m\x1b[1mPASSED\x1b[0m"),
-            ("FAILED 1 folded, 0 kept", "\x1b[31m\x1b[1mFAILED\x1b[0m"),
+            ("PASSED 1 folded, 0 kept", "\x1b[1;32mPASSED\x1b[0m"),  # rich: bold and colour in one SGR
+            ("FAILED 1 folded, 0 kept", "\x1b[1;31mFAILED\x1b[0m"),
         ):
             stream = stream_cls()
             with redirect_stdout(stream):
-                cli.Console().final(line)
+                Console().final(line)
             text = stream.getvalue()
             expected = (code + line[6:] if coloured else line) + "\n"
             assert text == expected, (stream_cls, env, text)
@@ -867,10 +892,10 @@ def test_parallel_workers_in_process(tmp_path: Path) -> None:
     assert result.stdout.index("a.onnx") < result.stdout.index("junk.onnx")
 
 
-def _crash_on_purpose(job: cli.FoldJob) -> dict[str, Any]:  # runs in a spawned worker
+def _crash_on_purpose(job: FoldJob) -> ModelOutcome:  # runs in a spawned worker
     if job.input.endswith("crash.onnx"):
         os._exit(7)
-    return cli.process_model(job)
+    return process_model(job)
 
 
 def test_a_crashing_worker_fails_only_its_model(tmp_path: Path) -> None:
@@ -880,15 +905,15 @@ def test_a_crashing_worker_fails_only_its_model(tmp_path: Path) -> None:
         save(conv_bn_model(seed=i), tmp_path / name)
         for i, name in enumerate(("a.onnx", "crash.onnx", "c.onnx", "d.onnx"))
     ]
-    check = cli.CheckOptions()
-    jobs = [cli.FoldJob(str(p), str(cli.default_output(p)), check) for p in paths]
+    check = VerifyOptions()
+    jobs = [FoldJob(str(p), str(default_output(p)), check) for p in paths]
     seen: list[int] = []
-    target = functools.partial(cli._worker_loop, process=_crash_on_purpose)
-    records = cli.run_parallel(jobs, 2, lambda i, r: seen.append(i), target=target)
+    target = functools.partial(worker_loop, process=_crash_on_purpose)
+    records = run_parallel(jobs, 2, lambda i, r: seen.append(i), target=target)
     assert sorted(seen) == [0, 1, 2, 3]
-    assert records[1]["status"] == "error" and "worker process died (exit code 7)" in records[1]["message"]
-    assert [r["status"] for i, r in enumerate(records) if i != 1] == ["passed"] * 3
-    assert all(Path(r["output"]).exists() for i, r in enumerate(records) if i != 1)
+    assert records[1].status == "error" and "worker process died (exit code 7)" in records[1].message
+    assert [r.status for i, r in enumerate(records) if i != 1] == ["passed"] * 3
+    assert all(Path(r.output).exists() for i, r in enumerate(records) if i != 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -955,11 +980,11 @@ def _probe(*args: Any) -> tuple[int, set[str], str]:
 def test_help_is_fast_and_imports_nothing_heavy() -> None:
     code, modules, out = _probe("--help")
     assert code == 0 and "verify" in out
-    assert modules == set(), (
-        modules
-    )  # no onnxruntime, torch, onnx, numpy (nor typer, click, pydantic) for --help
+    # typer is the parser now (its vendored click; pydantic only once a command runs): nothing
+    # else, no onnxruntime, torch, onnx, numpy, rich for --help
+    assert modules == {"typer"}, modules
     code, modules, _ = _probe("fold", "--help")
-    assert code == 0 and modules == set()
+    assert code == 0 and modules == {"typer"}, modules
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     best = float("inf")
     for _ in range(3):  # whole process, interpreter start included
