@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..errors import printable  # standard library only
-from .exits import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, UsageProblem
+from .exits import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, UsageProblem, bad_input_text
 from .streams import sigterm_as_interrupt
 
 COMMANDS = ("fold", "verify", "inspect")
@@ -80,8 +80,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         return _dispatch(args)
-    except (UsageProblem, BadInput) as exc:
+    except UsageProblem as exc:
         sys.stderr.write(f"bnfold: error: {printable(str(exc))}\n")
+        return EXIT_BAD_INPUT
+    except BadInput as exc:
+        sys.stderr.write(f"bnfold: error: {printable(bad_input_text(exc))}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write("bnfold: interrupted\n")

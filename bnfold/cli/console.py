@@ -100,7 +100,7 @@ def _rich_blocks(stream: TextIO, blocks: list[Block]) -> None:
                 table.add_column(Text(printable(name)), no_wrap=True)
             for row in rows:
                 table.add_row(*(Text(printable(cell)) for cell in row))
-            console.print(Padding(table, (0, 0, 0, len(block.indent))))
+            console.print(Padding(table, (0, 0, 0, len(block.indent)), expand=False))
         else:
             console.print(Text(printable(block)), soft_wrap=True)
     stream.flush()

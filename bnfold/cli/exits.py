@@ -19,3 +19,14 @@ class UsageProblem(Exception):
 def status_of(code: int) -> str:
     """The JSON ``status`` of an exit code."""
     return {EXIT_OK: "passed", EXIT_FAILED: "failed"}.get(code, "error")
+
+
+# The flag of each library parameter a BadInput may name (the library speaks of ``shapes=``).
+FLAGS = {"shapes": "--shape", "dims": "--dim", "inputs": "--inputs"}
+
+
+def bad_input_text(exc: BaseException) -> str:
+    """The one-line message of a library error as the command line says it: every BadInput
+    message shown by a command goes through here (where library parameter names become
+    :data:`FLAGS`, once the library's messages name parameters)."""
+    return str(exc)

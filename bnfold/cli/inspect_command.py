@@ -67,13 +67,14 @@ def inspect_model(path: str, strict: bool = False) -> InspectOutcome:
     from bnfold.errors import BadInput
     from bnfold.inspection import inspect
 
+    from .exits import bad_input_text
     from .outcome import InspectOutcome, inspect_verdict
 
     out = InspectOutcome(path)
     try:
         found = inspect(path)
     except BadInput as exc:
-        out.message = str(exc)
+        out.message = bad_input_text(exc)
         return out
     out.batchnorms = [b.to_dict() for b in found.batchnorms]
     out.foldable, out.kept = found.foldable, found.kept

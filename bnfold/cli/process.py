@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .exits import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK
+from .exits import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, bad_input_text
 from .outcome import FoldJob, ModelOutcome, fold_verdict, verification_status
 from .streams import quiet_warnings
 
@@ -31,7 +31,7 @@ def process_model(job: FoldJob, progress: Progress | None = None) -> ModelOutcom
         from bnfold.errors import BadInput
 
         if isinstance(exc, BadInput):
-            out.exit_code, out.message = EXIT_BAD_INPUT, str(exc)
+            out.exit_code, out.message = EXIT_BAD_INPUT, bad_input_text(exc)
         else:
             out.exit_code = EXIT_INTERNAL
             out.message = f"internal error: {type(exc).__name__}: {exc}"

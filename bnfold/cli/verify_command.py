@@ -76,7 +76,7 @@ def compare(reference: Path, candidate: Path, options: VerifyOptions, console: C
     from bnfold.errors import BadInput
 
     from .console import progress
-    from .exits import EXIT_FAILED, EXIT_OK
+    from .exits import EXIT_FAILED, EXIT_OK, bad_input_text
     from .outcome import VerifyOutcome, verification_status
     from .streams import stdout_to_stderr
 
@@ -91,7 +91,7 @@ def compare(reference: Path, candidate: Path, options: VerifyOptions, console: C
 
             ver = verify(str(reference), str(candidate), **kwargs)
         except BadInput as exc:
-            out.message = str(exc)
+            out.message = bad_input_text(exc)
             ver = None
     if ver is not None:
         out.verification = jsonable(ver.to_dict())
