@@ -65,7 +65,7 @@ def _dispatch(args: list[str]) -> int:
         from .usage import usage_line
 
         prog = f"bnfold {args[0]}" if command is not None else "bnfold"
-        raise UsageProblem(usage_line(exc, command, prog)) from None
+        raise UsageProblem(usage_line(exc, command, prog, args)) from None
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -78,7 +78,7 @@ def _close_match(params: list[Any], option: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def _describe(exc: UsageError, params: list[Any]) -> str:
+def _describe(exc: UsageError, params: list[Any], args: list[str]) -> str:
     if isinstance(exc, NoSuchOption):
         return f"no such option: {exc.option_name}{_close_match(params, exc.option_name)}"
     if isinstance(exc, MissingParameter) and exc.param is not None:
@@ -92,16 +92,19 @@ def _describe(exc: UsageError, params: list[Any]) -> str:
         what = _opts(param) if param is not None else exc.option_name
         if "requires an argument" in exc.message:
             return f"{what}: expected one argument"
+        given = [a.partition("=")[2] for a in args if a.startswith(f"{exc.option_name}=")]
+        if "does not take a value" in exc.message and given:
+            return f"{what}: ignored explicit argument {given[0]!r}"
         return f"{what}: {exc.message[:1].lower()}{exc.message[1:].rstrip('.')}"
     extra = re.fullmatch(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)", exc.message)
     if extra:
-        args = extra.group(1)
-        return f"unexpected extra argument{'s' if ' ' in args else ''}: {args}"
+        extras = extra.group(1)
+        return f"unexpected extra argument{'s' if ' ' in extras else ''}: {extras}"
     return exc.message[:1].lower() + exc.message[1:].rstrip(".")
 
 
-def usage_line(exc: UsageError, command: Command | None, prog: str) -> str:
+def usage_line(exc: UsageError, command: Any, prog: str, args: list[str]) -> str:
     """The one-line message of a parser error in ``command`` (``prog``: its name, e.g.
-    ``bnfold fold``), naming the command's help."""
+    ``bnfold fold``; ``args``: what it was given), naming the command's help."""
     params = list(command.params) if command is not None else []
-    return f"{_describe(exc, params)} (see '{prog} --help')"
+    return f"{_describe(exc, params, args)} (see '{prog} --help')"

@@ -233,3 +233,17 @@ def test_final_word_is_coloured_only_on_a_terminal_without_no_color(monkeypatch:
             text = stream.getvalue()
             expected = (code + line[6:] if coloured else line) + "\n"
             assert text == expected, (stream_cls, env, text)
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["a.onnx", "--quiet=1"], "-q, --quiet: ignored explicit argument '1' (see 'bnfold fold --help')"),
+        (["verify", "a", "b", "c", "d"], "unexpected extra arguments: c d (see 'bnfold verify --help')"),
+        (["inspect", "a.onnx", "--jsn", "-"], "no such option: --jsn (did you mean --json?)"),
+    ],
+)
+def test_more_parser_errors_read_as_before(args: list[str], expect: str) -> None:
+    result = invoke(*args)
+    assert_usage_error(result, result.stderr)
+    assert result.stderr.startswith("bnfold: error: ") and expect in result.stderr, result.stderr
