@@ -13,6 +13,9 @@ __version__ = "0.1.0"
 __all__ = [
     "fold",
     "verify",
+    "inspect",
+    "Inspection",
+    "BatchNormInfo",
     "FoldResult",
     "FoldReport",
     "FoldedPair",
@@ -30,6 +33,9 @@ _LAZY = {
     "fold": "api",
     "FoldResult": "api",
     "verify": "verification",
+    "inspect": "inspection",
+    "Inspection": "inspection",
+    "BatchNormInfo": "inspection",
     "FoldReport": "report",
     "FoldedPair": "report",
     "SkippedBN": "report",
@@ -45,6 +51,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .api import FoldResult, fold
     from .errors import BadInput, BnfoldError, VerificationFailed
+    from .inspection import BatchNormInfo, Inspection, inspect
     from .report import FoldedPair, FoldReport, OutputCheck, SkippedBN, Verification
     from .storage.load import load_model
     from .storage.save import save_model

@@ -553,18 +553,20 @@ def overflows(outputs: list[np.ndarray]) -> bool:
 
 def _check_cli(raw: bytes) -> None:
     """The command-line path (no onnxruntime): exit 0/1/2, never 3; a written model loads."""
-    from bnfold import cli
+    from bnfold.cli.outcome import FoldJob
+    from bnfold.cli.process import process_model
+    from bnfold.verification.options import VerifyOptions
 
     with tempfile.TemporaryDirectory(prefix="bnfold-fuzz-") as tmp:
         src, out = Path(tmp) / "m.onnx", Path(tmp) / "m.folded.onnx"
         src.write_bytes(raw)
-        job = cli.FoldJob(str(src), str(out), cli.CheckOptions(enabled=False))
-        rec = cli.process_model(job)
-        assert rec["exit_code"] in (0, 1, 2), rec["message"]
+        job = FoldJob(str(src), str(out), VerifyOptions(), verify=False)
+        rec = process_model(job)
+        assert rec.exit_code in (0, 1, 2), rec.message
         assert src.read_bytes() == raw
         leftovers = sorted(p.name for p in Path(tmp).iterdir() if p.name not in ("m.onnx", "m.folded.onnx"))
         assert not leftovers, leftovers
-        if rec["written"]:
+        if rec.written:
             onnx.load(str(out))
 
 

@@ -928,7 +928,7 @@ def test_interrupted_external_data_save_keeps_model_and_data_paired(tmp_path: Pa
         if sig == signal.SIGINT
         else _PAIR_WRITER.replace(
             "import bnfold\n",
-            "import bnfold, signal\nfrom bnfold.cli import _sigterm_as_interrupt\n_sigterm_as_interrupt()\n",
+            "import bnfold, signal\nfrom bnfold.cli.streams import sigterm_as_interrupt\nsigterm_as_interrupt()\n",
         )
     )
 

@@ -9,7 +9,7 @@ import sys
 
 import bnfold
 
-PUBLIC_CALLABLES = ("fold", "verify", "load_model", "save_model")
+PUBLIC_CALLABLES = ("fold", "verify", "inspect", "load_model", "save_model")
 
 
 def test_public_functions_are_not_shadowed_by_subpackages() -> None:
