@@ -121,9 +121,10 @@ def _original(model: Any) -> onnx.ModelProto:
         return onnx.load(str(Path(model)), load_external_data=False)
     if isinstance(model, onnx.ModelProto):
         return model
-    from .io import load_model
+    from .storage.load import load_model
 
-    return load_model(model)[0]
+    proto: onnx.ModelProto = load_model(model)[0]
+    return proto
 
 
 def _walk_order(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:

@@ -41,6 +41,15 @@ def test_inspect_accepts_a_model_proto_and_matches_the_path() -> None:
     assert all(isinstance(b, BatchNormInfo) and b.foldable for b in found.batchnorms)
 
 
+def test_inspect_accepts_an_onnx_ir_model() -> None:
+    import onnx_ir
+
+    model = conv_bn_model(blocks=2)
+    found = bnfold.inspect(onnx_ir.from_proto(model))
+    assert [b.bn for b in found.batchnorms] == ["bn0", "bn1"]
+    assert found.to_dict() == bnfold.inspect(model).to_dict()
+
+
 def test_to_dict_is_the_json_record() -> None:
     found = bnfold.inspect(conv_bn_model(matmul_bn=True))
     doc = found.to_dict()
