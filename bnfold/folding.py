@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from .report import Reason
+
 __all__ = [
     "FoldError",
     "BNAffine",
@@ -60,11 +62,11 @@ __all__ = [
 
 
 class FoldError(ValueError):
-    """A fold that cannot be done exactly; ``code`` is a stable reason code."""
+    """A fold that cannot be done exactly; ``code`` is a stable :class:`~bnfold.report.Reason`."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: Reason | str, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = Reason(code)
         self.message = message
 
 
