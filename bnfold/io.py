@@ -336,7 +336,7 @@ def _check_body(
                     "every value needs exactly one definition"
                 )
             defined[name] = i
-    from .graph import may_have_subgraphs  # graph imports this module's helpers through external
+    from .onnx.index import may_have_subgraphs  # graph imports this module's helpers through external
 
     inner_scope: frozenset[str] | None = None
     free: set[str] = set()

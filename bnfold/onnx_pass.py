@@ -72,23 +72,11 @@ from .folding import (
     fold_gemm,
     fold_gemm_input,
 )
-from .graph import (
-    ONNX_DOMAINS,
-    AttributeRef,
-    BadAttribute,
-    BadTensor,
-    Const,
-    NameAllocator,
-    NotConstant,
-    Scope,
-    all_names,
-    attr,
-    attr_float,
-    attr_int,
-    free_uses,
-    set_attr,
-    subgraphs,
-)
+from .onnx.attributes import AttributeRef, BadAttribute, attr, attr_float, attr_int, set_attr
+from .onnx.constants import BadTensor, Const, NotConstant
+from .onnx.edits import Scope
+from .onnx.index import NameAllocator, all_names, free_uses, subgraphs
+from .onnx.ops import ONNX_DOMAINS
 from .onnx.tensor_store import MemoryStore, TensorStore
 from .report import FoldedPair, FoldReport, SkippedBN
 
