@@ -15,7 +15,7 @@ import onnx
 from .errors import BadInput, VerificationFailed
 from .external import Embedded, FileStore, Spill
 from .io import has_external_data, open_model, same_file, save_model_located
-from .onnx_pass import fold_model
+from .onnx.driver import fold_model
 from .report import FoldReport, Verification
 from .verification import Inputs
 

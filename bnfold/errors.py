@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from .report import Reason
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -30,3 +32,14 @@ class BadInput(BnfoldError):
 
 class VerificationFailed(BnfoldError):
     """A folded model did not match the original within tolerance."""
+
+
+class FoldError(ValueError):
+    """A fold that cannot be done exactly; ``code`` is a stable :class:`~bnfold.report.Reason`.
+
+    Raised inside the pass and caught there: it becomes a skip with that reason, never an API error."""
+
+    def __init__(self, code: Reason | str, message: str) -> None:
+        super().__init__(message)
+        self.code = Reason(code)
+        self.message = message

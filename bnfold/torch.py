@@ -311,7 +311,7 @@ def export(
     """
     from .api import FoldResult
     from .io import save_model
-    from .onnx_pass import fold_model
+    from .onnx.driver import fold_model
 
     args = _as_tuple(example_inputs)
     if args is None:

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bnfold.errors import FoldError
 from bnfold.folding import (
     BNAffine,
-    FoldError,
     affine_constants,
     bn_affine,
     channel_vector,
@@ -26,9 +26,9 @@ from bnfold.folding import (
     fold_dequantized_scale,
     fold_gemm,
     fold_gemm_input,
-    round_to_dtype,
     scale_output_channels,
 )
+from bnfold.rounding import round_to_dtype
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # (significand bits incl. implicit, min normal exponent, max exponent)
@@ -151,7 +151,7 @@ def test_bfloat16_double_rounding_cases_are_rounded_once() -> None:
 
 
 def test_bfloat16_rounding_keeps_nan_inf_and_signed_zero() -> None:
-    from bnfold.folding import _to_bfloat16  # round_to_dtype itself refuses non-finite results
+    from bnfold.rounding import _to_bfloat16  # round_to_dtype itself refuses non-finite results
 
     special = np.array([np.inf, -np.inf, 0.0, -0.0])
     got = _to_bfloat16(special, BF16).astype(np.float64)

@@ -32,7 +32,7 @@ from onnx_builders import (
 )
 
 import bnfold
-from bnfold.onnx_pass import fold_model
+from bnfold.onnx.driver import fold_model
 
 
 def fold(model: onnx.ModelProto, **kw: Any) -> tuple[onnx.ModelProto, bnfold.FoldReport]:

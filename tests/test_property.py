@@ -26,7 +26,7 @@ from onnx_builders import (
     gemm_bn,
 )
 
-from bnfold.onnx_pass import fold_model
+from bnfold.onnx.driver import fold_model
 
 EPSILONS = [None, 1e-5, 1e-3, 0.1, 0.0]
 

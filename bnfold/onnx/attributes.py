@@ -6,9 +6,7 @@ from typing import cast
 
 import onnx
 
-
-class AttributeRef(Exception):
-    """An attribute refers to an enclosing function's attribute (``ref_attr_name``)."""
+from ..rules.view import AttributeRef, BadAttribute
 
 
 def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
@@ -19,10 +17,6 @@ def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
                 raise AttributeRef(f"attribute '{name}' refers to function attribute '{a.ref_attr_name}'")
             return onnx.helper.get_attribute_value(a)
     return default
-
-
-class BadAttribute(Exception):
-    """An attribute has the wrong type for its operator (a malformed model)."""
 
 
 def _typed_attr(node: onnx.NodeProto, name: str, kind: int) -> onnx.AttributeProto | None:

@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import BadInput
+from ..rules.view import BadTensor, NotConstant
 from .index import ScopeIndex
 from .ops import (
     EVALUABLE_OPS,
@@ -36,15 +37,7 @@ class Const:
     value: np.ndarray
 
 
-class NotConstant(Exception):
-    """A value is not a constant; the message says why."""
-
-
 CACHE_LIMIT = 1 << 20  # constants up to this many bytes stay cached for repeated lookups
-
-
-class BadTensor(NotConstant):
-    """A constant whose data cannot be read (corrupt, missing external data, bad type)."""
 
 
 def _read(name: str, load: Callable[[], np.ndarray]) -> np.ndarray:

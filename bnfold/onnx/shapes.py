@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import onnx
 
-from .attributes import AttributeRef, BadAttribute, attr_int
-from .constants import ConstantIndex, NotConstant, _constant_node_value, _np_to_tensor_type
+from ..rules.view import AttributeRef, BadAttribute, NotConstant
+from .attributes import attr_int
+from .constants import ConstantIndex, _constant_node_value, _np_to_tensor_type
 from .ops import BROADCAST_OPS, MAX_EVALUATED_NODES, ONNX_DOMAINS, RANK_PRESERVING_OPS, SAME_TYPE_OPS
 
 
