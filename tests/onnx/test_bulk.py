@@ -23,7 +23,7 @@ from bnfold.folding import bn_affine, fold_conv, fold_conv_many
 from bnfold.onnx import bulk
 from bnfold.onnx.driver import fold_model
 
-MODELS = sorted((Path(__file__).resolve().parent.parent / "models" / "onnx").glob("*.onnx"))
+MODELS = sorted((Path(__file__).resolve().parents[2] / "models" / "onnx").glob("*.onnx"))
 ONE_BY_ONE = 10**9  # a BULK_MIN no graph reaches
 
 
