@@ -1,8 +1,8 @@
 """The bulk path for plain Conv -> BN pairs (``bnfold.onnx.bulk.prepare`` and
 ``folding.fold_conv_many``) must give exactly what the one-by-one path gives.
 
-Numerics of the one-by-one path are checked against onnxruntime elsewhere (test_property,
-test_onnx_pass); here both paths run on the same models and must produce the same bytes and the
+Numerics of the one-by-one path are checked against onnxruntime elsewhere (test_property.py,
+tests/rules); here both paths run on the same models and must produce the same bytes and the
 same report, and the mixed models are also checked in onnxruntime with optimizations off.
 """
 

@@ -2,59 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import (
-    F32,
     GraphBuilder,
     initializer,
 )
-from pattern_checks import assert_pattern, assert_skipped, bn, rnd
-
-
-def bn_conv_model(
-    *,
-    cin: int = 4,
-    cout: int = 6,
-    group: int = 1,
-    pads: Sequence[int] | None = None,
-    auto_pad: str | None = None,
-    strides: Sequence[int] | None = None,
-    bias: bool = True,
-    kernel: int = 3,
-    relu_before: bool = False,
-    seed: int = 0,
-    size: int = 6,
-) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """X [-> Relu] -> BN -> Conv -> Y."""
-    rng = np.random.default_rng(seed)
-    gb = GraphBuilder()
-    gb.input("X", F32, [2, cin, size, size])
-    x = "X"
-    if relu_before:
-        gb.node("Relu", ["X"], ["r"])
-        x = "r"
-    bn(gb, x, "b", cin, rng)
-    ins = ["b", gb.const("W", rnd(rng, [cout, cin // group, kernel, kernel], 0.3))]
-    if bias:
-        ins.append(gb.const("Bc", rnd(rng, [cout])))
-    gb.node(
-        "Conv",
-        ins,
-        ["Y"],
-        name="conv",
-        group=group if group > 1 else None,
-        pads=pads,
-        auto_pad=auto_pad,
-        strides=strides,
-    )
-    gb.output("Y", F32, [None] * 4)
-    return gb.model(17), {"X": rnd(rng, [2, cin, size, size])}
-
+from pattern_checks import assert_pattern, assert_skipped, bn, bn_conv_model, bn_flatten_gemm
 
 BN_CONV_CASES = {
     "dense": dict(),
@@ -100,42 +55,6 @@ def test_bn_before_conv_then_bn_after() -> None:
     model.graph.node.extend(gb.nodes)
     model.graph.initializer.extend(gb.initializers)
     assert_pattern(model, feeds, ["bn_before", "bn_after_chain"], gone=["BatchNormalization"])
-
-
-def bn_flatten_gemm(
-    *,
-    c: int = 3,
-    hw: Sequence[int] = (2, 2),
-    n: int = 5,
-    trans_b: int = 0,
-    alpha: float | None = None,
-    beta: float | None = None,
-    c_shape: Sequence[int] | None = (5,),
-    axis: int | None = None,
-    trans_a: int = 0,
-    seed: int = 0,
-) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    gb = GraphBuilder()
-    gb.input("X", F32, [2, c, *hw])
-    bn(gb, "X", "b", c, rng)
-    gb.node("Flatten", ["b"], ["f"], name="flatten", axis=axis)
-    k = c * int(np.prod(hw))
-    ins = ["f", gb.const("B", rnd(rng, (n, k) if trans_b else (k, n), 0.4))]
-    if c_shape is not None:
-        ins.append(gb.const("C", rnd(rng, c_shape)))
-    gb.node(
-        "Gemm",
-        ins,
-        ["Y"],
-        name="gemm",
-        transB=trans_b or None,
-        transA=trans_a or None,
-        alpha=alpha,
-        beta=beta,
-    )
-    gb.output("Y", F32, [None] * 2)
-    return gb.model(17), {"X": rnd(rng, [2, c, *hw])}
 
 
 @pytest.mark.parametrize(
