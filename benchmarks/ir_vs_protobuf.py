@@ -29,7 +29,7 @@ import make_models  # noqa: E402
 import onnx  # noqa: E402
 import onnx_ir  # noqa: E402
 
-from bnfold.onnx_pass import fold_model  # noqa: E402
+from bnfold.onnx.driver import fold_model  # noqa: E402
 
 
 def _protobuf(path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 
 from .errors import BadInput, VerificationFailed
-from .onnx_pass import fold_model
+from .onnx.driver import fold_model
 from .report import FoldReport, Verification
 from .storage.embedded import Embedded, LayoutError, plan_embedded
 from .storage.external_data import has_external_data

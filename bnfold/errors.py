@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .report import Reason
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -86,3 +88,14 @@ class VerificationFailed(BnfoldError):
     def __init__(self, message: object = "", *args: object, first_divergence: object = None) -> None:
         super().__init__(message, *args)
         self.first_divergence = first_divergence
+
+
+class FoldError(ValueError):
+    """A fold that cannot be done exactly; ``code`` is a stable :class:`~bnfold.report.Reason`.
+
+    Raised inside the pass and caught there: it becomes a skip with that reason, never an API error."""
+
+    def __init__(self, code: Reason | str, message: str) -> None:
+        super().__init__(message)
+        self.code = Reason(code)
+        self.message = message

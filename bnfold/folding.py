@@ -34,14 +34,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
+from .errors import FoldError
+from .rounding import is_bfloat16, round_to_dtype
+
 __all__ = [
-    "FoldError",
     "BNAffine",
     "bn_affine",
-    "round_to_dtype",
     "fold_conv",
     "fold_conv_transpose",
     "fold_conv_many",
@@ -57,15 +57,6 @@ __all__ = [
     "affine_constants",
     "fold_bias",
 ]
-
-
-class FoldError(ValueError):
-    """A fold that cannot be done exactly; ``code`` is a stable reason code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -109,70 +100,19 @@ def bn_affine(
     return BNAffine(scale=scale, shift=b - scale * m)
 
 
-_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def _is_bfloat16(dtype: np.dtype) -> bool:
-    return dtype == _BFLOAT16
-
-
-def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Round float64 ``values`` once to ``dtype`` (nearest, ties to even).
-
-    numpy rounds float64 to float32/float16 directly and correctly. bfloat16 is rounded here, with
-    integer bit arithmetic, whatever the installed ml_dtypes does (releases before 0.7 rounded
-    float64 -> bfloat16 twice, through float32; see :func:`_to_bfloat16`).
-    Raises FoldError ``overflow`` when a finite value does not fit the dtype.
-    """
-    dtype = np.dtype(dtype)
-    values = _as_f64(values)
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = _to_bfloat16(values, dtype) if _is_bfloat16(dtype) else values.astype(dtype)
-    if out.size and not np.isfinite(out).all():
-        raise FoldError(
-            "overflow",
-            f"a folded value does not fit in {dtype.name} (largest |value| "
-            f"{float(np.max(np.abs(values))):.6g})",
-        )
-    return out
-
-
-def _to_bfloat16(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """float64 -> bfloat16 correctly rounded (nearest, ties to even), via float32 rounded to odd.
-
-    float32 has 16 more significand bits than bfloat16 and the same exponent range, so rounding
-    float64 to float32 *to odd* (truncate toward zero, then set the last bit if anything was
-    lost) and then float32 to bfloat16 to nearest-even equals a single correct rounding. Values
-    beyond float32's range truncate to float32's largest finite value, which still rounds to
-    infinity in bfloat16, as the exact value would. The float32 -> bfloat16 step is integer
-    arithmetic on the bits (add half an ulp minus one plus the kept last bit, then truncate), so
-    no library's conversion is involved; ml_dtypes only names the dtype.
-    """
-    f32 = np.asarray(exact.astype(np.float32))  # nearest-even; may be inf past float32's range
-    back = f32.astype(np.float64)
-    inexact = back != exact
-    # truncate toward zero where float32 rounding went away from zero
-    away = inexact & (np.abs(back) > np.abs(exact))
-    f32 = np.where(away, np.nextafter(f32, np.float32(0)), f32)
-    bits = (f32.view(np.uint32) | inexact.astype(np.uint32)).astype(np.uint64)
-    # nearest, ties to even: a carry out of the significand moves to the next binade (or to inf)
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-    # a NaN keeps its sign and stays a (quiet) NaN instead of carrying into the sign bit
-    rounded = np.where(np.isnan(f32), (bits >> 16) | 0x0040, rounded)
-    return rounded.astype(np.uint16).view(dtype)
-
-
 def scale_output_channels(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     """``weight * scale`` broadcast along ``axis``, in float64 (not rounded)."""
     shape = [1] * weight.ndim
     shape[axis] = scale.shape[0]
-    return _as_f64(weight) * scale.reshape(shape)
+    scaled: np.ndarray = _as_f64(weight) * scale.reshape(shape)
+    return scaled
 
 
 def _folded_bias(bias: np.ndarray | None, affine: BNAffine) -> np.ndarray:
     if bias is None:
         return affine.shift.copy()
-    return _as_f64(bias) * affine.scale + affine.shift
+    folded: np.ndarray = _as_f64(bias) * affine.scale + affine.shift
+    return folded
 
 
 def fold_bias(bias: np.ndarray | None, affine: BNAffine, dtype: np.dtype) -> np.ndarray:
@@ -186,7 +126,7 @@ def fold_bias(bias: np.ndarray | None, affine: BNAffine, dtype: np.dtype) -> np.
 def _check_finite(label: str, arr: np.ndarray | None) -> None:
     if arr is None or not arr.size:
         return
-    native = arr.dtype.kind == "f" or _is_bfloat16(arr.dtype)
+    native = arr.dtype.kind == "f" or is_bfloat16(arr.dtype)
     if not np.isfinite(arr if native else _as_f64(arr)).all():
         raise FoldError("non_finite", f"{label} contains NaN or Inf")
 
@@ -198,7 +138,7 @@ def scale_and_round(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndar
     buffering), without a full float64 copy of the weight; bfloat16 takes the exact two-step path
     of :func:`round_to_dtype`. Raises FoldError ``overflow`` like round_to_dtype.
     """
-    if _is_bfloat16(weight.dtype) or weight.dtype.kind != "f":
+    if is_bfloat16(weight.dtype) or weight.dtype.kind != "f":
         return round_to_dtype(scale_output_channels(weight, scale, axis), weight.dtype)
     shape = [1] * weight.ndim
     shape[axis] = scale.shape[0]

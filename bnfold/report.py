@@ -1,17 +1,118 @@
-"""Plain records of what a fold did and what a verification found; ``to_dict()`` is the JSON."""
+"""Plain records of what a fold did and what a verification found; ``to_dict()`` is the JSON.
+
+The vocabularies (:class:`Reason`, :class:`Pattern`, :class:`Status`) are string-valued enums:
+a member *is* its string, so the JSON and the report text show the plain value.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
+
+
+class Reason(StrEnum):
+    """Why a BatchNormalization (or a decomposed BN's Mul) was left in place: a stable code.
+
+    :data:`REASON_MEANINGS` gives each code's one-line meaning; :data:`ONNX_REASONS` lists the codes
+    the ONNX pass reports (the torch front end adds the last three).
+    """
+
+    TRAINING_MODE = "training_mode"
+    SPATIAL_MODE = "spatial_mode"
+    ATTRIBUTE_REF = "attribute_ref"
+    MALFORMED = "malformed"
+    NO_PRODUCER = "no_producer"
+    PRODUCER_OUTSIDE_SCOPE = "producer_outside_scope"
+    UNSUPPORTED_PRODUCER = "unsupported_producer"
+    GRAPH_OUTPUT = "graph_output"
+    MULTIPLE_CONSUMERS = "multiple_consumers"
+    PARAM_NOT_CONSTANT = "param_not_constant"
+    WEIGHT_NOT_CONSTANT = "weight_not_constant"
+    BIAS_NOT_CONSTANT = "bias_not_constant"
+    UNSUPPORTED_DTYPE = "unsupported_dtype"
+    PARAM_SHAPE = "param_shape"
+    NON_FINITE = "non_finite"
+    INVALID_VARIANCE = "invalid_variance"
+    CHANNEL_MISMATCH = "channel_mismatch"
+    INVALID_GROUP = "invalid_group"
+    WEIGHT_SHAPE = "weight_shape"
+    BIAS_SHAPE = "bias_shape"
+    OVERFLOW = "overflow"
+    CHANNEL_AXIS = "channel_axis"
+    UNKNOWN_RANK = "unknown_rank"
+    BROADCAST = "broadcast"
+    PADDING = "padding"
+    DEQUANTIZE_AXIS = "dequantize_axis"
+    # torch front end only
+    NO_RUNNING_STATS = "no_running_stats"
+    CUSTOM_FORWARD = "custom_forward"
+    UNTRACEABLE = "untraceable"
+
+
+REASON_MEANINGS: dict[Reason, str] = {
+    Reason.TRAINING_MODE: "the BN runs in training mode (is_test=0, training_mode=1, or training outputs)",
+    Reason.SPATIAL_MODE: "spatial=0 (BN before opset 9): statistics per activation, not per channel",
+    Reason.ATTRIBUTE_REF: "an attribute refers to a function attribute, whose value is unknown",
+    Reason.MALFORMED: "the nodes or tensors are not valid (missing inputs, unreadable data, bad attributes)",
+    Reason.NO_PRODUCER: "the BN's input is a graph input or an initializer: no layer to fold into",
+    Reason.PRODUCER_OUTSIDE_SCOPE: "the BN's input is produced in an enclosing graph",
+    Reason.UNSUPPORTED_PRODUCER: "the BN follows an op that is not Conv, ConvTranspose, Gemm or MatMul",
+    Reason.GRAPH_OUTPUT: "the layer's output is also a graph output, which must keep its value",
+    Reason.MULTIPLE_CONSUMERS: "the layer's output (or its weight) has other consumers besides the BN",
+    Reason.PARAM_NOT_CONSTANT: "a BN parameter (scale, bias, mean, var) is not a constant",
+    Reason.WEIGHT_NOT_CONSTANT: "the layer's weight is not a constant",
+    Reason.BIAS_NOT_CONSTANT: "the layer's bias is not a constant",
+    Reason.UNSUPPORTED_DTYPE: "a tensor is not float16/bfloat16/float32/float64, or dtypes differ",
+    Reason.PARAM_SHAPE: "the BN parameters are not 1-D of one length",
+    Reason.NON_FINITE: "a parameter or a folded value is NaN or Inf",
+    Reason.INVALID_VARIANCE: "var + epsilon is not positive",
+    Reason.CHANNEL_MISMATCH: "the BN's channel count differs from the layer's output channels",
+    Reason.INVALID_GROUP: "the layer's group is not positive or does not divide its channels",
+    Reason.WEIGHT_SHAPE: "the layer's weight has the wrong rank or shape",
+    Reason.BIAS_SHAPE: "the layer's bias does not have the shape of its output channels",
+    Reason.OVERFLOW: "a folded value does not fit in the tensor's dtype",
+    Reason.CHANNEL_AXIS: "the BN's channel axis is not the layer's feature axis",
+    Reason.UNKNOWN_RANK: "a rank the fold depends on cannot be proven",
+    Reason.BROADCAST: "a Mul/Add constant does not broadcast along the output channels only",
+    Reason.PADDING: "the Conv after the BN pads its input: the padded zeros would not get the shift",
+    Reason.DEQUANTIZE_AXIS: "the weight's dequantize scale is not per output channel",
+    Reason.NO_RUNNING_STATS: "the BatchNorm module tracks no running statistics",
+    Reason.CUSTOM_FORWARD: "the module's forward is not the standard one",
+    Reason.UNTRACEABLE: "the module is called from a forward that cannot be traced",
+}
+
+ONNX_REASONS = tuple(
+    r for r in Reason if r not in (Reason.NO_RUNNING_STATS, Reason.CUSTOM_FORWARD, Reason.UNTRACEABLE)
+)
+
+
+class Pattern(StrEnum):
+    """The kind of fold that matched (``FoldedPair.pattern``)."""
+
+    BN_AFTER = "bn_after"  # Conv / ConvTranspose / Gemm -> BN
+    BN_AFTER_CHAIN = "bn_after_chain"  # through a constant Add, or into a layer already folded into
+    MATMUL = "matmul"  # MatMul (+ Add) -> BN, rewritten as one Gemm
+    DECOMPOSED_AFFINE = "decomposed_affine"  # layer -> Mul(m) [-> Add(a)]
+    BN_BEFORE = "bn_before"  # BN -> unpadded Conv, or BN -> Flatten -> Gemm
+    DEQUANTIZED_WEIGHT = "dequantized_weight"  # Conv with a DequantizeLinear weight
+    BN_TO_AFFINE = "bn_to_affine"  # an unfoldable BN rewritten as Mul + Add (opt-in)
+    EXPORTER = "exporter"  # torch front end: a fold the ONNX exporter did
+
+
+class Status(StrEnum):
+    """The outcome of a verification."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"  # a model could not run
 
 
 @dataclass
 class FoldedPair:
     """A BatchNormalization (or a decomposed BN's Mul) absorbed into a layer, or rewritten.
 
-    ``pattern``: ``bn_after``, ``bn_after_chain``, ``matmul``, ``decomposed_affine``,
-    ``bn_before``, ``dequantized_weight``, ``bn_to_affine`` (see :mod:`bnfold.onnx_pass`).
+    ``pattern``: a :class:`Pattern` (see :mod:`bnfold.rules`).
     """
 
     bn: str
@@ -20,7 +121,10 @@ class FoldedPair:
         str  # op type of the target before the fold: Conv, ConvTranspose, Gemm, MatMul (Mul for bn_to_affine)
     )
     graph: str  # "main", a subgraph path like "main/If_0.then_branch", or "function domain:name"
-    pattern: str = "bn_after"  # the pattern kind that matched
+    pattern: Pattern = Pattern.BN_AFTER  # the pattern kind that matched
+
+    def __post_init__(self) -> None:
+        self.pattern = Pattern(self.pattern)
 
 
 @dataclass
@@ -28,12 +132,15 @@ class SkippedBN:
     """A BatchNormalization left in place, with a stable reason code and a one-line message."""
 
     bn: str
-    code: str
+    code: Reason
     message: str
     graph: str
     producer: str | None = None
     producer_op: str | None = None
     op: str = "BatchNormalization"  # the node kept: a BN, or a Mul candidate (decomposed BN)
+
+    def __post_init__(self) -> None:
+        self.code = Reason(self.code)
 
 
 @dataclass
@@ -103,7 +210,7 @@ class Verification:
     """Result of running reference and candidate in onnxruntime (optimizations off)."""
 
     passed: bool
-    status: str  # "passed", "failed", or "error" (a model could not run)
+    status: Status
     message: str = ""
     outputs: list[OutputCheck] = field(default_factory=list)
     runs: int = 1
@@ -113,6 +220,9 @@ class Verification:
     assumed_dims: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     first_divergence: Divergence | None = None  # set when localization ran and found one
+
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)
 
     @property
     def max_abs_err(self) -> float:

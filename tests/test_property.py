@@ -26,7 +26,7 @@ from onnx_builders import (
     gemm_bn,
 )
 
-from bnfold.onnx_pass import fold_model
+from bnfold.onnx.driver import fold_model
 
 EPSILONS = [None, 1e-5, 1e-3, 0.1, 0.0]
 
@@ -274,7 +274,7 @@ def pattern_cases(draw: st.DrawFn) -> tuple[str, dict, list[str]]:
 )
 @given(pattern_cases())
 def test_random_affine_patterns_fold_exactly(case: tuple[str, dict, list[str]]) -> None:
-    import test_patterns as tp
+    import pattern_checks as tp
 
     kind, kw, expect = case
     event(kind)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import onnx
 
 from ..errors import BadInput
-from ..graph import may_have_subgraphs
+from ..onnx.index import may_have_subgraphs
 
 
 def check_structure(model: onnx.ModelProto) -> None:

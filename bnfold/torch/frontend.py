@@ -313,7 +313,7 @@ def export(
     module's outputs; a failed comparison raises VerificationFailed and writes nothing.
     """
     from ..api import FoldResult
-    from ..onnx_pass import fold_model
+    from ..onnx.driver import fold_model
     from ..storage.save import save_model
 
     args = _as_tuple(example_inputs)

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..folding import BNAffine, FoldError, bn_affine, fold_conv, fold_conv_transpose, fold_gemm
+from ..errors import FoldError
+from ..folding import BNAffine, bn_affine, fold_conv, fold_conv_transpose, fold_gemm
 from ..report import FoldedPair, FoldReport, SkippedBN
 from .tensors import del_attr, erased, get_attr, set_attr, set_submodule, to_numpy, to_torch
 

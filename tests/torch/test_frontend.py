@@ -278,9 +278,9 @@ def test_export_with_exporter_optimizer_counts_its_folds(tmp_path) -> None:
 
 
 def test_export_refuses_to_write_a_wrong_model(tmp_path, monkeypatch) -> None:
-    import bnfold.onnx_pass as onnx_pass
+    import bnfold.onnx.driver as driver
 
-    real = onnx_pass.fold_model
+    real = driver.fold_model
 
     def corrupting(proto, store=None):
         report = real(proto, store)
@@ -292,7 +292,7 @@ def test_export_refuses_to_write_a_wrong_model(tmp_path, monkeypatch) -> None:
                 break
         return report
 
-    monkeypatch.setattr(onnx_pass, "fold_model", corrupting)
+    monkeypatch.setattr(driver, "fold_model", corrupting)
     model, x = build("resnet_small")
     path = tmp_path / "bad.onnx"
     with pytest.raises(VerificationFailed):

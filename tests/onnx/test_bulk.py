@@ -1,8 +1,8 @@
-"""The bulk path for plain Conv -> BN pairs (``onnx_pass.bulk_prepare`` and
+"""The bulk path for plain Conv -> BN pairs (``bnfold.onnx.bulk.prepare`` and
 ``folding.fold_conv_many``) must give exactly what the one-by-one path gives.
 
-Numerics of the one-by-one path are checked against onnxruntime elsewhere (test_property,
-test_onnx_pass); here both paths run on the same models and must produce the same bytes and the
+Numerics of the one-by-one path are checked against onnxruntime elsewhere (test_property.py,
+tests/rules); here both paths run on the same models and must produce the same bytes and the
 same report, and the mixed models are also checked in onnxruntime with optimizations off.
 """
 
@@ -17,20 +17,21 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import assert_ort_equivalent, check_model, count_ops
 
-from bnfold import onnx_pass
-from bnfold.folding import FoldError, bn_affine, fold_conv, fold_conv_many
-from bnfold.onnx_pass import fold_model
+from bnfold.errors import FoldError
+from bnfold.folding import bn_affine, fold_conv, fold_conv_many
+from bnfold.onnx import bulk
+from bnfold.onnx.driver import fold_model
 from bnfold.storage.spill import FileStore
 
-MODELS = sorted((Path(__file__).resolve().parent.parent / "models" / "onnx").glob("*.onnx"))
-ONE_BY_ONE = 10**9  # a _BULK_MIN no graph reaches
+MODELS = sorted((Path(__file__).resolve().parents[2] / "models" / "onnx").glob("*.onnx"))
+ONE_BY_ONE = 10**9  # a BULK_MIN no graph reaches
 
 
 def _fold_both(model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch, base_dir: str = "") -> tuple:
     """(bytes, report) of the bulk path and of the one-by-one path."""
     results = []
     for minimum in (1, ONE_BY_ONE):
-        monkeypatch.setattr(onnx_pass, "_BULK_MIN", minimum)
+        monkeypatch.setattr(bulk, "BULK_MIN", minimum)
         m = copy.deepcopy(model)
         report = fold_model(m, FileStore(base_dir))
         results.append((m.SerializeToString(deterministic=True), report))
@@ -162,13 +163,13 @@ def test_bulk_and_one_by_one_agree_on_mixed_chains(
     if dtype is not np.float32:
         model = _to_dtype(model, dtype)
     applied: list[bool] = []
-    original_rewrite = onnx_pass._Pass.bulk_rewrite
+    original_rewrite = bulk.rewrite
 
-    def spy(self: onnx_pass._Pass, *args: object) -> bool:
-        applied.append(original_rewrite(self, *args))  # type: ignore[arg-type]
+    def spy(*args: object) -> bool:
+        applied.append(original_rewrite(*args))  # type: ignore[arg-type]
         return applied[-1]
 
-    monkeypatch.setattr(onnx_pass._Pass, "bulk_rewrite", spy)
+    monkeypatch.setattr(bulk, "rewrite", spy)
     results = _fold_both(model, monkeypatch)
     assert any(applied)  # the bulk path folded some pairs
     _same(results)

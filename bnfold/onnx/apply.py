@@ -1,0 +1,115 @@
+"""Applying rule plans to the protobuf graph of a :class:`Scope` (cannot fail)."""
+
+from __future__ import annotations
+
+import onnx
+
+from ..rules.plan import FoldAfter, FoldBefore, LayerEdit, ToAffine
+from .attributes import set_attr
+from .edits import Scope
+from .index import NameAllocator
+from .view import OnnxView
+
+
+def apply_layer(view: OnnxView, edit: LayerEdit) -> None:
+    """Write the new constants of a layer (in order), then its op type and attributes."""
+    scope = view.scope
+    for t in edit.tensors:
+        old = view.const(t.old) if t.old is not None else None
+        scope.set_input(view.node(t.node), t.index, t.value, old, t.name)
+    if edit.retype is not None:
+        view.node(edit.retype[0]).op_type = edit.retype[1]
+    for a in edit.attributes:
+        node = view.node(a.node)
+        if a.if_present and not any(x.name == a.name for x in node.attribute):
+            continue
+        set_attr(node, a.name, a.value)
+
+
+def absorb(
+    scope: Scope,
+    target: onnx.NodeProto,
+    chain: list[tuple[int, onnx.NodeProto]],
+    folded: set[tuple[str, int]],
+) -> None:
+    """Drop the per-channel nodes ``chain`` after ``target`` (already folded into it): the layer
+    takes the last one's output name; their other inputs are released."""
+    old = target.output[0]
+    final = chain[-1][1].output[0]
+    target.output[0] = final
+    pidx = scope.producer.pop(old)
+    scope.removed_values.add(old)
+    prev = old
+    for i, node in chain:
+        scope.removed_nodes.add(i)
+        for inp in node.input:
+            if not inp:
+                continue
+            if inp == prev:
+                scope.uses[inp] -= 1
+            else:
+                scope.release(inp)
+        out = node.output[0]
+        if out != final:
+            scope.producer.pop(out, None)
+            scope.removed_values.add(out)
+        prev = out
+    scope.producer[final] = pidx
+    folded.add((scope.label, pidx))
+
+
+def apply_after(view: OnnxView, plan: FoldAfter, folded: set[tuple[str, int]]) -> None:
+    """A fold into the layer before: new constants, then the absorbed nodes go."""
+    apply_layer(view, plan.layer)
+    chain = [(ref.key, view.node(ref)) for ref in plan.absorbed]
+    absorb(view.scope, view.node(plan.target), chain, folded)
+
+
+def apply_before(view: OnnxView, plan: FoldBefore, folded: set[tuple[str, int]]) -> None:
+    """A fold into the layer after: new constants; the consumer reads the BN's input; the BN goes."""
+    apply_layer(view, plan.layer)
+    scope = view.scope
+    bn, cons = view.node(plan.bn), view.node(plan.bypass)
+    x, y = bn.input[0], bn.output[0]
+    cons.input[0] = x
+    scope.consumer[x] = plan.bypass.key
+    scope.uses[y] -= 1
+    scope.removed_values.add(y)
+    scope.producer.pop(y, None)
+    scope.removed_nodes.add(plan.bn.key)
+    for name in bn.input[1:5]:
+        scope.release(name)
+    folded.add((scope.label, plan.target.key))
+
+
+def apply_affine(view: OnnxView, plan: ToAffine, names: NameAllocator) -> onnx.NodeProto:
+    """The BN becomes ``Add(Mul(x, scale), shift)`` (the BN node itself turns into the Add, which
+    keeps its name and output); returns the new Mul."""
+    scope = view.scope
+    idx = plan.bn.key
+    bn = view.node(plan.bn)
+    x, y = bn.input[0], bn.output[0]
+    base = bn.name or y
+    mul_out = names.fresh(f"{y}_scaled")
+    mul = onnx.helper.make_node("Mul", [x, ""], [mul_out], name=names.fresh(f"{base}_mul"))
+    old_params = list(bn.input[1:5])
+    bn.op_type = "Add"
+    bn.domain = ""
+    del bn.attribute[:]
+    del bn.input[:]
+    bn.input.extend([mul_out, ""])
+    del bn.output[1:]
+    if plan.legacy:  # opset < 7: broadcasting is explicit, [C] along axis 1
+        for n in (mul, bn):
+            n.attribute.extend(
+                [onnx.helper.make_attribute("broadcast", 1), onnx.helper.make_attribute("axis", 1)]
+            )
+    scope.set_input(mul, 1, plan.scale, None, f"{base}_scale_affine")
+    scope.set_input(bn, 1, plan.shift, None, f"{base}_shift_affine")
+    scope.uses[mul_out] += 1
+    if scope.consumer.get(x) == idx:
+        del scope.consumer[x]
+    scope.inserted.setdefault(idx, []).append(mul)
+    for name in old_params:
+        scope.release(name)
+    return mul

@@ -1,0 +1,230 @@
+"""The ONNX folding pass: walk every graph, subgraph and function body, ask the rules
+(:mod:`bnfold.rules`) for a plan for each BatchNormalization and each Mul candidate (a decomposed
+BN), apply the plans to the protobuf in place, and build the report.
+
+Every BN that stays gets a :class:`~bnfold.report.SkippedBN` with a stable reason code; the pass
+never raises for a model it can read. Dropping a BN gives the layer the BN's output name, so no
+consumer is rewired and graph output names are kept. A Mul candidate that does not fold is reported
+in ``FoldReport.skipped_affine`` (``SkippedBN.op == "Mul"``) only for the reasons of
+:data:`bnfold.rules.decomposed_affine.REPORTED`; otherwise it is left alone silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import time
+from collections.abc import Callable
+
+import onnx
+
+from ..report import FoldedPair, FoldReport, Pattern, Reason, SkippedBN
+from ..rules import REPORTED_MUL_CODES, Options, plan_bn, plan_mul
+from ..rules.common import TARGET_OPS
+from ..rules.plan import FoldAfter, FoldBefore, Plan, Skip
+from ..rules.view import AttributeRef, BadAttribute, NodeRef
+from . import bulk
+from .apply import apply_affine, apply_after, apply_before
+from .edits import Scope
+from .index import NameAllocator, all_names, free_uses, subgraphs
+from .ops import ONNX_DOMAINS
+from .tensor_store import MemoryStore, TensorStore
+from .view import OnnxView
+
+
+def _opset_map(imports: list[onnx.OperatorSetIdProto] | object) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for imp in imports:  # type: ignore[union-attr]
+        out["" if imp.domain in ONNX_DOMAINS else imp.domain] = imp.version
+    return out
+
+
+class _Pass:
+    def __init__(self, model: onnx.ModelProto, store: TensorStore, options: Options) -> None:
+        self.model = model
+        self.store = store
+        self.options = options
+        self.names = NameAllocator(set())  # filled from the main graph's index in run()
+        self.report = FoldReport()
+        self.folded: set[tuple[str, int]] = set()  # (scope label, node index) of layers folded into
+        self.scopes: list[Scope] = []  # every graph and function body, for the node counts
+
+    def scope(
+        self,
+        proto: onnx.GraphProto | onnx.FunctionProto,
+        label: str,
+        opset: dict[str, int],
+        parent: Scope | None = None,
+    ) -> Scope:
+        """Index ``proto`` (before it is rewritten) and count its nodes and initializers."""
+        s = Scope.build(proto, label, opset, self.model.ir_version, self.store, self.names, parent)
+        self.scopes.append(s)
+        self.report.nodes_before += len(proto.node)
+        if isinstance(proto, onnx.GraphProto):
+            self.report.initializers_before += len(proto.initializer)
+        return s
+
+    def run(self) -> FoldReport:
+        model = self.model
+        top = self.scope(model.graph, "main", _opset_map(model.opset_import))
+        self.names.reserve(all_names(model, top))
+        # Training info graphs read and update main-graph initializers by name: count those
+        # references as uses, so such tensors are neither removed nor overwritten in place.
+        for info in model.training_info:
+            for g in (info.initialization, info.algorithm):
+                top.uses.update(free_uses(g))
+            for binding in (*info.initialization_binding, *info.update_binding):
+                top.uses.update(n for n in (binding.key, binding.value) if n)
+        self.process(top)
+        for f in model.functions:
+            opset = _opset_map(model.opset_import)
+            opset.update(_opset_map(f.opset_import))
+            self.process(self.scope(f, f"function {f.domain}:{f.name}", opset))
+        # Every graph the pass can change has a scope (removed nodes never carry subgraphs).
+        for s in self.scopes:
+            self.report.nodes_after += len(s.proto.node)
+            if isinstance(s.proto, onnx.GraphProto):
+                self.report.initializers_after += len(s.proto.initializer)
+            s.close()
+        return self.report
+
+    def process(self, scope: Scope) -> None:
+        nodes = scope.proto.node
+        view = OnnxView(scope, self.folded)
+        candidates = []
+        for idx, node in enumerate(nodes):
+            op = node.op_type
+            if (op == "BatchNormalization" or op == "Mul") and node.domain in ONNX_DOMAINS:
+                candidates.append((idx, node, op))
+        bns = [(i, n) for i, n, op in candidates if op == "BatchNormalization"]
+        jobs = bulk.prepare(scope, view, self.store, bns)
+        record = functools.partial(self.record, scope)
+        for idx, node, op in candidates:
+            if idx in scope.removed_nodes:
+                continue
+            if op == "BatchNormalization":
+                job = jobs.get(idx)
+                if job is not None and bulk.rewrite(scope, idx, node, job, self.folded, record):
+                    continue
+                self.attempt(view, idx, node, lambda ref: plan_bn(view, ref, self.options), mul=False)
+            else:
+                self.attempt(view, idx, node, lambda ref: plan_mul(view, ref), mul=True)
+        for idx in scope.subgraph_nodes:
+            if idx in scope.removed_nodes:
+                continue
+            node = nodes[idx]
+            for attr_name, g in subgraphs(node):
+                label = f"{scope.label}/{node.name or f'{node.op_type}_{idx}'}.{attr_name}"
+                self.process(self.scope(g, label, scope.opset, scope))
+        scope.commit()
+
+    def attempt(
+        self,
+        view: OnnxView,
+        idx: int,
+        node: onnx.NodeProto,
+        ask: Callable[[NodeRef], Plan | Skip | None],
+        mul: bool,
+    ) -> None:
+        """Ask the rules about ``node`` (no mutation) and apply the plan, or report the refusal. A
+        Mul candidate is reported only when its rule says so, never for an unreadable model."""
+        scope = view.scope
+        ref = view.ref(idx, node)
+        view.forget()
+        try:
+            try:
+                result = ask(ref)
+            except AttributeRef as e:
+                result = Skip(Reason.ATTRIBUTE_REF, f"{e}; its value is unknown inside the function")
+            except BadAttribute as e:
+                result = Skip(Reason.MALFORMED, str(e))
+        except Exception as e:  # noqa: BLE001 - refuse what we cannot read, never crash
+            result = None if mul else Skip(Reason.MALFORMED, f"cannot be analysed: {type(e).__name__}: {e}")
+        if isinstance(result, Skip):
+            if not mul or result.code in REPORTED_MUL_CODES:
+                self.skip(
+                    scope, node, result.code, result.message, self.report.skipped_affine if mul else None
+                )
+        elif result is not None:
+            self.apply(view, result)
+        view.forget()
+
+    def apply(self, view: OnnxView, plan: Plan) -> None:
+        scope = view.scope
+        if isinstance(plan, FoldAfter):
+            apply_after(view, plan, self.folded)
+            anchor, target = view.node(plan.anchor), view.node(plan.target)
+            self.record(scope, anchor, target, plan.target.op, plan.pattern)
+            for later in plan.also:
+                self.record(scope, view.node(later), target, plan.target.op, Pattern.BN_AFTER_CHAIN)
+        elif isinstance(plan, FoldBefore):
+            apply_before(view, plan, self.folded)
+            self.record(scope, view.node(plan.bn), view.node(plan.target), plan.target.op, Pattern.BN_BEFORE)
+        else:
+            bn = view.node(plan.bn)
+            mul = apply_affine(view, plan, self.names)
+            self.record(scope, bn, mul, "Mul", Pattern.BN_TO_AFFINE)
+
+    def skip(
+        self,
+        scope: Scope,
+        bn: onnx.NodeProto,
+        code: Reason,
+        message: str,
+        into: list[SkippedBN] | None = None,
+    ) -> None:
+        x = bn.input[0] if bn.input else ""
+        prod = scope.node_of(x) if x else None
+        if bn.op_type == "Mul" and prod is not None and prod.op_type not in TARGET_OPS and len(bn.input) > 1:
+            prod = scope.node_of(bn.input[1]) or prod  # the layer may be the Mul's second input
+        (self.report.skipped if into is None else into).append(
+            SkippedBN(
+                bn=bn.name or (bn.output[0] if bn.output else ""),
+                code=code,
+                message=message,
+                graph=scope.label,
+                producer=(prod.name or prod.output[0]) if prod is not None else None,
+                producer_op=prod.op_type if prod is not None else None,
+                op=bn.op_type,
+            )
+        )
+
+    def record(
+        self, scope: Scope, anchor: onnx.NodeProto, target: onnx.NodeProto, kind: str, pattern: Pattern
+    ) -> None:
+        self.report.folded.append(
+            FoldedPair(
+                bn=anchor.name or anchor.output[0],
+                target=target.name or target.output[0],
+                kind=kind,
+                graph=scope.label,
+                pattern=pattern,
+            )
+        )
+
+
+def fold_model(
+    model: onnx.ModelProto, store: TensorStore | None = None, *, bn_to_affine: bool = False
+) -> FoldReport:
+    """Fold every foldable BN of ``model`` in place and return the report.
+
+    ``store`` reads the tensors' data and makes the new tensors (default: a
+    :class:`~bnfold.onnx.tensor_store.MemoryStore`, for models without external data). ``bn_to_affine``
+    rewrites the BNs that cannot be folded (inference-mode, constant parameters, input rank
+    provable) as ``Mul`` + ``Add`` (pattern ``bn_to_affine``).
+    """
+    start = time.perf_counter()
+    # The pass allocates many small objects and frees none that form cycles (see _Pass.run):
+    # the cyclic collector would only re-scan the whole heap several times on a large model.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        report = _Pass(model, store or MemoryStore(), Options(bn_to_affine=bn_to_affine)).run()
+    finally:
+        if collecting:
+            gc.enable()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+__all__ = ["fold_model"]

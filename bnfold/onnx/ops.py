@@ -1,0 +1,162 @@
+"""Tables of ONNX operators the pass reasons about, and the limits of its small evaluators."""
+
+from __future__ import annotations
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+# Ops whose outputs are computed from constants when all their inputs are constant: small helper
+# subgraphs that exporters emit for weights and biases (torch's dynamo exporter builds a bias-less
+# conv's zero bias with Shape -> Expand -> CastLike). Deterministic, no subgraphs, no randomness.
+EVALUABLE_OPS = frozenset(
+    {
+        "Identity",
+        "Cast",
+        "CastLike",
+        "Shape",
+        "Size",
+        "Expand",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Gather",
+        "Slice",
+        "ConstantOfShape",
+        "Transpose",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Neg",
+        "Sqrt",
+        "Reciprocal",
+        "Flatten",
+        "Tile",
+        "Range",
+        "Abs",
+    }
+)
+# Inputs of which only the type matters (CastLike's ``target_type``).
+TYPE_ONLY_INPUTS = {("CastLike", 1)}
+# Inputs of which only the shape matters: evaluated from a fully static declared shape.
+SHAPE_ONLY_INPUTS = {("Shape", 0), ("Size", 0)}
+MAX_EVALUATED_NODES = 64
+# Ops whose output 0 has the element type of input 0 (used to find CastLike's target type).
+SAME_TYPE_OPS = frozenset(
+    {
+        "Identity",
+        "Conv",
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "Relu",
+        "LeakyRelu",
+        "PRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Gelu",
+        "Mish",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Softplus",
+        "Softsign",
+        "Softmax",
+        "LogSoftmax",
+        "Clip",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Max",
+        "Min",
+        "Sum",
+        "Mean",
+        "Neg",
+        "Abs",
+        "Sqrt",
+        "Exp",
+        "Log",
+        "Erf",
+        "Reciprocal",
+        "MaxPool",
+        "AveragePool",
+        "LpPool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "Dropout",
+        "Pad",
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Concat",
+        "Slice",
+        "Split",
+        "Expand",
+        "Tile",
+        "Gather",
+        "Resize",
+        "Upsample",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceL2",
+    }
+)
+MAX_EVALUATED_ELEMENTS = 1 << 26
+# Ops whose output 0 has the rank of input 0 (used to prove a MatMul's activations are 2-D).
+RANK_PRESERVING_OPS = frozenset(
+    {
+        "Identity",
+        "Cast",
+        "CastLike",
+        "Relu",
+        "LeakyRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Gelu",
+        "Mish",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Softplus",
+        "Softsign",
+        "Softmax",
+        "LogSoftmax",
+        "Clip",
+        "Neg",
+        "Abs",
+        "Sqrt",
+        "Exp",
+        "Log",
+        "Erf",
+        "Reciprocal",
+        "Dropout",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "Conv",
+        "ConvTranspose",
+        "MaxPool",
+        "AveragePool",
+        "LpPool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+    }
+)
+# Elementwise ops with multidirectional broadcasting: the output rank is the largest input rank.
+BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum", "Mean"})

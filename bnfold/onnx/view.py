@@ -1,0 +1,100 @@
+"""The ONNX implementation of :class:`~bnfold.rules.view.GraphView` over a :class:`Scope`.
+
+It also remembers the constants the rules read (:meth:`OnnxView.const`), so that applying a plan
+replaces exactly the tensors the plan was computed from, without reading them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from ..rules.view import NodeRef
+from .attributes import attr, attr_float, attr_int
+from .constants import Const
+from .edits import Scope
+
+
+class OnnxView:
+    """One scope as the rules see it. ``folded``: ``(scope label, node index)`` of the layers that
+    absorbed a fold in this pass (shared by every scope's view)."""
+
+    def __init__(self, scope: Scope, folded: set[tuple[str, int]]) -> None:
+        self.scope = scope
+        self._folded = folded
+        self._read: dict[str, Const] = {}
+
+    # ----- for the driver ----------------------------------------------------------------------
+    def forget(self) -> None:
+        """Drop the constants remembered for the last candidate."""
+        self._read.clear()
+
+    def const(self, name: str) -> Const:
+        """The constant ``name`` as the rules last read it."""
+        return self._read[name]
+
+    def node(self, ref: NodeRef) -> onnx.NodeProto:
+        """The protobuf node of ``ref``."""
+        scope = self.scope
+        return scope.proto.node[ref.key] if ref.key >= 0 else scope.new_constants[ref.outputs[0]]
+
+    @staticmethod
+    def ref(index: int, node: onnx.NodeProto) -> NodeRef:
+        """``node`` (at ``index`` in its graph, -1 for a constant the pass added) as a rule sees it."""
+        return NodeRef(index, node.op_type, node.domain, tuple(node.input), tuple(node.output), node.name)
+
+    # ----- GraphView -----------------------------------------------------------------------------
+    @property
+    def opset(self) -> int:
+        return self.scope.opset.get("", 1)
+
+    def producer(self, value: str) -> NodeRef | None:
+        scope = self.scope
+        i = scope.producer.get(value)
+        if i is not None:
+            return self.ref(i, scope.proto.node[i])
+        added = scope.new_constants.get(value)
+        return None if added is None else self.ref(-1, added)
+
+    def produced_outside(self, value: str) -> bool:
+        owner = self.scope.owner(value)
+        return owner is not None and owner is not self.scope and owner.node_of(value) is not None
+
+    def consumer(self, value: str) -> NodeRef | None:
+        found = self.scope.consumer_of(value)
+        return None if found is None else self.ref(*found)
+
+    def uses(self, value: str) -> int:
+        return self.scope.uses[value]
+
+    def uses_after_release(self, value: str, released: Sequence[str]) -> int:
+        return self.scope.uses_after_release(value, released)
+
+    def is_graph_output(self, value: str) -> bool:
+        return value in self.scope.outputs
+
+    def constant(self, value: str) -> np.ndarray:
+        c = self.scope.constant(value)
+        self._read[value] = c
+        return c.value
+
+    def rank(self, value: str) -> int | None:
+        return self.scope.rank(value)
+
+    def dtype(self, value: str) -> np.dtype | None:
+        elem = self.scope.elem_type(value)
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else None
+
+    def attr(self, node: NodeRef, name: str, default: object = None) -> object:
+        return attr(self.node(node), name, default)
+
+    def attr_int(self, node: NodeRef, name: str, default: int) -> int:
+        return attr_int(self.node(node), name, default)
+
+    def attr_float(self, node: NodeRef, name: str, default: float) -> float:
+        return attr_float(self.node(node), name, default)
+
+    def folded_into(self, node: NodeRef) -> bool:
+        return (self.scope.label, node.key) in self._folded

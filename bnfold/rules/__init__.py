@@ -1,0 +1,95 @@
+"""The fold rules, one module per pattern, and the order in which they are tried (data, below).
+
+A rule reads the graph through :class:`~bnfold.rules.view.GraphView` only and returns a plan
+(:mod:`bnfold.rules.plan`) or a :class:`~bnfold.rules.plan.Skip` with its reason; each front end
+applies plans to its own graph. Patterns (``FoldedPair.pattern``):
+
+* ``bn_after`` (:mod:`.bn_after`): Conv / ConvTranspose / Gemm -> BN.
+* ``bn_after_chain`` (:mod:`.chains`): through a constant per-channel Add, several BNs in a row, or
+  into a layer that already absorbed an earlier fold.
+* ``matmul`` (:mod:`.matmul`): MatMul (+ Add) -> BN with 2-D activations, rewritten as one Gemm.
+* ``dequantized_weight`` (:mod:`.dequantized_weight`): Conv with a DequantizeLinear weight.
+* ``bn_before`` (:mod:`.bn_before`): BN -> unpadded Conv, or BN -> Flatten -> Gemm.
+* ``bn_to_affine`` (:mod:`.bn_to_affine`, opt-in): an unfoldable BN as Mul + Add.
+* ``decomposed_affine`` (:mod:`.decomposed_affine`): layer -> Mul(m) [-> Add(a)].
+
+The reason codes are :class:`~bnfold.report.Reason`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import FoldError
+from ..report import Reason
+from . import bn_after, bn_before, bn_to_affine, decomposed_affine
+from .common import BN, STRUCTURAL, read_bn
+from .plan import FoldAfter, Plan, Skip
+from .view import GraphView, NodeRef
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the caller allows beyond exact folds."""
+
+    bn_to_affine: bool = False
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One BN rule in the ordered set: tried when ``tried(refusal so far, options)`` holds (the
+    first rule always is); when it refuses too, ``explain(refusal so far, its refusal)`` is the
+    refusal reported."""
+
+    name: str
+    plan: Callable[[GraphView, BN], Plan | Skip | None]
+    tried: Callable[[Skip, Options], bool]
+    explain: Callable[[Skip, Skip], Skip]
+
+
+def _into_consumer_too(before: Skip, now: Skip) -> Skip:
+    return Skip(now.code, f"{now.message} (and it cannot fold into its producer: {before.message})")
+
+
+def _not_rewritten(before: Skip, now: Skip) -> Skip:
+    return Skip(before.code, f"{before.message}; not rewritten as Mul+Add: {now.message}")
+
+
+# The order is policy: into the producer (bn_after, chains, matmul, dequantized_weight); else, when
+# the refusal is about where the BN sits, into its consumer (bn_before); else, when enabled, Mul+Add.
+BN_RULES: tuple[Rule, ...] = (
+    Rule("bn_after", bn_after.plan, tried=lambda s, o: True, explain=lambda before, now: now),
+    Rule("bn_before", bn_before.plan, tried=lambda s, o: s.code in STRUCTURAL, explain=_into_consumer_too),
+    Rule("bn_to_affine", bn_to_affine.plan, tried=lambda s, o: o.bn_to_affine, explain=_not_rewritten),
+)
+
+REPORTED_MUL_CODES: frozenset[Reason] = decomposed_affine.REPORTED
+
+
+def plan_bn(view: GraphView, bn: NodeRef, options: Options) -> Plan | Skip:
+    """The first plan of :data:`BN_RULES` for the BatchNormalization ``bn``, or the refusal."""
+    try:
+        checked = read_bn(view, bn)
+    except FoldError as e:
+        return Skip(e.code, e.message)
+    refusal: Skip | None = None
+    for rule in BN_RULES:
+        if refusal is not None and not rule.tried(refusal, options):
+            continue
+        result = rule.plan(view, checked)
+        if result is None:
+            continue
+        if not isinstance(result, Skip):
+            return result
+        refusal = result if refusal is None else rule.explain(refusal, result)
+    assert refusal is not None  # the first rule never returns None
+    return refusal
+
+
+def plan_mul(view: GraphView, mul: NodeRef) -> FoldAfter | Skip | None:
+    """A decomposed BN (a layer times a constant): its plan, a refusal worth reporting, or None."""
+    return decomposed_affine.plan(view, mul)
+
+
+__all__ = ["BN_RULES", "Options", "Rule", "plan_bn", "plan_mul"]

@@ -1,0 +1,96 @@
+"""What a rule returns: a plan the front end applies to its own graph, or a skip with a reason.
+
+A plan holds the new constants (computed, rounded once) and says which nodes go away and which
+output name stays; applying it cannot fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..report import Pattern, Reason
+from .view import NodeRef
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A refusal: a stable reason code and a one-line message."""
+
+    code: Reason
+    message: str
+
+
+@dataclass(frozen=True)
+class TensorEdit:
+    """Input ``index`` of ``node`` becomes the constant ``value``. ``old``: the constant it replaces
+    (overwritten in place when nothing else reads it), or None; ``name``: the new tensor's name
+    when one is made (made unique by the front end)."""
+
+    node: NodeRef
+    index: int
+    value: np.ndarray
+    old: str | None
+    name: str
+
+
+@dataclass(frozen=True)
+class AttributeEdit:
+    """Set scalar attribute ``name`` of ``node`` (only when it is already there, with
+    ``if_present``)."""
+
+    node: NodeRef
+    name: str
+    value: float | int
+    if_present: bool = False
+
+
+@dataclass(frozen=True)
+class LayerEdit:
+    """The layer side of a fold: new constants in order (bias first), then the layer's new op type
+    (``Gemm`` for a MatMul) and attributes."""
+
+    pattern: Pattern
+    tensors: tuple[TensorEdit, ...]
+    retype: tuple[NodeRef, str] | None = None
+    attributes: tuple[AttributeEdit, ...] = ()
+
+
+@dataclass(frozen=True)
+class FoldAfter:
+    """Per-channel nodes after ``target`` fold into it: ``absorbed`` (in graph order) go away and
+    the layer takes the last one's output name. ``anchor`` is reported with ``pattern``; ``also``
+    (BNs after it, folded in the same step) are reported as ``bn_after_chain``."""
+
+    anchor: NodeRef
+    target: NodeRef
+    layer: LayerEdit
+    pattern: Pattern
+    absorbed: tuple[NodeRef, ...]
+    also: tuple[NodeRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class FoldBefore:
+    """A BN folds into the layer after it: ``bypass`` (the layer, or the Flatten before a Gemm)
+    reads the BN's input instead, and the BN goes."""
+
+    bn: NodeRef
+    bypass: NodeRef
+    target: NodeRef
+    layer: LayerEdit
+
+
+@dataclass(frozen=True)
+class ToAffine:
+    """A BN rewritten as ``Mul(scale)`` then ``Add(shift)`` (``legacy``: opset < 7, explicit
+    broadcast along axis 1)."""
+
+    bn: NodeRef
+    scale: np.ndarray
+    shift: np.ndarray
+    legacy: bool
+
+
+Plan = FoldAfter | FoldBefore | ToAffine
