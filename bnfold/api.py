@@ -14,7 +14,7 @@ import onnx
 
 from .errors import BadInput, VerificationFailed
 from .onnx.driver import fold_model
-from .report import FoldReport, Verification
+from .report import FoldReport, Status, Verification
 from .storage.embedded import Embedded, LayoutError, plan_embedded
 from .storage.external_data import has_external_data
 from .storage.load import open_model
@@ -306,7 +306,7 @@ def _verify_fold(
         check_request(folded, options.inputs, options.shapes, options.dims)
         return Verification(
             passed=True,
-            status="passed",
+            status=Status.PASSED,
             message="nothing folded: the model is unchanged",
             runs=0,
             seed=options.seed,

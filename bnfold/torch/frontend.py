@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import BadInput, VerificationFailed
-from ..report import FoldedPair, FoldReport, OutputCheck, SkippedBN, Verification
+from ..report import FoldedPair, FoldReport, OutputCheck, Pattern, Reason, SkippedBN, Status, Verification
 from ..verification import compare
 from .fx_pass import fold_graph_module
 from .tensors import to_numpy
@@ -134,7 +134,7 @@ def _verification(checks: list[OutputCheck], start_shapes: dict[str, list[int]])
     passed = all(c.passed for c in checks)
     return Verification(
         passed=passed,
-        status="passed" if passed else "failed",
+        status=Status.PASSED if passed else Status.FAILED,
         message=""
         if passed
         else "outputs differ beyond tolerance: " + ", ".join(c.name for c in checks if not c.passed),
@@ -251,7 +251,7 @@ def _fold_children(module: nn.Module, args: tuple[Any, ...] | None) -> FoldRepor
             report.skipped.append(
                 SkippedBN(
                     name,
-                    "untraceable",
+                    Reason.UNTRACEABLE,
                     "called from a forward that neither symbolic_trace nor torch.export can capture",
                     "fx",
                 )
@@ -335,7 +335,7 @@ def export(
     report = fold_model(proto)
     exporter_folds = max(_count_bn(private) - bn_in_onnx, 0)
     report.folded.extend(
-        FoldedPair(bn=f"<exporter fold {i + 1}>", target="", kind="", graph="main", pattern="exporter")
+        FoldedPair(bn=f"<exporter fold {i + 1}>", target="", kind="", graph="main", pattern=Pattern.EXPORTER)
         for i in range(exporter_folds)
     )
     result = FoldResult(proto, report, None, None)

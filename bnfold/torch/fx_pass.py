@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from ..errors import FoldError
 from ..folding import BNAffine, bn_affine, fold_conv, fold_conv_transpose, fold_gemm
-from ..report import FoldedPair, FoldReport, SkippedBN
+from ..report import FoldedPair, FoldReport, Reason, SkippedBN
 from .tensors import del_attr, erased, get_attr, set_attr, set_submodule, to_numpy, to_torch
 
 aten = torch.ops.aten
@@ -411,7 +411,7 @@ class FxFolder:
         self.report.skipped.append(
             SkippedBN(
                 str(label),
-                code,
+                Reason(code),
                 message,
                 "fx",
                 inp.name if inp is not None else None,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..report import OutputCheck, Verification
+from ..report import OutputCheck, Status, Verification
 from ..storage.load import load_model, open_model
 from .compare import compare, worst
 from .inputs import (
@@ -129,7 +129,7 @@ def verify_models(
     names = [n for n, _ in ref_if.outputs]
     result = Verification(
         passed=False,
-        status="error",
+        status=Status.ERROR,
         runs=options.runs,
         seed=options.seed,
         provider=provider,
@@ -149,14 +149,14 @@ def verify_models(
     try:
         cand_out = run_all(cand_source, provider, feeds, names, options.threads)
     except Exception as exc:  # noqa: BLE001 - reported, never raised
-        result.status = "failed"
+        result.status = Status.FAILED
         result.message = f"onnxruntime cannot run the candidate model: {one_line(exc)}"
         result.seconds = time.perf_counter() - start
         return result
     floors = _noise_floors(ref_source, feeds, names, ref_out, options, touched_nodes)
     result.outputs = _checks(names, ref_out, cand_out, options, floors)
     result.passed = all(c.passed for c in result.outputs)
-    result.status = "passed" if result.passed else "failed"
+    result.status = Status.PASSED if result.passed else Status.FAILED
     if not result.passed:
         bad = [c.name for c in result.outputs if not c.passed]
         result.message = f"outputs differ beyond tolerance: {', '.join(bad)}"
