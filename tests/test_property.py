@@ -274,7 +274,7 @@ def pattern_cases(draw: st.DrawFn) -> tuple[str, dict, list[str]]:
 )
 @given(pattern_cases())
 def test_random_affine_patterns_fold_exactly(case: tuple[str, dict, list[str]]) -> None:
-    import test_patterns as tp
+    import pattern_checks as tp
 
     kind, kw, expect = case
     event(kind)

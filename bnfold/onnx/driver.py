@@ -11,6 +11,7 @@ in ``FoldReport.skipped_affine`` (``SkippedBN.op == "Mul"``) only for the reason
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from collections.abc import Callable
@@ -97,7 +98,7 @@ class _Pass:
                 candidates.append((idx, node, op))
         bns = [(i, n) for i, n, op in candidates if op == "BatchNormalization"]
         jobs = bulk.prepare(scope, view, self.store, bns)
-        record = lambda anchor, target, kind, pattern: self.record(scope, anchor, target, kind, pattern)  # noqa: E731
+        record = functools.partial(self.record, scope)
         for idx, node, op in candidates:
             if idx in scope.removed_nodes:
                 continue

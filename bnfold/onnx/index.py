@@ -124,6 +124,7 @@ class NameAllocator:
 
 
 def subgraphs_present(node: onnx.NodeProto) -> bool:
+    """True when ``node`` has a graph-valued attribute (scans every attribute)."""
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 

@@ -1,8 +1,8 @@
 """The bulk path for plain Conv -> BN pairs (``bnfold.onnx.bulk.prepare`` and
 ``folding.fold_conv_many``) must give exactly what the one-by-one path gives.
 
-Numerics of the one-by-one path are checked against onnxruntime elsewhere (test_property,
-test_onnx_pass); here both paths run on the same models and must produce the same bytes and the
+Numerics of the one-by-one path are checked against onnxruntime elsewhere (test_property.py,
+tests/rules); here both paths run on the same models and must produce the same bytes and the
 same report, and the mixed models are also checked in onnxruntime with optimizations off.
 """
 
@@ -23,7 +23,7 @@ from bnfold.folding import bn_affine, fold_conv, fold_conv_many
 from bnfold.onnx import bulk
 from bnfold.onnx.driver import fold_model
 
-MODELS = sorted((Path(__file__).resolve().parent.parent / "models" / "onnx").glob("*.onnx"))
+MODELS = sorted((Path(__file__).resolve().parents[2] / "models" / "onnx").glob("*.onnx"))
 ONE_BY_ONE = 10**9  # a BULK_MIN no graph reaches
 
 
