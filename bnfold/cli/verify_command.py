@@ -53,6 +53,14 @@ def verify_command(
     junit_xml: JunitOut = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
+    localize: Annotated[
+        bool,
+        typer.Option(
+            "--localize",
+            help="Also compare every intermediate tensor both models share by name and report "
+            "the first that diverges.",
+        ),
+    ] = False,
 ) -> int:
     """Run REFERENCE and CANDIDATE in onnxruntime (optimizations off) on the same seeded inputs
     and compare every output. Exit 0 if all match within tolerance, 1 if not (or onnxruntime
@@ -67,12 +75,15 @@ def verify_command(
     check_report_path(junit_xml, "--junit-xml")
     check_report_clash([json_out, junit_xml], [reference, candidate])
     options = verify_options(True, atol, rtol, seed, runs, shape, dim, inputs, provider)
-    out = compare(reference, candidate, options, console)
-    return report_comparison(out, console, json_out, junit_xml, verbose)
+    out = compare(reference, candidate, options, console, localize)
+    return report_comparison(out, console, json_out, junit_xml, verbose, localize)
 
 
-def compare(reference: Path, candidate: Path, options: VerifyOptions, console: Console) -> VerifyOutcome:
-    """Run the comparison; bad input becomes the outcome's status."""
+def compare(
+    reference: Path, candidate: Path, options: VerifyOptions, console: Console, localize: bool = False
+) -> VerifyOutcome:
+    """Run the comparison (``localize``: and find the first diverging tensor); bad input becomes
+    the outcome's status."""
     from bnfold.errors import BadInput
 
     from .console import progress
@@ -89,7 +100,7 @@ def compare(reference: Path, candidate: Path, options: VerifyOptions, console: C
         try:
             from bnfold.verification import jsonable, verify_models
 
-            ver = verify_models(str(reference), str(candidate), unthreaded)
+            ver = verify_models(str(reference), str(candidate), unthreaded, localize=localize)
         except BadInput as exc:
             out.message = bad_input_text(exc)
             ver = None
@@ -106,7 +117,12 @@ def compare(reference: Path, candidate: Path, options: VerifyOptions, console: C
 
 
 def report_comparison(
-    out: VerifyOutcome, console: Console, json_out: str | None, junit_path: str | None, verbose: bool
+    out: VerifyOutcome,
+    console: Console,
+    json_out: str | None,
+    junit_path: str | None,
+    verbose: bool,
+    localized: bool = False,
 ) -> int:
     from .render.jsondoc import document, write_reports
     from .render.junit import junit_xml
@@ -119,7 +135,7 @@ def report_comparison(
     if out.status == "error":
         console.error(out.message)
     else:
-        console.lines(verify_blocks(out, verbose))
+        console.lines(verify_blocks(out, verbose, localized))
     report_code = write_reports(
         doc,
         json_out,

@@ -21,6 +21,7 @@ from bnfold.cli.render.text import (
     model_final_line,
     overall_final_line,
     plain,
+    verification_blocks,
     verify_final_line,
 )
 
@@ -166,3 +167,24 @@ def test_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
         bar.advance(failed=True)
         assert (bar.done, bar.failed) == (1, 1)
     assert "1/2 models, 1 failed" in tty.getvalue()
+
+
+def test_errors_are_stated_in_noise_floors() -> None:
+    a = _output("a", 2e-7, True) | {"noise_floor": 1e-7, "err_over_noise": 2.0}
+    b = _output("b", 1e-7, True) | {"noise_floor": 1e-8, "err_over_noise": 10.0}
+    out = _folded()
+    out.verification = {"outputs": [a], "max_abs_err": 2e-7, "message": ""}
+    assert model_final_line(out) == "PASSED 1 folded, 0 kept, max abs err 2.00e-07 = 2 noise floors"
+    # the largest error is a's, but b is further from its own noise: both are said
+    out.verification = {"outputs": [a, b], "max_abs_err": 2e-7, "message": ""}
+    assert model_final_line(out) == (
+        "PASSED 1 folded, 0 kept, max abs err 2.00e-07 = 2 noise floors (output b: 10 noise floors)"
+    )
+    table = plain(verification_blocks(out.verification))
+    assert "noise floor" in table[1] and "err/noise" in table[1]
+    assert table[2].split()[-3:] == ["1.00e-07", "2", "PASSED"]
+    # no floor measured (e.g. a zero floor): no ratio, a dash in the table
+    c = _output("c", 1e-7, True) | {"noise_floor": 0.0, "err_over_noise": None}
+    out.verification = {"outputs": [c], "max_abs_err": 1e-7, "message": ""}
+    assert model_final_line(out) == "PASSED 1 folded, 0 kept, max abs err 1.00e-07"
+    assert plain(verification_blocks(out.verification))[2].split()[-3:] == ["0", "-", "PASSED"]

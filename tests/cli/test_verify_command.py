@@ -18,7 +18,9 @@ def test_verify_passes_another_tools_fold_and_catches_corruption(folder: Path) -
     theirs = ort_fold(ref, folder / "b.ort.onnx")
     result = invoke("verify", ref, theirs, "--runs", "2")
     assert result.exit_code == 0, result.output
-    assert re.match(r"^PASSED 1/1 outputs match, max abs err \S+$", last_line(result.stdout))
+    assert re.match(
+        r"^PASSED 1/1 outputs match, max abs err \S+ = [0-9.e+-]+ noise floors$", last_line(result.stdout)
+    )
     bad = corrupt(ref, folder / "bad.onnx")
     result = invoke("verify", ref, bad)
     assert result.exit_code == 1, result.output
@@ -56,3 +58,32 @@ def test_verify_unverifiable_reference_fails_the_gate(tmp_path: Path) -> None:
     assert last_line(result.stdout).startswith(
         "FAILED not verified: onnxruntime cannot run the reference model"
     )
+
+
+def test_localize_names_the_first_tensor_that_diverges(folder: Path) -> None:
+    import numpy as np
+    from onnx import numpy_helper
+
+    ref = save(conv_bn_model(blocks=3), folder / "deep.onnx")
+    folded = folder / "deep.folded.onnx"
+    assert invoke(ref, "-o", folded, "-q").exit_code == 0
+    model = onnx.load(str(folded))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    weight = next(t for t in model.graph.initializer if t.name == convs[1].input[1])
+    broken = numpy_helper.to_array(weight) * np.float32(1.01)  # the second layer 1 % off
+    weight.CopyFrom(numpy_helper.from_array(broken, weight.name))
+    bad = folder / "deep.bad.onnx"
+    onnx.save(model, str(bad))
+    result = invoke("verify", ref, bad, "--localize", "--json", "-")
+    assert result.exit_code == 1
+    found = json.loads(result.stdout)["verification"]["first_divergence"]
+    assert found["cand_node"] == convs[1].name and found["max_abs_err"] > 0
+    text = invoke("verify", ref, bad, "--localize")
+    assert f"first divergence: tensor '{found['tensor']}'" in text.stdout
+    # without --localize nothing is localized; a correct fold localizes to nothing
+    assert (
+        json.loads(invoke("verify", ref, bad, "--json", "-").stdout)["verification"]["first_divergence"]
+        is None
+    )
+    clean = invoke("verify", ref, folded, "--localize")
+    assert clean.exit_code == 0 and "no intermediate tensor diverges" in clean.stdout

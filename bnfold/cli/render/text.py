@@ -3,6 +3,7 @@ as aligned plain columns (byte-identical whatever the terminal) or, on a termina
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +71,10 @@ def _shown(items: list[Any], verbose: bool) -> list[Any]:
     return items if verbose or len(items) <= MAX_ROWS else items[:MAX_ROWS]
 
 
-def verification_blocks(v: dict[str, Any], verbose: bool = False, indent: str = "  ") -> list[Block]:
-    """A ``Verification.to_dict()`` (JSON-safe) record."""
+def verification_blocks(
+    v: dict[str, Any], verbose: bool = False, indent: str = "  ", localized: bool = False
+) -> list[Block]:
+    """A ``Verification.to_dict()`` (JSON-safe) record (``localized``: localization ran)."""
     inputs = ", ".join(f"{k}={fmt_shape(s)}" for k, s in v.get("input_shapes", {}).items())
     assumed = ", ".join(f"{k}={n}" for k, n in v.get("assumed_dims", {}).items())
     runs = v.get("runs", 0)
@@ -86,13 +89,26 @@ def verification_blocks(v: dict[str, Any], verbose: bool = False, indent: str = 
     outputs = v.get("outputs") or []
     if outputs:
         rows = [
-            ["output", "dtype", "shape", "max abs err", "max rel err", "atol", "rtol", "min atol", "result"]
+            [
+                "output",
+                "dtype",
+                "shape",
+                "max abs err",
+                "max rel err",
+                "atol",
+                "rtol",
+                "min atol",
+                "noise floor",
+                "err/noise",
+                "result",
+            ]
         ]
         shown = _shown(outputs, verbose)
         for o in shown:
             rows.append(
                 [o["name"], o["dtype"], fmt_shape(o["shape"])]
                 + [fmt_err(o[k]) for k in ("max_abs_err", "max_rel_err", "atol", "rtol", "min_atol")]
+                + [_optional(o.get("noise_floor"), fmt_err), _optional(o.get("err_over_noise"), fmt_ratio)]
                 + ["PASSED" if o["passed"] else f"FAILED ({o['mismatches']} elements)"]
             )
         blocks.append(Table(rows, indent + "  "))
@@ -100,6 +116,9 @@ def verification_blocks(v: dict[str, Any], verbose: bool = False, indent: str = 
             blocks.append(
                 f"{indent}  ... {len(outputs) - len(shown)} more outputs (--verbose or --json for all)"
             )
+    divergence = divergence_line(v, localized)
+    if divergence is not None:
+        blocks.append(f"{indent}  {divergence}")
     if v.get("message"):
         blocks.append(f"{indent}  {v['message']}")
     return blocks
@@ -172,6 +191,44 @@ def worst_output(outputs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(bad, key=lambda o: float("inf") if o["max_abs_err"] is None else o["max_abs_err"])
 
 
+def fmt_ratio(x: float | None) -> str:
+    """An error in noise floors (``0.8``, ``1.2e+03``); None (no floor) reads as ``-``."""
+    return "-" if x is None else f"{x:.2g}"
+
+
+def _optional(x: float | None, fmt: Callable[[float | None], str]) -> str:
+    return "-" if x is None else fmt(x)
+
+
+def in_noise_floors(outputs: list[dict[str, Any]], shown: dict[str, Any] | None = None) -> str:
+    """`` = 0.8 noise floors``: the error of ``shown`` (default: the output with the largest
+    error) in noise floors, and the largest ratio of any other output when that one is higher;
+    empty when no floor was measured."""
+    if not outputs:
+        return ""
+    if shown is None:
+        shown = max(outputs, key=lambda o: float("inf") if o["max_abs_err"] is None else o["max_abs_err"])
+    ratio = shown.get("err_over_noise")
+    tail = f" = {fmt_ratio(ratio)} noise floors" if ratio is not None else ""
+    ratios = [o for o in outputs if o.get("err_over_noise") is not None]
+    top = max(ratios, key=lambda o: o["err_over_noise"]) if ratios else None
+    if top is not None and top is not shown and (ratio is None or top["err_over_noise"] > ratio):
+        tail += f" (output {top['name']}: {fmt_ratio(top['err_over_noise'])} noise floors)"
+    return tail
+
+
+def divergence_line(v: dict[str, Any], localized: bool) -> str | None:
+    """The localization's line (``first divergence: ...``): when it ran (``localized``) or found
+    a divergence (a failed fold localizes by itself); else None."""
+    from bnfold.report import Divergence
+    from bnfold.verification import describe_divergence
+
+    found = v.get("first_divergence")
+    if not localized and not found:
+        return None
+    return describe_divergence(Divergence(**found) if found else None)
+
+
 def _tolerance(o: dict[str, Any]) -> str:
     return f"tolerance {fmt_err(o['atol'])} + {fmt_err(o['rtol'])}*|ref| (output {o['name']})"
 
@@ -186,12 +243,16 @@ def model_final_line(out: ModelOutcome) -> str:
     vstat = out.verification_status
     word = "PASSED" if out.exit_code == EXIT_OK else "FAILED"
     if vstat == "passed":
-        tail = f"max abs err {fmt_err(v.get('max_abs_err'))}"
+        tail = f"max abs err {fmt_err(v.get('max_abs_err'))}{in_noise_floors(v.get('outputs') or [])}"
     elif vstat == "unchanged":
         tail = "nothing to fold, model unchanged"
     elif vstat == "failed":
         worst = worst_output(v.get("outputs", []))
-        tail = f"max abs err {fmt_err(worst['max_abs_err'])} > {_tolerance(worst)}" if worst else out.message
+        tail = (
+            f"max abs err {fmt_err(worst['max_abs_err'])}{in_noise_floors([worst])} > {_tolerance(worst)}"
+            if worst
+            else out.message
+        )
         tail += ", written anyway (--force)" if out.written else ", not written"
     else:  # unverifiable / skipped
         tail = (
@@ -248,10 +309,10 @@ def fold_summary(outcomes: list[ModelOutcome]) -> dict[str, Any]:
     }
 
 
-def verify_blocks(out: VerifyOutcome, verbose: bool = False) -> list[Block]:
+def verify_blocks(out: VerifyOutcome, verbose: bool = False, localized: bool = False) -> list[Block]:
     blocks: list[Block] = [f"{out.reference} vs {out.candidate}"]
     if out.verification is not None:
-        blocks += verification_blocks(out.verification, verbose)
+        blocks += verification_blocks(out.verification, verbose, localized=localized)
     blocks.append(f"  time: {fmt_seconds(out.seconds)}")
     return blocks
 
@@ -263,13 +324,17 @@ def verify_final_line(out: VerifyOutcome) -> str:
     outputs = v.get("outputs") or []
     if out.verification_status == "passed":
         return (
-            f"PASSED {len(outputs)}/{len(outputs)} outputs match, max abs err {fmt_err(v.get('max_abs_err'))}"
+            f"PASSED {len(outputs)}/{len(outputs)} outputs match, "
+            f"max abs err {fmt_err(v.get('max_abs_err'))}{in_noise_floors(outputs)}"
         )
     worst = worst_output(outputs) if out.verification_status != "unverifiable" else None
     if worst is None:
         return f"FAILED {out.message}"
     bad = sum(1 for o in outputs if not o["passed"])
-    return f"FAILED {bad}/{len(outputs)} outputs differ, max abs err {fmt_err(worst['max_abs_err'])} > {_tolerance(worst)}"
+    return (
+        f"FAILED {bad}/{len(outputs)} outputs differ, "
+        f"max abs err {fmt_err(worst['max_abs_err'])}{in_noise_floors([worst])} > {_tolerance(worst)}"
+    )
 
 
 def inspect_blocks(out: InspectOutcome, verbose: bool = False) -> list[Block]:
