@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.external is None:
         args.external = args.examples // 3
 
-    import test_fuzz
+    import fuzz_cases
+    import fuzz_external_cases
     from hypothesis import HealthCheck, Phase, given, seed, settings
     from hypothesis import strategies as st
 
@@ -78,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         run()
 
     def mutated_model(data: object) -> None:
-        raw = test_fuzz.mutate(data)
-        record("model", lambda: test_fuzz.check_case(raw), raw)
+        raw = fuzz_cases.mutate(data)
+        record("model", lambda: fuzz_cases.check_case(raw), raw)
 
     def external(data: object) -> None:
-        record("external data", lambda: test_fuzz.check_external_case(data), b"")
+        record("external data", lambda: fuzz_external_cases.check_external_case(data), b"")
 
     try:
         property_run(args.examples, mutated_model)
