@@ -36,6 +36,12 @@ def test_every_reason_has_a_one_line_meaning() -> None:
     assert all(m and "\n" not in m for m in REASON_MEANINGS.values())
 
 
+def test_design_doc_lists_every_reason_with_its_meaning() -> None:
+    doc = (TESTS.parent / "docs" / "design.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (.+?) \| [^|]+ \|$", doc, re.M))
+    assert rows == {str(r): REASON_MEANINGS[r] for r in Reason}
+
+
 def test_json_holds_the_plain_strings() -> None:
     report = FoldReport(
         folded=[FoldedPair("bn", "conv", "Conv", "main", Pattern.MATMUL)],
