@@ -24,7 +24,6 @@ from .ops import ONNX_DOMAINS
 from .tensor_store import TensorStore
 from .view import OnnxView
 
-BULK_MIN = 1  # BNs in a graph for the bulk path (a test raises it to compare both paths)
 BULK_MAX_WEIGHT = 64 << 10  # larger weights fold one by one: bulk copying would cost more than it saves
 _BULK_DTYPES: dict[int, np.dtype] = {
     onnx.TensorProto.FLOAT: np.dtype("<f4"),
@@ -84,7 +83,7 @@ def prepare(
     can change that Conv first (its input is not a BN's output). Every other BN, and every pair the
     math refuses, takes the one-by-one path, which also gives the reasons.
     """
-    if len(bns) < BULK_MIN or store.spills or not isinstance(scope.proto, onnx.GraphProto):
+    if not bns or store.spills or not isinstance(scope.proto, onnx.GraphProto):
         return {}
     version = bn_version(scope.opset.get("", 1))
     nodes = scope.proto.node

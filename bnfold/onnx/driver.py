@@ -40,10 +40,13 @@ def _opset_map(imports: list[onnx.OperatorSetIdProto] | object) -> dict[str, int
 
 
 class _Pass:
-    def __init__(self, model: onnx.ModelProto, store: TensorStore, options: Options) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, store: TensorStore, options: Options, bulk: bool = True
+    ) -> None:
         self.model = model
         self.store = store
         self.options = options
+        self.bulk = bulk
         self.names = NameAllocator(set())  # filled from the main graph's index in run()
         self.report = FoldReport()
         self.folded: set[tuple[str, int]] = set()  # (scope label, node index) of layers folded into
@@ -97,7 +100,7 @@ class _Pass:
             if (op == "BatchNormalization" or op == "Mul") and node.domain in ONNX_DOMAINS:
                 candidates.append((idx, node, op))
         bns = [(i, n) for i, n, op in candidates if op == "BatchNormalization"]
-        jobs = bulk.prepare(scope, view, self.store, bns)
+        jobs = bulk.prepare(scope, view, self.store, bns) if self.bulk else {}
         record = functools.partial(self.record, scope)
         for idx, node, op in candidates:
             if idx in scope.removed_nodes:
@@ -204,14 +207,16 @@ class _Pass:
 
 
 def fold_model(
-    model: onnx.ModelProto, store: TensorStore | None = None, *, bn_to_affine: bool = False
+    model: onnx.ModelProto, store: TensorStore | None = None, *, bn_to_affine: bool = False, bulk: bool = True
 ) -> FoldReport:
     """Fold every foldable BN of ``model`` in place and return the report.
 
     ``store`` reads the tensors' data and makes the new tensors (default: a
     :class:`~bnfold.onnx.tensor_store.MemoryStore`, for models without external data). ``bn_to_affine``
     rewrites the BNs that cannot be folded (inference-mode, constant parameters, input rank
-    provable) as ``Mul`` + ``Add`` (pattern ``bn_to_affine``).
+    provable) as ``Mul`` + ``Add`` (pattern ``bn_to_affine``). ``bulk``: fold plain Conv -> BN
+    pairs all at once (:mod:`bnfold.onnx.bulk`); False folds every BN one by one, with the same
+    result (the tests compare both).
     """
     start = time.perf_counter()
     # The pass allocates many small objects and frees none that form cycles (see _Pass.run):
@@ -219,7 +224,7 @@ def fold_model(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        report = _Pass(model, store or MemoryStore(), Options(bn_to_affine=bn_to_affine)).run()
+        report = _Pass(model, store or MemoryStore(), Options(bn_to_affine=bn_to_affine), bulk).run()
     finally:
         if collecting:
             gc.enable()

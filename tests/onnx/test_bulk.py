@@ -24,16 +24,14 @@ from bnfold.onnx.driver import fold_model
 from bnfold.storage.spill import FileStore
 
 MODELS = sorted((Path(__file__).resolve().parents[2] / "models" / "onnx").glob("*.onnx"))
-ONE_BY_ONE = 10**9  # a BULK_MIN no graph reaches
 
 
-def _fold_both(model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch, base_dir: str = "") -> tuple:
+def _fold_both(model: onnx.ModelProto, base_dir: str = "") -> tuple:
     """(bytes, report) of the bulk path and of the one-by-one path."""
     results = []
-    for minimum in (1, ONE_BY_ONE):
-        monkeypatch.setattr(bulk, "BULK_MIN", minimum)
+    for at_once in (True, False):
         m = copy.deepcopy(model)
-        report = fold_model(m, FileStore(base_dir))
+        report = fold_model(m, FileStore(base_dir), bulk=at_once)
         results.append((m.SerializeToString(deterministic=True), report))
     return results
 
@@ -56,8 +54,8 @@ def _same(results: list) -> None:
 
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
-def test_bulk_and_one_by_one_agree_on_the_model_zoo(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _same(_fold_both(onnx.load(str(path)), monkeypatch, str(path.parent)))
+def test_bulk_and_one_by_one_agree_on_the_model_zoo(path: Path) -> None:
+    _same(_fold_both(onnx.load(str(path)), str(path.parent)))
 
 
 def _mixed_model(seed: int) -> onnx.ModelProto:
@@ -170,7 +168,7 @@ def test_bulk_and_one_by_one_agree_on_mixed_chains(
         return applied[-1]
 
     monkeypatch.setattr(bulk, "rewrite", spy)
-    results = _fold_both(model, monkeypatch)
+    results = _fold_both(model)
     assert any(applied)  # the bulk path folded some pairs
     _same(results)
     folded = onnx.ModelProto()
@@ -182,6 +180,15 @@ def test_bulk_and_one_by_one_agree_on_mixed_chains(
         check_model(folded)
         feeds = {"x": np.random.default_rng(seed).standard_normal((1, 4, 6, 6)).astype(np.float32)}
         assert_ort_equivalent(model, folded, feeds)
+
+
+def test_bulk_false_folds_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(bulk, "rewrite", lambda *args: calls.append(args) or False)
+    fold_model(_mixed_model(0), bulk=False)
+    assert calls == []
+    fold_model(_mixed_model(0))
+    assert calls  # the default takes the bulk path for plain pairs
 
 
 def test_fold_conv_many_matches_fold_conv_bit_for_bit() -> None:
