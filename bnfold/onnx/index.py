@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Self, cast
 
 import onnx
 
-from .ops import ONNX_DOMAINS
+from .ops import NO_GRAPH_ATTRIBUTE_OPS, ONNX_DOMAINS
 from .tensor_store import TensorStore
 
 if TYPE_CHECKING:
@@ -23,34 +23,18 @@ if TYPE_CHECKING:
     from .edits import Scope
 
 _GRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-_NO_SUBGRAPH_OPS = frozenset(
-    {
-        "Conv",
-        "ConvTranspose",
-        "BatchNormalization",
-        "Gemm",
-        "MatMul",
-        "Relu",
-        "Add",
-        "Mul",
-        "Constant",
-        "Identity",
-        "Reshape",
-        "Flatten",
-        "Concat",
-        "Clip",
-    }
-)
 
 
 def may_have_subgraphs(node: onnx.NodeProto) -> bool:
     """False for a node that certainly has no graph attribute (cheap: no attribute scan)."""
-    return bool(node.attribute) and (node.op_type not in _NO_SUBGRAPH_OPS or node.domain not in ONNX_DOMAINS)
+    return bool(node.attribute) and (
+        node.op_type not in NO_GRAPH_ATTRIBUTE_OPS or node.domain not in ONNX_DOMAINS
+    )
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     """The graph-valued attributes of ``node`` as ``(attribute name, graph)``."""
-    if not node.attribute or (node.op_type in _NO_SUBGRAPH_OPS and node.domain in ONNX_DOMAINS):
+    if not node.attribute or (node.op_type in NO_GRAPH_ATTRIBUTE_OPS and node.domain in ONNX_DOMAINS):
         return  # fast path: standard ops that never carry graphs
     for a in node.attribute:
         if a.type == onnx.AttributeProto.GRAPH:

@@ -4,6 +4,37 @@ from __future__ import annotations
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
+# Standard ops whose attributes are never tensors or graphs (a scan of the model's tensors and
+# subgraphs skips their attributes); with Constant, those that never carry a graph.
+NO_TENSOR_ATTRIBUTE_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "BatchNormalization",
+        "Gemm",
+        "MatMul",
+        "Relu",
+        "Clip",
+        "Add",
+        "Mul",
+        "Sub",
+        "Div",
+        "Identity",
+        "Reshape",
+        "Flatten",
+        "Concat",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Sigmoid",
+        "Softmax",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+    }
+)
+NO_GRAPH_ATTRIBUTE_OPS = NO_TENSOR_ATTRIBUTE_OPS | {"Constant"}
+
 # Ops whose outputs are computed from constants when all their inputs are constant: small helper
 # subgraphs that exporters emit for weights and biases (torch's dynamo exporter builds a bias-less
 # conv's zero bias with Shape -> Expand -> CastLike). Deterministic, no subgraphs, no randomness.

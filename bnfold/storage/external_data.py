@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import BadInput
+from ..onnx.ops import NO_TENSOR_ATTRIBUTE_OPS, ONNX_DOMAINS
 from ..onnx.tensor_store import _NATIVE, raw_to_array
 
 ALIGN = 4096  # offsets in written data files are page aligned (mmap-friendly)
@@ -29,35 +30,6 @@ def is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
-_PLAIN_OPS = frozenset(
-    {
-        "Conv",
-        "ConvTranspose",
-        "BatchNormalization",
-        "Gemm",
-        "MatMul",
-        "Relu",
-        "Clip",
-        "Add",
-        "Mul",
-        "Sub",
-        "Div",
-        "Identity",
-        "Reshape",
-        "Flatten",
-        "Concat",
-        "MaxPool",
-        "AveragePool",
-        "GlobalAveragePool",
-        "Sigmoid",
-        "Softmax",
-        "Transpose",
-        "Squeeze",
-        "Unsqueeze",
-    }
-)
-
-
 def iter_tensors(model: onnx.ModelProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of the model: initializers and Constant/attribute tensors, all graphs
     (without the main graph's initializers if ``initializers`` is False)."""
@@ -68,7 +40,7 @@ def iter_tensors(model: onnx.ModelProto, initializers: bool = True) -> Iterator[
 
     def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
         for n in nodes:
-            if n.op_type in _PLAIN_OPS and n.domain in ("", "ai.onnx"):
+            if n.op_type in NO_TENSOR_ATTRIBUTE_OPS and n.domain in ONNX_DOMAINS:
                 continue  # standard ops whose attributes are never tensors or graphs
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
