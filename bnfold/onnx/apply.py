@@ -60,9 +60,14 @@ def absorb(
 
 def apply_after(view: OnnxView, plan: FoldAfter, folded: set[tuple[str, int]]) -> None:
     """A fold into the layer before: new constants, then the absorbed nodes go."""
+    target = view.node(plan.target)
+    old = target.output[0]
+    readers = view.metadata_reads(old)  # Shape/Size of the layer output: they read the new name
     apply_layer(view, plan.layer)
     chain = [(ref.key, view.node(ref)) for ref in plan.absorbed]
-    absorb(view.scope, view.node(plan.target), chain, folded)
+    absorb(view.scope, target, chain, folded)
+    if readers:
+        view.reread(readers, old, target.output[0])
 
 
 def apply_before(view: OnnxView, plan: FoldBefore, folded: set[tuple[str, int]]) -> None:
