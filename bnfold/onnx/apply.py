@@ -61,13 +61,15 @@ def absorb(
 def apply_after(view: OnnxView, plan: FoldAfter, folded: set[tuple[str, int]]) -> None:
     """A fold into the layer before: new constants, then the absorbed nodes go."""
     target = view.node(plan.target)
-    old = target.output[0]
-    readers = view.metadata_reads(old)  # Shape/Size of the layer output: they read the new name
-    apply_layer(view, plan.layer)
     chain = [(ref.key, view.node(ref)) for ref in plan.absorbed]
+    # Shape/Size readers of the values that go (the rules admit them only where the shape is the
+    # final one's): they read the name that stays.
+    gone = [target.output[0]] + [node.output[0] for _, node in chain[:-1]]
+    readers = [(v, view.metadata_reads(v)) for v in gone if view.scope.uses[v] > 1]
+    apply_layer(view, plan.layer)
     absorb(view.scope, target, chain, folded)
-    if readers:
-        view.reread(readers, old, target.output[0])
+    for value, reads in readers:
+        view.reread(reads, value, target.output[0])
 
 
 def apply_before(view: OnnxView, plan: FoldBefore, folded: set[tuple[str, int]]) -> None:
