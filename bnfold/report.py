@@ -98,6 +98,7 @@ class Pattern(StrEnum):
     BN_AFTER = "bn_after"  # Conv / ConvTranspose / Gemm -> BN
     BN_AFTER_CHAIN = "bn_after_chain"  # through a constant Add, or into a layer already folded into
     BN_AFTER_PASSTHROUGH = "bn_after_passthrough"  # through Identity, Dropout, cancelling Transposes
+    CONCAT = "concat"  # Concat of layers along channels -> BN, split by channel ranges
     MATMUL = "matmul"  # MatMul (+ Add) -> BN, rewritten as one Gemm
     DECOMPOSED_AFFINE = "decomposed_affine"  # layer -> Mul(m) [-> Add(a)]
     BN_BEFORE = "bn_before"  # BN -> unpadded Conv, or BN -> Flatten -> Gemm
@@ -123,9 +124,7 @@ class FoldedPair:
 
     bn: str
     target: str
-    kind: (
-        str  # op type of the target before the fold: Conv, ConvTranspose, Gemm, MatMul (Mul for bn_to_affine)
-    )
+    kind: str  # op type of the target before the fold: Conv, ConvTranspose, Gemm, MatMul (Mul for bn_to_affine; the joining Concat or Add for concat and sum_of_layers)
     graph: str  # "main", a subgraph path like "main/If_0.then_branch", or "function domain:name"
     pattern: Pattern = Pattern.BN_AFTER  # the pattern kind that matched
 
