@@ -45,6 +45,7 @@ class Reason(StrEnum):
     PADDING = "padding"
     DEQUANTIZE_AXIS = "dequantize_axis"
     DROPOUT_MASK = "dropout_mask"
+    IDENTITY_SUMMAND = "identity_summand"
     # torch front end only
     NO_RUNNING_STATS = "no_running_stats"
     CUSTOM_FORWARD = "custom_forward"
@@ -82,6 +83,7 @@ REASON_MEANINGS: dict[Reason, str] = {
     Reason.PADDING: "the Conv after the BN pads its input: the padded zeros would not get the shift",
     Reason.DEQUANTIZE_AXIS: "the weight's dequantize scale is not per output channel",
     Reason.DROPOUT_MASK: "a Dropout between the layer and the BN returns a mask that is read",
+    Reason.IDENTITY_SUMMAND: "the BN follows an Add of a layer and a path without a weight to absorb the scale",
     Reason.NO_RUNNING_STATS: "the BatchNorm module tracks no running statistics",
     Reason.CUSTOM_FORWARD: "the module's forward is not the standard one",
     Reason.UNTRACEABLE: "the module is called from a forward that cannot be traced",
@@ -99,6 +101,7 @@ class Pattern(StrEnum):
     BN_AFTER_CHAIN = "bn_after_chain"  # through a constant Add, or into a layer already folded into
     BN_AFTER_PASSTHROUGH = "bn_after_passthrough"  # through Identity, Dropout, cancelling Transposes
     CONCAT = "concat"  # Concat of layers along channels -> BN, split by channel ranges
+    SUM_OF_LAYERS = "sum_of_layers"  # Add(layer, layer) -> BN: scale into both, shift into one
     MATMUL = "matmul"  # MatMul (+ Add) -> BN, rewritten as one Gemm
     DECOMPOSED_AFFINE = "decomposed_affine"  # layer -> Mul(m) [-> Add(a)]
     BN_BEFORE = "bn_before"  # BN -> unpadded Conv, or BN -> Flatten -> Gemm
@@ -124,7 +127,9 @@ class FoldedPair:
 
     bn: str
     target: str
-    kind: str  # op type of the target before the fold: Conv, ConvTranspose, Gemm, MatMul (Mul for bn_to_affine; the joining Concat or Add for concat and sum_of_layers)
+    # op type of the target before the fold: Conv, ConvTranspose, Gemm, MatMul; Mul for
+    # bn_to_affine; the joining Concat or Add for concat and sum_of_layers
+    kind: str
     graph: str  # "main", a subgraph path like "main/If_0.then_branch", or "function domain:name"
     pattern: Pattern = Pattern.BN_AFTER  # the pattern kind that matched
 
