@@ -44,6 +44,8 @@ class Reason(StrEnum):
     BROADCAST = "broadcast"
     PADDING = "padding"
     DEQUANTIZE_AXIS = "dequantize_axis"
+    DROPOUT_MASK = "dropout_mask"
+    IDENTITY_SUMMAND = "identity_summand"
     # torch front end only
     NO_RUNNING_STATS = "no_running_stats"
     CUSTOM_FORWARD = "custom_forward"
@@ -51,7 +53,10 @@ class Reason(StrEnum):
 
 
 REASON_MEANINGS: dict[Reason, str] = {
-    Reason.TRAINING_MODE: "the BN runs in training mode (is_test=0, training_mode=1, or training outputs)",
+    Reason.TRAINING_MODE: (
+        "the BN, or a Dropout between it and its layer, runs in training mode "
+        "(is_test=0, training_mode=1, or training outputs)"
+    ),
     Reason.SPATIAL_MODE: "spatial=0 (BN before opset 9): statistics per activation, not per channel",
     Reason.ATTRIBUTE_REF: "an attribute refers to a function attribute, whose value is unknown",
     Reason.MALFORMED: "the nodes or tensors are not valid (missing inputs, unreadable data, bad attributes)",
@@ -77,6 +82,8 @@ REASON_MEANINGS: dict[Reason, str] = {
     Reason.BROADCAST: "a Mul/Add constant does not broadcast along the output channels only",
     Reason.PADDING: "the Conv after the BN pads its input: the padded zeros would not get the shift",
     Reason.DEQUANTIZE_AXIS: "the weight's dequantize scale is not per output channel",
+    Reason.DROPOUT_MASK: "a Dropout between the layer and the BN returns a mask that is read",
+    Reason.IDENTITY_SUMMAND: "the BN follows an Add of a layer and a path without a weight to absorb the scale",
     Reason.NO_RUNNING_STATS: "the BatchNorm module tracks no running statistics",
     Reason.CUSTOM_FORWARD: "the module's forward is not the standard one",
     Reason.UNTRACEABLE: "the module is called from a forward that cannot be traced",
@@ -92,6 +99,9 @@ class Pattern(StrEnum):
 
     BN_AFTER = "bn_after"  # Conv / ConvTranspose / Gemm -> BN
     BN_AFTER_CHAIN = "bn_after_chain"  # through a constant Add, or into a layer already folded into
+    BN_AFTER_PASSTHROUGH = "bn_after_passthrough"  # through Identity, Dropout, cancelling Transposes
+    CONCAT = "concat"  # Concat of layers along channels -> BN, split by channel ranges
+    SUM_OF_LAYERS = "sum_of_layers"  # Add(layer, layer) -> BN: scale into both, shift into one
     MATMUL = "matmul"  # MatMul (+ Add) -> BN, rewritten as one Gemm
     DECOMPOSED_AFFINE = "decomposed_affine"  # layer -> Mul(m) [-> Add(a)]
     BN_BEFORE = "bn_before"  # BN -> unpadded Conv, or BN -> Flatten -> Gemm
@@ -117,9 +127,9 @@ class FoldedPair:
 
     bn: str
     target: str
-    kind: (
-        str  # op type of the target before the fold: Conv, ConvTranspose, Gemm, MatMul (Mul for bn_to_affine)
-    )
+    # op type of the target before the fold: Conv, ConvTranspose, Gemm, MatMul; Mul for
+    # bn_to_affine; the joining Concat or Add for concat and sum_of_layers
+    kind: str
     graph: str  # "main", a subgraph path like "main/If_0.then_branch", or "function domain:name"
     pattern: Pattern = Pattern.BN_AFTER  # the pattern kind that matched
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..rules.plan import FoldAfter, FoldBefore, LayerEdit, ToAffine
+from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, LayerEdit, ToAffine
 from .attributes import set_attr
 from .edits import Scope
 from .index import NameAllocator
@@ -60,9 +60,31 @@ def absorb(
 
 def apply_after(view: OnnxView, plan: FoldAfter, folded: set[tuple[str, int]]) -> None:
     """A fold into the layer before: new constants, then the absorbed nodes go."""
-    apply_layer(view, plan.layer)
+    target = view.node(plan.target)
     chain = [(ref.key, view.node(ref)) for ref in plan.absorbed]
-    absorb(view.scope, view.node(plan.target), chain, folded)
+    # Shape/Size readers of the values that go (the rules admit them only where the shape is the
+    # final one's): they read the name that stays.
+    gone = [target.output[0]] + [node.output[0] for _, node in chain[:-1]]
+    readers = [(v, view.metadata_reads(v)) for v in gone if view.scope.uses[v] > 1]
+    apply_layer(view, plan.layer)
+    absorb(view.scope, target, chain, folded)
+    for value, reads in readers:
+        view.reread(reads, value, target.output[0])
+
+
+def apply_branches(view: OnnxView, plan: FoldBranches, folded: set[tuple[str, int]]) -> None:
+    """A fold into the layers a Concat or Add joins: their new constants, then the absorbed nodes go
+    and the join takes the last one's output name."""
+    join = view.node(plan.join)
+    chain = [(ref.key, view.node(ref)) for ref in plan.absorbed]
+    gone = [join.output[0]] + [node.output[0] for _, node in chain[:-1]]
+    readers = [(v, view.metadata_reads(v)) for v in gone if view.scope.uses[v] > 1]
+    for edit in plan.layers:
+        apply_layer(view, edit)
+    absorb(view.scope, join, chain, folded)
+    for value, reads in readers:
+        view.reread(reads, value, join.output[0])
+    folded.update((view.scope.label, t.key) for t in plan.targets)
 
 
 def apply_before(view: OnnxView, plan: FoldBefore, folded: set[tuple[str, int]]) -> None:

@@ -21,10 +21,10 @@ import onnx
 from ..report import FoldedPair, FoldReport, Pattern, Reason, SkippedBN
 from ..rules import REPORTED_MUL_CODES, Options, plan_bn, plan_mul
 from ..rules.common import TARGET_OPS
-from ..rules.plan import FoldAfter, FoldBefore, Plan, Skip
+from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, Plan, Skip
 from ..rules.view import AttributeRef, BadAttribute, NodeRef
 from . import bulk
-from .apply import apply_affine, apply_after, apply_before
+from .apply import apply_affine, apply_after, apply_before, apply_branches
 from .edits import Scope
 from .index import NameAllocator, all_names, free_uses, subgraphs
 from .ops import ONNX_DOMAINS
@@ -160,6 +160,12 @@ class _Pass:
             self.record(scope, anchor, target, plan.target.op, plan.pattern)
             for later in plan.also:
                 self.record(scope, view.node(later), target, plan.target.op, Pattern.BN_AFTER_CHAIN)
+        elif isinstance(plan, FoldBranches):
+            apply_branches(view, plan, self.folded)
+            anchor, join = view.node(plan.anchor), view.node(plan.join)
+            self.record(scope, anchor, join, plan.join.op, plan.pattern)
+            for later in plan.also:
+                self.record(scope, view.node(later), join, plan.join.op, Pattern.BN_AFTER_CHAIN)
         elif isinstance(plan, FoldBefore):
             apply_before(view, plan, self.folded)
             self.record(scope, view.node(plan.bn), view.node(plan.target), plan.target.op, Pattern.BN_BEFORE)

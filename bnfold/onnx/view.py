@@ -15,6 +15,10 @@ from ..rules.view import NodeRef
 from .attributes import attr, attr_float, attr_int
 from .constants import Const
 from .edits import Scope
+from .ops import ONNX_DOMAINS, SHAPE_ONLY_INPUTS, TYPE_ONLY_INPUTS
+
+METADATA_INPUTS = SHAPE_ONLY_INPUTS | TYPE_ONLY_INPUTS
+_METADATA_OPS = frozenset(op for op, _ in METADATA_INPUTS)
 
 
 class OnnxView:
@@ -25,6 +29,7 @@ class OnnxView:
         self.scope = scope
         self._folded = folded
         self._read: dict[str, Const] = {}
+        self._metadata: dict[str, list[tuple[int, int]]] | None = None  # built on first use
 
     # ----- for the driver ----------------------------------------------------------------------
     def forget(self) -> None:
@@ -39,6 +44,31 @@ class OnnxView:
         """The protobuf node of ``ref``."""
         scope = self.scope
         return scope.proto.node[ref.key] if ref.key >= 0 else scope.new_constants[ref.outputs[0]]
+
+    def reread(self, readers: Sequence[tuple[NodeRef, int]], old: str, new: str) -> None:
+        """The metadata readers of ``old`` (those not removed since) read ``new`` instead."""
+        scope = self.scope
+        index = self._metadata_index()
+        for ref, k in readers:
+            node = scope.proto.node[ref.key]
+            if ref.key in scope.removed_nodes or node.input[k] != old:
+                continue
+            node.input[k] = new
+            scope.uses[old] -= 1
+            scope.uses[new] += 1
+            index[old].remove((ref.key, k))
+            index.setdefault(new, []).append((ref.key, k))
+
+    def _metadata_index(self) -> dict[str, list[tuple[int, int]]]:
+        if self._metadata is None:
+            found: dict[str, list[tuple[int, int]]] = {}
+            for i, node in enumerate(self.scope.proto.node):
+                if node.op_type in _METADATA_OPS and node.domain in ONNX_DOMAINS:
+                    for k, name in enumerate(node.input):
+                        if name and (node.op_type, k) in METADATA_INPUTS:
+                            found.setdefault(name, []).append((i, k))
+            self._metadata = found
+        return self._metadata
 
     @staticmethod
     def ref(index: int, node: onnx.NodeProto) -> NodeRef:
@@ -68,6 +98,15 @@ class OnnxView:
 
     def uses(self, value: str) -> int:
         return self.scope.uses[value]
+
+    def metadata_reads(self, value: str) -> tuple[tuple[NodeRef, int], ...]:
+        nodes = self.scope.proto.node
+        removed = self.scope.removed_nodes
+        return tuple(
+            (self.ref(i, nodes[i]), k)
+            for i, k in self._metadata_index().get(value, ())
+            if i not in removed and nodes[i].input[k] == value
+        )
 
     def uses_after_release(self, value: str, released: Sequence[str]) -> int:
         return self.scope.uses_after_release(value, released)

@@ -7,6 +7,10 @@ applies plans to its own graph. Patterns (``FoldedPair.pattern``):
 * ``bn_after`` (:mod:`.bn_after`): Conv / ConvTranspose / Gemm -> BN.
 * ``bn_after_chain`` (:mod:`.chains`): through a constant per-channel Add, several BNs in a row, or
   into a layer that already absorbed an earlier fold.
+* ``bn_after_passthrough`` (:mod:`.passthrough`): through Identity, inference Dropout or a pair of
+  Transposes that cancel (they go with the BN).
+* ``concat`` (:mod:`.concat`): Concat of layers along channels -> BN, split by channel ranges.
+* ``sum_of_layers`` (:mod:`.sum_of_layers`): Add(layer, layer) -> BN.
 * ``matmul`` (:mod:`.matmul`): MatMul (+ Add) -> BN with 2-D activations, rewritten as one Gemm.
 * ``dequantized_weight`` (:mod:`.dequantized_weight`): Conv with a DequantizeLinear weight.
 * ``bn_before`` (:mod:`.bn_before`): BN -> unpadded Conv, or BN -> Flatten -> Gemm.
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 from ..errors import FoldError
 from ..report import Reason
-from . import bn_after, bn_before, bn_to_affine, decomposed_affine
+from . import bn_after, bn_before, bn_to_affine, concat, decomposed_affine, passthrough, sum_of_layers
 from .common import BN, STRUCTURAL, read_bn
 from .plan import FoldAfter, Plan, Skip
 from .view import GraphView, NodeRef
@@ -38,9 +42,9 @@ class Options:
 
 @dataclass(frozen=True)
 class Rule:
-    """One BN rule in the ordered set: tried when ``tried(refusal so far, options)`` holds (the
-    first rule always is); when it refuses too, ``explain(refusal so far, its refusal)`` is the
-    refusal reported."""
+    """One BN rule in the ordered set: tried when ``tried(first refusal, options)`` holds (the
+    first rule always is; its refusal says where the BN sits); when it refuses too,
+    ``explain(refusal so far, its refusal)`` is the refusal reported."""
 
     name: str
     plan: Callable[[GraphView, BN], Plan | Skip | None]
@@ -56,10 +60,22 @@ def _not_rewritten(before: Skip, now: Skip) -> Skip:
     return Skip(before.code, f"{before.message}; not rewritten as Mul+Add: {now.message}")
 
 
-# The order is policy: into the producer (bn_after, chains, matmul, dequantized_weight); else, when
-# the refusal is about where the BN sits, into its consumer (bn_before); else, when enabled, Mul+Add.
+def _instead(before: Skip, now: Skip) -> Skip:
+    return now  # a rule for what the BN follows says more than "unsupported producer"
+
+
+def _producer_unsupported(first: Skip, options: Options) -> bool:
+    return first.code == Reason.UNSUPPORTED_PRODUCER
+
+
+# The order is policy: into the producer (bn_after, chains, matmul, dequantized_weight); through
+# what the producer is when bn_after does not take it (passthrough, concat, sum_of_layers); else, when the first refusal is
+# about where the BN sits, into its consumer (bn_before); else, when enabled, Mul+Add.
 BN_RULES: tuple[Rule, ...] = (
     Rule("bn_after", bn_after.plan, tried=lambda s, o: True, explain=lambda before, now: now),
+    Rule("passthrough", passthrough.plan, tried=_producer_unsupported, explain=_instead),
+    Rule("concat", concat.plan, tried=_producer_unsupported, explain=_instead),
+    Rule("sum_of_layers", sum_of_layers.plan, tried=_producer_unsupported, explain=_instead),
     Rule("bn_before", bn_before.plan, tried=lambda s, o: s.code in STRUCTURAL, explain=_into_consumer_too),
     Rule("bn_to_affine", bn_to_affine.plan, tried=lambda s, o: o.bn_to_affine, explain=_not_rewritten),
 )
@@ -73,15 +89,17 @@ def plan_bn(view: GraphView, bn: NodeRef, options: Options) -> Plan | Skip:
         checked = read_bn(view, bn)
     except FoldError as e:
         return Skip(e.code, e.message)
+    first: Skip | None = None
     refusal: Skip | None = None
     for rule in BN_RULES:
-        if refusal is not None and not rule.tried(refusal, options):
+        if first is not None and not rule.tried(first, options):
             continue
         result = rule.plan(view, checked)
         if result is None:
             continue
         if not isinstance(result, Skip):
             return result
+        first = first or result
         refusal = result if refusal is None else rule.explain(refusal, result)
     assert refusal is not None  # the first rule never returns None
     return refusal

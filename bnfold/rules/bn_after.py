@@ -90,10 +90,18 @@ def layer_tensors(
     )
 
 
-def backward(view: GraphView, bn: NodeRef, affine: BNAffine, after: Sequence[NodeRef] = ()) -> FoldAfter:
+def backward(
+    view: GraphView,
+    bn: NodeRef,
+    affine: BNAffine,
+    after: Sequence[NodeRef] = (),
+    through: Sequence[NodeRef] = (),
+) -> FoldAfter:
     """BN into the layer before it, possibly through one constant per-channel Add; ``after``: BNs
-    that follow it, folded in the same step (``affine`` is then the map of them all)."""
-    target, add = chains.producer_chain(view, bn.inputs[0], released=bn.inputs[1:5])
+    that follow it, folded in the same step (``affine`` is then the map of them all); ``through``:
+    pass-through ops between the layer (or its Add) and the BN, which go too."""
+    x = through[0].inputs[0] if through else bn.inputs[0]
+    target, add = chains.producer_chain(view, x, released=bn.inputs[1:5])
     if add is None:
         make_affine: Callable[[int, int], BNAffine] = lambda c, r: affine  # noqa: E731
     else:
@@ -104,22 +112,29 @@ def backward(view: GraphView, bn: NodeRef, affine: BNAffine, after: Sequence[Nod
 
     layer = fold_layer(view, target, make_affine)
     pattern = layer.pattern
-    if pattern == Pattern.BN_AFTER and (add is not None or view.folded_into(target)):
+    if through:
+        pattern = Pattern.BN_AFTER_PASSTHROUGH
+    elif pattern == Pattern.BN_AFTER and (add is not None or view.folded_into(target)):
         pattern = Pattern.BN_AFTER_CHAIN
-    absorbed = ((add[0],) if add is not None else ()) + (bn,) + tuple(after)
+    absorbed = ((add[0],) if add is not None else ()) + tuple(through) + (bn,) + tuple(after)
     return FoldAfter(bn, target, layer, pattern, absorbed, tuple(after))
 
 
 def plan(view: GraphView, bn: BN) -> FoldAfter | Skip:
     """The BN (with the BNs right after it) into its producer; alone if those stop the fold."""
+    return fold_after(view, bn)
+
+
+def fold_after(view: GraphView, bn: BN, through: Sequence[NodeRef] = ()) -> FoldAfter | Skip:
+    """:func:`plan`, through the pass-through ops ``through`` (see :mod:`.passthrough`)."""
     after, combined = chains.following_bns(view, bn.node, bn.affine, bn.version)
     try:
-        return backward(view, bn.node, combined, after)
+        return backward(view, bn.node, combined, after, through)
     except FoldError as back:
         refusal = back
     if after:  # what stops the fold may be the BNs after it (an overflow): try it alone
         try:
-            return backward(view, bn.node, bn.affine, [])
+            return backward(view, bn.node, bn.affine, [], through)
         except FoldError as alone:
             refusal = alone
     return Skip(refusal.code, refusal.message)

@@ -5,15 +5,19 @@ already absorbed an earlier fold."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from ..errors import FoldError
 from ..folding import BNAffine, compose_affine
 from ..report import Reason
-from .common import FLOAT_NP, bn_map, is_layer, producer_of, well_formed_bn
+from .common import BN, FLOAT_NP, bn_map, is_layer, producer_of, well_formed_bn
+from .plan import Skip
 from .view import AttributeRef, BadAttribute, GraphView, NodeRef, NotConstant
+
+P = TypeVar("P")
 
 
 def following_bns(
@@ -66,3 +70,19 @@ def producer_chain(
             producer_of(view, x, allow_add=True)  # the Add's output: the BN is its only use
             return producer_of(view, node.inputs[k]), (node, const)
     raise FoldError(Reason.UNSUPPORTED_PRODUCER, "follows an Add that is not a layer plus a constant")
+
+
+def with_following(view: GraphView, bn: BN, attempt: Callable[[BNAffine, list[NodeRef]], P]) -> P | Skip:
+    """``attempt(affine, BNs after)`` for ``bn`` with the BNs right after it folded in the same
+    step, else for ``bn`` alone (what stops the fold may be the BNs after it); the refusal."""
+    after, combined = following_bns(view, bn.node, bn.affine, bn.version)
+    try:
+        return attempt(combined, after)
+    except FoldError as e:
+        refusal = e
+    if after:
+        try:
+            return attempt(bn.affine, [])
+        except FoldError as e:
+            refusal = e
+    return Skip(refusal.code, refusal.message)

@@ -130,12 +130,21 @@ def producer_of(view: GraphView, x: str, allow_add: bool = False, released: Sequ
         raise FoldError(Reason.MALFORMED, f"{target.op} must have exactly one output")
     if view.is_graph_output(x):
         raise FoldError(Reason.GRAPH_OUTPUT, f"'{x}' is also a graph output")
+    check_single_use(view, x, released)
+    return target
+
+
+def check_single_use(view: GraphView, x: str, released: Sequence[str] = ()) -> None:
+    """FoldError ``multiple_consumers`` unless the fold is the only reader of ``x``'s values:
+    nodes reading only its shape or type (:meth:`GraphView.metadata_reads`) do not count, nor
+    references that only ``released`` values make (see :func:`producer_of`)."""
     uses = view.uses(x)
     if uses != 1 and released:
         uses = view.uses_after_release(x, released)
+    if uses != 1 and view.uses(x) - len(view.metadata_reads(x)) == 1:
+        return
     if uses != 1:
         raise FoldError(Reason.MULTIPLE_CONSUMERS, f"'{x}' has {uses - 1} consumer(s) besides the BN")
-    return target
 
 
 def is_layer(node: NodeRef | None) -> bool:

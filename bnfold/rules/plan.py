@@ -72,6 +72,22 @@ class FoldAfter:
 
 
 @dataclass(frozen=True)
+class FoldBranches:
+    """A BN after a node joining layers (a Concat along channels, an Add of two layers) folds into
+    each of them: ``layers`` are their edits (each computed and rounded once); ``join`` takes the
+    last absorbed node's output name and ``absorbed`` (the BN, then ``also``: BNs after it, folded
+    in the same step) go."""
+
+    anchor: NodeRef
+    join: NodeRef
+    layers: tuple[LayerEdit, ...]
+    targets: tuple[NodeRef, ...]
+    pattern: Pattern
+    absorbed: tuple[NodeRef, ...]
+    also: tuple[NodeRef, ...] = ()
+
+
+@dataclass(frozen=True)
 class FoldBefore:
     """A BN folds into the layer after it: ``bypass`` (the layer, or the Flatten before a Gemm)
     reads the BN's input instead, and the BN goes."""
@@ -93,4 +109,4 @@ class ToAffine:
     legacy: bool
 
 
-Plan = FoldAfter | FoldBefore | ToAffine
+Plan = FoldAfter | FoldBefore | ToAffine | FoldBranches

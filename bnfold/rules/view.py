@@ -78,6 +78,12 @@ class GraphView(Protocol):
         """References to ``value``: node inputs, graph outputs and nested subgraphs."""
         ...
 
+    def metadata_reads(self, value: str) -> tuple[tuple[NodeRef, int], ...]:
+        """``(node, input index)`` of the references to ``value`` by nodes of this graph that read
+        only its shape or element type (ONNX: Shape, Size, CastLike's second input). A fold does not
+        change what they compute: they are not consumers, and read the name that stays."""
+        ...
+
     def uses_after_release(self, value: str, released: Sequence[str]) -> int:
         """References to ``value`` left once each of ``released`` is dropped once, with what that
         leaves unused."""

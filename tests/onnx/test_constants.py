@@ -149,11 +149,30 @@ def test_bn_params_from_the_conv_output_with_a_real_second_consumer_stay() -> No
     model = _affine_false_dynamo_bn(declare_shape=True)
     model.graph.node.append(helper.make_node("Relu", ["c"], ["r"]))
     model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 6, 6]))
-    shared = _affine_false_dynamo_bn(declare_shape=True)  # the Shape output also used elsewhere
-    shared.graph.node.append(helper.make_node("Identity", ["ch"], ["ch_out"]))
-    shared.graph.output.append(helper.make_tensor_value_info("ch_out", TensorProto.INT64, [1]))
-    for m in (model, shared):
-        before = m.SerializeToString()
-        report = fold_model(m)
-        assert report.folded == [] and [s.code for s in report.skipped] == ["multiple_consumers"]
-        assert m.SerializeToString() == before
+    before = model.SerializeToString()
+    report = fold_model(model)
+    assert report.folded == [] and [s.code for s in report.skipped] == ["multiple_consumers"]
+    assert model.SerializeToString() == before
+
+
+def test_bn_params_from_the_conv_output_with_the_shape_also_used_fold() -> None:
+    """The Shape of the conv output also feeds a graph output: it reads only the shape, so the BN
+    folds and that Shape reads the name that stays (the conv's new output)."""
+    import onnxruntime as ort
+
+    model = _affine_false_dynamo_bn(declare_shape=True)
+    model.graph.node.append(helper.make_node("Identity", ["ch"], ["ch_out"]))
+    model.graph.output.append(helper.make_tensor_value_info("ch_out", TensorProto.INT64, [1]))
+    original = model.SerializeToString()
+    report = fold_model(model)
+    assert [p.kind for p in report.folded] == ["Conv"] and report.skipped == []
+    assert [n.op_type for n in model.graph.node] == ["Conv", "Shape", "Identity"]
+    assert model.graph.node[1].input[0] == model.graph.node[0].output[0] == "y"
+    onnx.checker.check_model(model, full_check=True)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)}
+    want = ort.InferenceSession(original, opts).run(None, feed)
+    got = ort.InferenceSession(model.SerializeToString(), opts).run(None, feed)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5 * float(np.abs(want[0]).max()))
+    np.testing.assert_array_equal(got[1], want[1])

@@ -12,8 +12,10 @@ from onnx_builders import (
     BF16,
     F16,
     F32,
+    Built,
     GraphBuilder,
     add_bn,
+    assert_ort_equivalent,
     bn_stats,
     check_model,
     conv_bn,
@@ -429,3 +431,51 @@ def test_skip_malformed_never_raises(case: str) -> None:
     b = build()
     mutate(b.model)
     assert_skipped(b.model, "malformed")
+
+
+# ----- metadata-only readers (Shape, Size, CastLike's type input) are not consumers -------------
+def _with_readers(readers: list[tuple[str, list[str]]]) -> Built:
+    """Conv -> BN (``conv_bn``) plus nodes reading the conv output, each a graph output."""
+    b = conv_bn()
+    g = b.model.graph
+    for i, (op, inputs) in enumerate(readers):
+        g.node.append(helper.make_node(op, inputs, [f"m{i}"], name=f"meta{i}"))
+        g.output.append(helper.make_tensor_value_info(f"m{i}", TensorProto.UNDEFINED, None))
+    b.model = onnx.shape_inference.infer_shapes(b.model)
+    return b
+
+
+@pytest.mark.parametrize(
+    "readers",
+    [
+        [("Shape", ["conv_out"])],
+        [("Size", ["conv_out"]), ("Shape", ["conv_out"])],
+        [("CastLike", ["X", "conv_out"])],
+    ],
+    ids=["shape", "size_and_shape", "castlike_type"],
+)
+def test_metadata_readers_do_not_block_the_fold(readers: list[tuple[str, list[str]]]) -> None:
+    b = _with_readers(readers)
+    model = b.model
+    check_model(model)
+    folded, report = fold(model)
+    assert [f.pattern for f in report.folded] == ["bn_after"], report.skipped
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    readers_after = [n for n in folded.graph.node if n.name.startswith("meta")]
+    conv = node_named(folded.graph, "conv")
+    assert all(conv.output[0] in n.input for n in readers_after)  # they read the name that stays
+    check_model(folded)
+    assert_ort_equivalent(model, folded, b.feeds, F32)
+    again, rep2 = fold(folded)
+    assert not rep2.folded and again.SerializeToString() == folded.SerializeToString()
+
+
+def test_skip_multiple_consumers_castlike_reads_the_values() -> None:
+    # CastLike's first input is data: a real consumer
+    assert_skipped(_with_readers([("CastLike", ["conv_out", "X"])]).model, "multiple_consumers")
+
+
+def test_skip_multiple_consumers_shape_and_a_real_consumer() -> None:
+    assert_skipped(
+        _with_readers([("Shape", ["conv_out"]), ("Relu", ["conv_out"])]).model, "multiple_consumers"
+    )

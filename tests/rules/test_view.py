@@ -49,6 +49,9 @@ class DictView:
     def uses_after_release(self, value: str, released: Sequence[str]) -> int:
         return self.uses(value)
 
+    def metadata_reads(self, value: str) -> tuple[tuple[NodeRef, int], ...]:
+        return tuple((n, 0) for n in self.nodes if n.op in ("Shape", "Size") and n.inputs[:1] == (value,))
+
     def is_graph_output(self, value: str) -> bool:
         return value in self.outputs
 
