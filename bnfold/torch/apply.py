@@ -18,7 +18,8 @@ from torch import fx, nn
 
 from ..rules.plan import FoldAfter, FoldBefore, LayerEdit, Plan, TensorEdit
 from ..rules.view import NodeRef
-from .ops import Mapped, path_of
+from .batchnorm import path_of
+from .ops import TRANSPOSES, Mapped
 from .tensors import del_attr, erased, get_attr, set_attr, set_submodule, to_torch
 from .view import FxView
 
@@ -140,7 +141,7 @@ class FxApplier:
         set_attr(self.gm, name, value)
         with self.gm.graph.inserting_before(node):
             getter = self.gm.graph.get_attr(name)
-        if isinstance(old, fx.Node) and old.op == "get_attr":
+        if isinstance(old, fx.Node) and (old.op == "get_attr" or old.target in TRANSPOSES):
             self.touched.append(old)
         if slot.name in kwargs or slot.pos > len(args):
             kwargs[slot.name] = getter
@@ -180,10 +181,16 @@ class FxApplier:
         gm = self.gm
         graph = gm.graph
         dropped: set[str] = set()
-        for node in self.touched:
-            if not erased(node) and not node.users:
+        work = list(self.touched)
+        while work:
+            node = work.pop(0)
+            if erased(node) or node.users:
+                continue
+            if node.op == "get_attr":
                 dropped.add(path_of(node))
-                graph.erase_node(node)
+            else:  # a transposition of a constant: what it read may be unused now
+                work.extend(node.all_input_nodes)
+            graph.erase_node(node)
         still_read = {n.target for n in graph.nodes if n.op == "get_attr"}
         for target in sorted(dropped - still_read):
             del_attr(gm, target)

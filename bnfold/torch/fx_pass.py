@@ -31,7 +31,7 @@ from ..rules import REPORTED_MUL_CODES, Options, plan_bn, plan_mul
 from ..rules.plan import FoldAfter, FoldBefore, Plan, Skip
 from ..rules.view import AttributeRef, BadAttribute, NodeRef
 from .apply import FxApplier
-from .ops import TorchSkip, bn_call, is_bn
+from .batchnorm import TorchSkip, bn_call, is_bn
 from .tensors import erased
 from .view import FxView
 

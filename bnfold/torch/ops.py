@@ -8,9 +8,7 @@ the rules refuse it (``unsupported_producer``). Values are fx node names; what a
 constant without a node of its own (a module's parameters, a Python scalar, the ones of a BN
 without ``weight``) gets a name that no fx node can have (it contains ``.`` or ``:``).
 
-:func:`bn_call` holds the torch-only refusals of a BatchNorm (``custom_forward``,
-``no_running_stats``, ``training_mode``...), checked before the rules are asked; a BN that fails
-them is no ``BatchNormalization`` for the rules either.
+A BatchNorm that :func:`bnfold.torch.batchnorm.bn_call` refuses is no ``BatchNormalization``.
 """
 
 from __future__ import annotations
@@ -26,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..report import Reason
 from ..rules.view import NotConstant
+from .batchnorm import BN_FUNCTIONS, TorchSkip, bind, bn_call, path_of, target_name
 from .tensors import to_numpy
 
 aten = torch.ops.aten
@@ -78,38 +76,11 @@ _ADD_TARGETS = {operator.add, torch.add, aten.add.Tensor, "add"}
 _MUL_TARGETS = {operator.mul, torch.mul, aten.mul.Tensor, "mul"}
 _FLATTEN_TARGETS = {torch.flatten, aten.flatten.using_ints, "flatten"}
 _RESHAPE_TARGETS = {torch.reshape, aten.view.default, aten.reshape.default, "view", "reshape"}
-_BN_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
-BN_FUNCTIONS: dict[object, tuple[str, ...]] = {
-    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-    torch.batch_norm: _BN_ARGS + ("cudnn_enabled",),
-    aten.batch_norm.default: _BN_ARGS + ("cudnn_enabled",),
-    aten._native_batch_norm_legit_no_training.default: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "momentum",
-        "eps",
-    ),
-}
-BN_TRAINING_FUNCTIONS = {
-    aten._native_batch_norm_legit.default,
-    aten._native_batch_norm_legit_functional.default,
-    aten.native_batch_norm.default,
-}
+# transpositions of a constant are constants too (a decomposed nn.Linear reads permute(weight))
+TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _LAYER_FORWARDS = {c.forward for c in _CONV_MODULES + _CONVT_MODULES + (nn.Linear,)}
-_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-class TorchSkip(Exception):
-    """A torch-only refusal of a BatchNorm, with its reason code."""
-
-    def __init__(self, code: Reason, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)
@@ -143,93 +114,6 @@ class Mapped:
     def result(self) -> fx.Node:
         """The node whose users read this op's result."""
         return self.out if self.out is not None else self.node
-
-
-def path_of(node: fx.Node) -> str:
-    """The attribute path a ``call_module`` or ``get_attr`` node names (always a string there)."""
-    target = node.target
-    if not isinstance(target, str):
-        raise TypeError(f"{node.op} node {node.name} has a non-string target")
-    return target
-
-
-def bind(node: fx.Node, names: tuple[str, ...]) -> dict[str, object]:
-    """The arguments of a call by parameter name."""
-    bound: dict[str, object] = dict(zip(names, node.args))
-    bound.update(node.kwargs)
-    return bound
-
-
-def target_name(node: fx.Node) -> str:
-    """A readable name of what ``node`` calls."""
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
-# ----- the torch-only BN checks -----------------------------------------------------------------
-def is_bn(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` calls a BatchNorm (module or function, inference or training)."""
-    if node.op == "call_module":
-        return isinstance(modules.get(path_of(node)), nn.modules.batchnorm._BatchNorm)
-    return node.op == "call_function" and (
-        node.target in BN_FUNCTIONS or node.target in BN_TRAINING_FUNCTIONS
-    )
-
-
-def _bn_module(node: fx.Node, mod: nn.Module) -> None:
-    if not isinstance(mod, _BN_MODULES) or (
-        type(mod).forward is not nn.modules.batchnorm._BatchNorm.forward
-        and not isinstance(mod, nn.SyncBatchNorm)
-    ):
-        raise TorchSkip(
-            Reason.CUSTOM_FORWARD,
-            f"{type(mod).__name__} overrides forward; its extra behaviour would be lost",
-        )
-    if mod.training:
-        raise TorchSkip(Reason.TRAINING_MODE, "the BN module is in training mode")
-    if mod.running_mean is None or mod.running_var is None or not mod.track_running_stats:
-        raise TorchSkip(
-            Reason.NO_RUNNING_STATS, "track_running_stats=False: the BN normalizes with batch statistics"
-        )
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        raise TorchSkip(Reason.MALFORMED, "BN called without input")
-
-
-def _tuple_outputs(node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]]:
-    """The ``getitem(bn, 0)`` node of aten's tuple-valued batch norm, and its other getitems."""
-    outs = list(node.users)
-    if any(u.op != "call_function" or u.target is not operator.getitem for u in outs):
-        raise TorchSkip(Reason.MALFORMED, "the BN's tuple output is used other than by indexing")
-    if [u for u in outs if u.args[1] != 0 and u.users]:
-        raise TorchSkip(Reason.TRAINING_MODE, "the BN's saved statistics are used")
-    firsts = [u for u in outs if u.args[1] == 0]
-    if len(firsts) != 1:
-        raise TorchSkip(Reason.MULTIPLE_CONSUMERS, "the BN output is indexed more than once")
-    return firsts[0], tuple(u for u in outs if u is not firsts[0])
-
-
-def bn_call(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node, tuple[fx.Node, ...]]:
-    """The torch-only checks of a BatchNorm call: TorchSkip with the reason unless it normalizes
-    with running statistics in inference mode. Returns its result node and the extra getitems."""
-    if node.op == "call_module":
-        _bn_module(node, modules[path_of(node)])
-        return node, ()
-    if node.target in BN_TRAINING_FUNCTIONS:
-        raise TorchSkip(Reason.TRAINING_MODE, f"{node.target} normalizes with batch statistics")
-    args = bind(node, BN_FUNCTIONS[node.target])
-    if args.get("training", False) is not False:
-        raise TorchSkip(Reason.TRAINING_MODE, "batch_norm called with training=True (or not a constant)")
-    if args.get("running_mean") is None or args.get("running_var") is None:
-        raise TorchSkip(
-            Reason.NO_RUNNING_STATS, "batch_norm without running statistics uses batch statistics"
-        )
-    if not isinstance(args.get("eps", 1e-5), (int, float)):
-        raise TorchSkip(Reason.PARAM_NOT_CONSTANT, "eps is not a constant")
-    if not isinstance(args.get("input"), fx.Node):
-        raise TorchSkip(Reason.NO_PRODUCER, "the BN input is not a graph value")
-    if node.target is aten._native_batch_norm_legit_no_training.default:
-        return _tuple_outputs(node)
-    return node, ()
 
 
 # ----- mapping ------------------------------------------------------------------------------------
@@ -392,7 +276,11 @@ class Mapper:
                 return None
             return self._call(Mapped("Flatten", node, node.name, attrs={"axis": 1}), args, ((0, "input"),))
         if target in _RESHAPE_TARGETS:
-            return self._call(Mapped("Reshape", node, node.name), bind(node, ("input",)), ((0, "input"),))
+            flat = _flattens(node)
+            mapped = Mapped(
+                "Flatten" if flat else "Reshape", node, node.name, attrs={"axis": 1} if flat else {}
+            )
+            return self._call(mapped, bind(node, ("input",)), ((0, "input"),))
         if target in BN_FUNCTIONS:
             return self._bn_function(node)
         return None
@@ -449,3 +337,26 @@ class Mapper:
                 if shape is not None:
                     return max(len(shape) - 2, 1)
         return 1
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    """The concrete shape recorded on ``node`` (None when unknown or symbolic)."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    shape = getattr(val, "shape", None)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return tuple(shape)
+
+
+def _flattens(node: fx.Node) -> bool:
+    """A view / reshape whose recorded shapes make it ``Flatten(axis=1)``: ``[N, C, ...]`` to
+    ``[N, C * ...]``."""
+    before, after = _shape(node.args[0] if node.args else None), _shape(node)
+    return (
+        before is not None
+        and after is not None
+        and len(before) >= 2
+        and after == (before[0], int(np.prod(before[1:])))
+    )

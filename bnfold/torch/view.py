@@ -22,7 +22,8 @@ from torch import fx, nn
 from ..errors import FoldError
 from ..report import Reason
 from ..rules.view import BadAttribute, NodeRef, NotConstant
-from .ops import Lazy, Mapped, Mapper, path_of
+from .batchnorm import path_of
+from .ops import TRANSPOSES, Lazy, Mapped, Mapper
 from .tensors import get_attr, to_numpy
 
 OPSET = 21  # the operator semantics the mapped nodes follow (BatchNormalization-15, Gemm-13)
@@ -163,7 +164,19 @@ class FxView:
             raise NotConstant(f"'{node.target}' is a {type(tensor).__name__}, not a tensor")
         if node.op == "placeholder":
             raise NotConstant(f"'{value}' is a graph input")
+        if node.op == "call_function" and node.target in TRANSPOSES and isinstance(node.args[0], fx.Node):
+            return self._transposed(node)
         raise NotConstant(f"'{value}' is computed by {self.mapped(node).kind or node.op}")
+
+    def _transposed(self, node: fx.Node) -> np.ndarray:
+        source = node.args[0]
+        assert isinstance(source, fx.Node)
+        base = self.constant(source.name)
+        if node.target is torch.ops.aten.permute.default:
+            return np.transpose(base, tuple(node.args[1]))  # type: ignore[arg-type]
+        if node.target is torch.ops.aten.transpose.int:
+            return np.swapaxes(base, int(node.args[1]), int(node.args[2]))  # type: ignore[arg-type]
+        return base.T
 
     def rank(self, value: str) -> int | None:
         node = self.by_name.get(value)
