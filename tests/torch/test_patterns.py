@@ -181,8 +181,6 @@ def test_decomposed_affine_folds_the_mul_and_the_add(capture: str) -> None:
 
 
 def test_scalar_mul_after_a_linear_folds() -> None:
-    model = nn.Sequential(nn.Linear(5, 3), nn.ReLU()).eval()
-
     class Scaled(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -191,8 +189,7 @@ def test_scalar_mul_after_a_linear_folds() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return (self.fc(x) * 0.25).relu()
 
-    model = Scaled().eval()
-    _check_folds(model, torch.randn(4, 5), "symbolic_trace", ["decomposed_affine"])
+    _check_folds(Scaled(), torch.randn(4, 5), "symbolic_trace", ["decomposed_affine"])
 
 
 def test_mul_along_another_axis_is_reported_and_kept() -> None:
