@@ -1,9 +1,11 @@
 """torch.fx nodes as the ONNX operators the fold rules know.
 
-:func:`map_node` describes one fx node as an ONNX op (``Conv``, ``ConvTranspose``, ``Gemm``,
+:meth:`Mapper.map` describes one fx node as an ONNX op (``Conv``, ``ConvTranspose``, ``Gemm``,
 ``MatMul``, ``Add``, ``Mul``, ``Flatten``, ``Reshape``, ``BatchNormalization``) with its inputs by
 value name, its ONNX attributes and, per input, where that input lives in the fx graph (a call's
-argument, or a parameter of the called module). Anything else keeps its own name as op type, so
+argument, or a parameter of the called module). A ``view`` / ``reshape`` whose recorded shapes
+make it ``[N, C*...]`` is a ``Flatten(axis=1)``; ``permute`` / ``t`` / ``transpose`` of a constant
+(:data:`TRANSPOSES`) are read as constants by the view. Anything else keeps its own name as op type, so
 the rules refuse it (``unsupported_producer``). Values are fx node names; what a rule reads as a
 constant without a node of its own (a module's parameters, a Python scalar, the ones of a BN
 without ``weight``) gets a name that no fx node can have (it contains ``.`` or ``:``).
