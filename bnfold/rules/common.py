@@ -116,7 +116,8 @@ def bias_of(view: GraphView, name: str, weight: np.ndarray) -> np.ndarray | None
 
 def producer_of(view: GraphView, x: str, allow_add: bool = False, released: Sequence[str] = ()) -> NodeRef:
     """The layer computing ``x``, of which the fold is the only user. ``released``: values the fold
-    releases (nodes computing them only from ``x``'s type or shape do not count as users)."""
+    releases (nodes computing them only from ``x``'s type or shape do not count as users). A view
+    with a ``check_layer(node)`` method may refuse the layer there (raising FoldError)."""
     target = view.producer(x)
     if target is None:
         if view.produced_outside(x):
@@ -131,6 +132,10 @@ def producer_of(view: GraphView, x: str, allow_add: bool = False, released: Sequ
     if view.is_graph_output(x):
         raise FoldError(Reason.GRAPH_OUTPUT, f"'{x}' is also a graph output")
     check_single_use(view, x, released)
+    # optional on a view: a front end's own limit on the layers it maps (torch: nn.Linear's rank)
+    check_layer = getattr(view, "check_layer", None)
+    if check_layer is not None:
+        check_layer(target)
     return target
 
 

@@ -158,7 +158,13 @@ def fold(
     rtol: float | None = None,
     partial: bool = False,
 ) -> TorchFoldResult:
-    """Fold every BatchNorm that follows a Conv/ConvTranspose/Linear node; never mutates ``model``.
+    """Fold every foldable BatchNorm; never mutates ``model``.
+
+    The patterns are those of the ONNX pass (:mod:`bnfold.rules`): a BN after a Conv /
+    ConvTranspose / Linear, after ``x @ W`` with 2-D ``x``, through a constant Add or several BNs in
+    a row, before an unpadded Conv or a ``flatten(1)`` -> Linear, and a layer times a constant
+    per-channel tensor (a decomposed BN). Ranks (``x @ W``, ``nn.Linear``) are known from
+    ``example_inputs`` or from what torch.export recorded.
 
     Raises BadInput for a model in training mode (unless ``eval=True``) or one that neither
     ``symbolic_trace`` nor ``torch.export`` can capture, unless ``partial=True``: then every

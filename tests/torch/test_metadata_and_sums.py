@@ -1,0 +1,87 @@
+"""Issue 13 in the torch front end: readers of a layer output's metadata (``x.ndim``, ``x.shape``,
+``x.size()``) are not consumers, and a BN after the sum of two layers folds into both; checked
+against the PyTorch module (float32, and a float64 copy to float64 rounding)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import bnfold.torch as bt  # noqa: E402
+from models.definitions import randomize_bn  # noqa: E402
+
+
+class BatchNormAct(nn.Module):
+    """A timm-style BatchNormAct2d: the ndim assert gives the conv output two getattr readers."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, f"expected 4-D input (got {y.ndim}D input)")
+        channels = y.size(1)
+        return torch.relu(self.bn(y)) * channels
+
+
+class SumOfConvs(nn.Module):
+    def __init__(self, identity: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1, bias=False)
+        self.identity = identity
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        other = x if self.identity else self.b(x)
+        return self.bn(self.a(x) + other)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    g, w = got.detach().double().numpy(), want.detach().double().numpy()
+    np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * (float(np.abs(w).max()) or 1.0))
+
+
+def _checked(model: nn.Module, x: torch.Tensor) -> bt.TorchFoldResult:
+    model = randomize_bn(model, torch.Generator().manual_seed(0)).eval()
+    result = bt.fold(model, (x,))
+    with torch.no_grad():
+        _close(result.module(x), model(x), 1e-5)
+        model64 = copy.deepcopy(model).double()
+        exact = bt.fold(model64, (x.double(),))
+        assert [str(p.pattern) for p in exact.report.folded] == [str(p.pattern) for p in result.report.folded]
+        _close(exact.module(x.double()), model64(x.double()), 1e-12)
+    return result
+
+
+def test_batchnorm_act_with_an_ndim_assert_folds() -> None:
+    result = _checked(BatchNormAct(5), torch.randn(2, 3, 8, 8))
+    assert [str(p.pattern) for p in result.report.folded] == ["bn_after"] and result.report.skipped == []
+
+
+def test_a_real_second_reader_still_keeps_the_bn() -> None:
+    class Leak(BatchNormAct):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y.sum() * 0 + y.shape[0]
+
+    result = _checked(Leak(3), torch.randn(1, 3, 6, 6))
+    assert [str(s.code) for s in result.report.skipped] == ["multiple_consumers"]
+
+
+def test_bn_after_a_sum_of_two_convs_folds_into_both() -> None:
+    result = _checked(SumOfConvs(), torch.randn(2, 4, 7, 7))
+    assert [str(p.pattern) for p in result.report.folded] == ["sum_of_layers"], result.report
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.module.modules())
+
+
+def test_an_identity_summand_keeps_the_bn() -> None:
+    result = _checked(SumOfConvs(identity=True), torch.randn(1, 4, 5, 5))
+    assert [str(s.code) for s in result.report.skipped] == ["identity_summand"], result.report
