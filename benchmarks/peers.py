@@ -2,8 +2,9 @@
 
 Tools: floor (onnx.load + onnx.save), bnfold (the ``bnfold`` CLI, ``--no-verify``), ort (onnxruntime
 basic level saving its optimized model), onnxscript (its BatchNorm fusion rules), onnxslim,
-onnxsim, onnxoptimizer (``fuse_bn_into_conv``). Peers are imported only here, in the benchmark
-environment; nothing in bnfold depends on them.
+onnxsim, onnxoptimizer (``fuse_bn_into_conv``); ``bnfold-baseline`` is the bnfold CLI of another
+checkout (``$BENCH_BASELINE``, e.g. the commit before a refactor), to measure a change in the same
+run. Peers are imported only here, in the benchmark environment; nothing in bnfold depends on them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def _report_peak() -> None:
 
 
 def main(tool: str, src: str, dst: str) -> None:
+    if tool == "bnfold-baseline":
+        sys.path.insert(0, os.environ["BENCH_BASELINE"])
+        for name in [m for m in sys.modules if m == "bnfold" or m.startswith("bnfold.")]:
+            del sys.modules[name]
+        tool = "bnfold"
     if tool == "bnfold":
         import atexit
 
