@@ -301,8 +301,6 @@ def test_random_affine_patterns_fold_exactly(case: tuple[str, dict, list[str]]) 
 # ----------------------------------------------------------------------------------------------
 BLOCKS = [
     "conv",
-    "bn",
-    "bn",
     "relu",
     "identity",
     "dropout",
@@ -311,6 +309,7 @@ BLOCKS = [
     "sum",
     "residual",
     "shape",
+    "pool",
 ]
 
 
@@ -349,13 +348,18 @@ def _composite(blocks: list[tuple[str, bool]], tail: str, seed: int) -> tuple[ob
             conv(prev, f"{out}_b", 2 if block == "concat" else 4)
             op = "Concat" if block == "concat" else "Add"
             gb.node(op, [f"{out}_a", f"{out}_b"], [out], name=out, axis=1 if op == "Concat" else None)
+        elif block == "pool":  # 3 x 3, stride 1, padded: the size stays 4 x 4
+            op = str(rng.choice(["MaxPool", "AveragePool"]))
+            gb.node(op, [prev], [out], name=out, kernel_shape=[3, 3], pads=[1] * 4)
         elif block == "residual":
             conv(prev, f"{out}_a")
             gb.node("Add", [prev, f"{out}_a"], [out], name=out)
-        else:  # a Shape of the value, as a second graph output
+        elif block == "shape":  # a Shape of the value, as a second graph output
             gb.node("Shape", [prev], [f"{out}_shape"], name=f"{out}_shape")
             gb.output(f"{out}_shape", np.int64, [4])
             gb.node("Identity", [prev], [out], name=out)
+        else:
+            raise AssertionError(block)
         if with_bn:
             bn(gb, out, f"v{i}", 4, rng, prefix=f"bn{i}")
         prev = f"v{i}"

@@ -208,10 +208,12 @@ class _Pass:
                 self.record(scope, view.node(later), target, plan.target.op, Pattern.BN_AFTER_CHAIN)
         elif isinstance(plan, FoldBranches):
             apply_branches(view, plan, self.folded)
-            anchor, join = view.node(plan.anchor), view.node(plan.join)
-            self.record(scope, anchor, join, plan.join.op, plan.pattern)
-            for later in plan.also:
-                self.record(scope, view.node(later), join, plan.join.op, Pattern.BN_AFTER_CHAIN)
+            into = plan.join if len(plan.targets) > 1 else plan.targets[0]  # one layer: name it
+            for bn_ref, pattern in (
+                (plan.anchor, plan.pattern),
+                *((b, Pattern.BN_AFTER_CHAIN) for b in plan.also),
+            ):
+                self.record(scope, view.node(bn_ref), view.node(into), into.op, pattern)
         elif isinstance(plan, FoldBefore):
             apply_before(view, plan, self.folded)
             self.record(scope, view.node(plan.bn), view.node(plan.target), plan.target.op, Pattern.BN_BEFORE)

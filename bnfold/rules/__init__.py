@@ -11,6 +11,7 @@ applies plans to its own graph. Patterns (``FoldedPair.pattern``):
   Transposes that cancel (they go with the BN).
 * ``concat`` (:mod:`.concat`): Concat of layers along channels -> BN, split by channel ranges.
 * ``sum_of_layers`` (:mod:`.sum_of_layers`): Add(layer, layer) -> BN.
+* ``bn_after_spatial`` (:mod:`.spatial`): through Resize, pools and ReduceMean, which stay.
 * ``matmul`` (:mod:`.matmul`): MatMul (+ Add) -> BN with 2-D activations, rewritten as one Gemm.
 * ``dequantized_weight`` (:mod:`.dequantized_weight`): Conv with a DequantizeLinear weight.
 * ``bn_before`` (:mod:`.bn_before`): BN -> unpadded Conv, or BN -> Flatten -> Gemm.
@@ -27,7 +28,16 @@ from dataclasses import dataclass
 
 from ..errors import FoldError
 from ..report import Reason
-from . import bn_after, bn_before, bn_to_affine, concat, decomposed_affine, passthrough, sum_of_layers
+from . import (
+    bn_after,
+    bn_before,
+    bn_to_affine,
+    concat,
+    decomposed_affine,
+    passthrough,
+    spatial,
+    sum_of_layers,
+)
 from .common import BN, STRUCTURAL, read_bn
 from .plan import FoldAfter, Plan, Skip
 from .view import GraphView, NodeRef
@@ -69,13 +79,14 @@ def _producer_unsupported(first: Skip, options: Options) -> bool:
 
 
 # The order is policy: into the producer (bn_after, chains, matmul, dequantized_weight); through
-# what the producer is when bn_after does not take it (passthrough, concat, sum_of_layers); else, when the first refusal is
+# what the producer is when bn_after does not take it (passthrough, concat, sum_of_layers, spatial); else, when the first refusal is
 # about where the BN sits, into its consumer (bn_before); else, when enabled, Mul+Add.
 BN_RULES: tuple[Rule, ...] = (
     Rule("bn_after", bn_after.plan, tried=lambda s, o: True, explain=lambda before, now: now),
     Rule("passthrough", passthrough.plan, tried=_producer_unsupported, explain=_instead),
     Rule("concat", concat.plan, tried=_producer_unsupported, explain=_instead),
     Rule("sum_of_layers", sum_of_layers.plan, tried=_producer_unsupported, explain=_instead),
+    Rule("spatial", spatial.plan, tried=_producer_unsupported, explain=_instead),
     Rule("bn_before", bn_before.plan, tried=lambda s, o: s.code in STRUCTURAL, explain=_into_consumer_too),
     Rule("bn_to_affine", bn_to_affine.plan, tried=lambda s, o: o.bn_to_affine, explain=_not_rewritten),
 )
