@@ -49,6 +49,10 @@ def absorb(
                 scope.uses[inp] -= 1
             else:
                 scope.release(inp)
+        for extra in node.output[1:]:  # an unread Dropout mask goes with its node
+            if extra:
+                scope.producer.pop(extra, None)
+                scope.removed_values.add(extra)
         out = node.output[0]
         if out != final:
             scope.producer.pop(out, None)
