@@ -248,6 +248,13 @@ HAND_CASES: list[Case] = [
     ),
     _case("case_bn_flatten_matmul_bn", 2, [], "BN -> Flatten -> MatMul -> BN: both fold in one call"),
     _case(
+        "case_levit_linear_norm",
+        1,
+        ["channel_axis"],
+        "LeViT LinearNorm: MatMul(3-D) -> Reshape([-1, C]) -> BN folds (matmul_reshaped); "
+        "MatMul -> Flatten(axis=1) -> BN over tokens x features: kept",
+    ),
+    _case(
         "case_conv_shape_reader",
         1,
         [],

@@ -713,6 +713,33 @@ def case_conv_shape_reader(name: str) -> onnx.ModelProto:
     return make_model(g, 15)
 
 
+def case_levit_linear_norm(name: str) -> onnx.ModelProto:
+    """LeViT's LinearNorm, bn(linear(x).flatten(0, 1)).reshape_as(x): MatMul on [B, N, K] ->
+    Reshape([-1, C]) -> BN -> Reshape back folds (the BN becomes an Add); a second MatMul ->
+    Flatten(axis=1) -> BN over tokens x features stays (channel_axis)."""
+    rng = rng_for(name)
+    p1, bn1 = bn_inits(rng, "bn_tok", 4)
+    p2, bn2 = bn_inits(rng, "bn_mixed", 20)
+    inits = [
+        tensor("W1", weight(rng, (6, 4), fan_in=6)),
+        tensor("W2", weight(rng, (6, 4), fan_in=6)),
+        tensor("to2d", np.array([-1, 4], np.int64)),
+        tensor("back", np.array([2, 5, 4], np.int64)),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["X", "W1"], ["m1"], name="linear"),
+        helper.make_node("Reshape", ["m1", "to2d"], ["f1"], name="flatten01"),
+        bn_node("f1", p1, "b1", "bn_tok"),
+        helper.make_node("Reshape", ["b1", "back"], ["Y"], name="reshape_as"),
+        helper.make_node("MatMul", ["X", "W2"], ["m2"], name="linear_mixed"),
+        helper.make_node("Flatten", ["m2"], ["f2"], name="flatten_mixed", axis=1),
+        bn_node("f2", p2, "Y_mixed", "bn_mixed"),
+    ]
+    outputs = [vi("Y", F32, [2, 5, 4]), vi("Y_mixed", F32, [2, 20])]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [2, 5, 6])], outputs, inits + bn1 + bn2)
+    return make_model(g, 13)
+
+
 HAND_BUILDERS: dict[str, Callable[[str], onnx.ModelProto]] = {
     name: fn for name, fn in globals().items() if name.startswith("case_") and callable(fn)
 }

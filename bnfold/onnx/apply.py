@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, LayerEdit, ToAffine
+from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, LayerEdit, ToAffine
 from .attributes import set_attr
 from .edits import Scope
 from .index import NameAllocator
@@ -139,3 +139,21 @@ def apply_affine(view: OnnxView, plan: ToAffine, names: NameAllocator) -> onnx.N
     for name in old_params:
         scope.release(name)
     return mul
+
+
+def apply_scale(view: OnnxView, plan: FoldScale, folded: set[tuple[str, int]]) -> None:
+    """The layer's new weight; the BN node becomes ``Add(x, shift)`` (same name and output)."""
+    apply_layer(view, plan.layer)
+    scope = view.scope
+    bn = view.node(plan.bn)
+    old_params = list(bn.input[1:5])
+    bn.op_type = "Add"
+    bn.domain = ""
+    del bn.attribute[:]
+    del bn.input[1:]
+    bn.input.append("")
+    del bn.output[1:]
+    scope.set_input(bn, 1, plan.shift, None, f"{bn.name or bn.output[0]}_shift")
+    for name in old_params:
+        scope.release(name)
+    folded.add((scope.label, plan.target.key))

@@ -22,10 +22,10 @@ import onnx
 from ..report import FoldedPair, FoldReport, Pattern, Reason, SkippedBN
 from ..rules import REPORTED_MUL_CODES, Options, plan_bn, plan_mul
 from ..rules.common import TARGET_OPS
-from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, Plan, Skip
+from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, Plan, Skip
 from ..rules.view import AttributeRef, BadAttribute, NodeRef
 from . import bulk
-from .apply import apply_affine, apply_after, apply_before, apply_branches
+from .apply import apply_affine, apply_after, apply_before, apply_branches, apply_scale
 from .edits import Scope
 from .index import NameAllocator, all_names, free_uses, subgraphs
 from .ops import ONNX_DOMAINS
@@ -214,6 +214,19 @@ class _Pass:
                 *((b, Pattern.BN_AFTER_CHAIN) for b in plan.also),
             ):
                 self.record(scope, view.node(bn_ref), view.node(into), into.op, pattern)
+        elif isinstance(plan, FoldScale):
+            bn = view.node(plan.bn)
+            record_as = bn.name or bn.output[0]  # the BN node becomes the Add
+            apply_scale(view, plan, self.folded)
+            self.report.folded.append(
+                FoldedPair(
+                    record_as,
+                    view.node(plan.target).name or view.node(plan.target).output[0],
+                    plan.target.op,
+                    scope.label,
+                    plan.layer.pattern,
+                )
+            )
         elif isinstance(plan, FoldBefore):
             apply_before(view, plan, self.folded)
             self.record(scope, view.node(plan.bn), view.node(plan.target), plan.target.op, Pattern.BN_BEFORE)

@@ -88,6 +88,17 @@ class FoldBranches:
 
 
 @dataclass(frozen=True)
+class FoldScale:
+    """A BN's scale folds into ``target`` (``layer``: its new weight) and the BN becomes
+    ``Add(shift)`` on its own input, keeping its output name (there is no bias to take the shift)."""
+
+    bn: NodeRef
+    target: NodeRef
+    layer: LayerEdit
+    shift: np.ndarray
+
+
+@dataclass(frozen=True)
 class FoldBefore:
     """A BN folds into the layer after it: ``bypass`` (the layer, or the Flatten before a Gemm)
     reads the BN's input instead, and the BN goes."""
@@ -109,4 +120,4 @@ class ToAffine:
     legacy: bool
 
 
-Plan = FoldAfter | FoldBefore | ToAffine | FoldBranches
+Plan = FoldAfter | FoldBefore | ToAffine | FoldBranches | FoldScale
