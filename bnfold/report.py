@@ -108,6 +108,7 @@ class Pattern(StrEnum):
     CONCAT = "concat"  # Concat of layers along channels -> BN, split by channel ranges
     SUM_OF_LAYERS = "sum_of_layers"  # Add(layer, layer) -> BN: scale into both, shift into one
     BN_AFTER_SPATIAL = "bn_after_spatial"  # through Resize, pools, ReduceMean (they stay)
+    SPLIT = "split"  # layer -> Split along channels -> BN on a part: into that channel range
     MATMUL_RESHAPED = "matmul_reshaped"  # MatMul -> Flatten/Reshape to [M, C] -> BN: scale + an Add
     MATMUL = "matmul"  # MatMul (+ Add) -> BN, rewritten as one Gemm
     DECOMPOSED_AFFINE = "decomposed_affine"  # layer -> Mul(m) [-> Add(a)]

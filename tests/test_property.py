@@ -310,6 +310,7 @@ BLOCKS = [
     "residual",
     "shape",
     "pool",
+    "split",
 ]
 
 
@@ -351,6 +352,17 @@ def _composite(blocks: list[tuple[str, bool]], tail: str, seed: int) -> tuple[ob
         elif block == "pool":  # 3 x 3, stride 1, padded: the size stays 4 x 4
             op = str(rng.choice(["MaxPool", "AveragePool"]))
             gb.node(op, [prev], [out], name=out, kernel_shape=[3, 3], pads=[1] * 4)
+        elif block == "split":  # Conv -> Split [2, 2] -> BN on the first part -> Concat back
+            conv(prev, f"{out}_c")
+            gb.node(
+                "Split",
+                [f"{out}_c", gb.const(f"{out}_sizes", np.array([2, 2], np.int64))],
+                [f"{out}_p0", f"{out}_p1"],
+                name=f"{out}_split",
+                axis=1,
+            )
+            bn(gb, f"{out}_p0", f"{out}_n0", 2, rng, prefix=f"bn{i}_part")
+            gb.node("Concat", [f"{out}_n0", f"{out}_p1"], [out], name=out, axis=1)
         elif block == "residual":
             conv(prev, f"{out}_a")
             gb.node("Add", [prev, f"{out}_a"], [out], name=out)

@@ -31,12 +31,13 @@ def absorb(
     target: onnx.NodeProto,
     chain: list[tuple[int, onnx.NodeProto]],
     folded: set[tuple[str, int]],
+    output: int = 0,
 ) -> None:
     """Drop the per-channel nodes ``chain`` after ``target`` (already folded into it): the layer
-    takes the last one's output name; their other inputs are released."""
-    old = target.output[0]
+    (its output ``output``) takes the last one's output name; their other inputs are released."""
+    old = target.output[output]
     final = chain[-1][1].output[0]
-    target.output[0] = final
+    target.output[output] = final
     pidx = scope.producer.pop(old)
     scope.removed_values.add(old)
     prev = old
@@ -81,13 +82,13 @@ def apply_branches(view: OnnxView, plan: FoldBranches, folded: set[tuple[str, in
     and the join takes the last one's output name."""
     join = view.node(plan.join)
     chain = [(ref.key, view.node(ref)) for ref in plan.absorbed]
-    gone = [join.output[0]] + [node.output[0] for _, node in chain[:-1]]
+    gone = [join.output[plan.output]] + [node.output[0] for _, node in chain[:-1]]
     readers = [(v, view.metadata_reads(v)) for v in gone if view.scope.uses[v] > 1]
     for edit in plan.layers:
         apply_layer(view, edit)
-    absorb(view.scope, join, chain, folded)
+    absorb(view.scope, join, chain, folded, plan.output)
     for value, reads in readers:
-        view.reread(reads, value, join.output[0])
+        view.reread(reads, value, join.output[plan.output])
     folded.update((view.scope.label, t.key) for t in plan.targets)
 
 

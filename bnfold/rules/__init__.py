@@ -12,6 +12,7 @@ applies plans to its own graph. Patterns (``FoldedPair.pattern``):
 * ``concat`` (:mod:`.concat`): Concat of layers along channels -> BN, split by channel ranges.
 * ``sum_of_layers`` (:mod:`.sum_of_layers`): Add(layer, layer) -> BN.
 * ``bn_after_spatial`` (:mod:`.spatial`): through Resize, pools and ReduceMean, which stay.
+* ``split`` (:mod:`.split`): layer -> Split along channels -> BN on a part, into its channel range.
 * ``matmul_reshaped`` (:mod:`.matmul_reshaped`): MatMul -> Flatten/Reshape to [M, C] -> BN (LeViT):
   the scale into the weight, the BN becomes Add(shift).
 * ``matmul`` (:mod:`.matmul`): MatMul (+ Add) -> BN with 2-D activations, rewritten as one Gemm.
@@ -39,6 +40,7 @@ from . import (
     matmul_reshaped,
     passthrough,
     spatial,
+    split,
     sum_of_layers,
 )
 from .common import BN, STRUCTURAL, read_bn
@@ -82,7 +84,7 @@ def _producer_unsupported(first: Skip, options: Options) -> bool:
 
 
 # The order is policy: into the producer (bn_after, chains, matmul, dequantized_weight); through
-# what the producer is when bn_after does not take it (passthrough, concat, sum_of_layers, spatial, matmul_reshaped); else, when the first refusal is
+# what the producer is when bn_after does not take it (passthrough, concat, sum_of_layers, spatial, matmul_reshaped, split); else, when the first refusal is
 # about where the BN sits, into its consumer (bn_before); else, when enabled, Mul+Add.
 BN_RULES: tuple[Rule, ...] = (
     Rule("bn_after", bn_after.plan, tried=lambda s, o: True, explain=lambda before, now: now),
@@ -91,6 +93,7 @@ BN_RULES: tuple[Rule, ...] = (
     Rule("sum_of_layers", sum_of_layers.plan, tried=_producer_unsupported, explain=_instead),
     Rule("spatial", spatial.plan, tried=_producer_unsupported, explain=_instead),
     Rule("matmul_reshaped", matmul_reshaped.plan, tried=_producer_unsupported, explain=_instead),
+    Rule("split", split.plan, tried=_producer_unsupported, explain=_instead),
     Rule("bn_before", bn_before.plan, tried=lambda s, o: s.code in STRUCTURAL, explain=_into_consumer_too),
     Rule("bn_to_affine", bn_to_affine.plan, tried=lambda s, o: o.bn_to_affine, explain=_not_rewritten),
 )

@@ -74,9 +74,10 @@ class FoldAfter:
 @dataclass(frozen=True)
 class FoldBranches:
     """A BN after a node joining layers (a Concat along channels, an Add of two layers) folds into
-    each of them: ``layers`` are their edits (each computed and rounded once); ``join`` takes the
-    last absorbed node's output name and ``absorbed`` (the BN, then ``also``: BNs after it, folded
-    in the same step) go."""
+    each of them: ``layers`` are their edits (each computed and rounded once); ``join`` (its output
+    ``output``) takes the last absorbed node's output name and ``absorbed`` (the BN, then ``also``:
+    BNs after it, folded in the same step) go. Also a node between one layer and the BN that stays
+    (a pool, a Split part)."""
 
     anchor: NodeRef
     join: NodeRef
@@ -85,6 +86,7 @@ class FoldBranches:
     pattern: Pattern
     absorbed: tuple[NodeRef, ...]
     also: tuple[NodeRef, ...] = ()
+    output: int = 0
 
 
 @dataclass(frozen=True)
