@@ -113,6 +113,7 @@ class Pattern(StrEnum):
     MATMUL = "matmul"  # MatMul (+ Add) -> BN, rewritten as one Gemm
     DECOMPOSED_AFFINE = "decomposed_affine"  # layer -> Mul(m) [-> Add(a)]
     BN_BEFORE = "bn_before"  # BN -> unpadded Conv, or BN -> Flatten -> Gemm
+    BN_BEFORE_LINEAR = "bn_before_linear"  # BN (2-D) -> Gemm / MatMul, BN -> Flatten -> MatMul
     DEQUANTIZED_WEIGHT = "dequantized_weight"  # Conv with a DequantizeLinear weight
     BN_TO_AFFINE = "bn_to_affine"  # an unfoldable BN rewritten as Mul + Add (opt-in)
     EXPORTER = "exporter"  # torch front end: a fold the ONNX exporter did

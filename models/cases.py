@@ -246,7 +246,12 @@ HAND_CASES: list[Case] = [
         ["identity_summand"],
         "Conv3x3 + Conv1x1 -> BN folds (sum_of_layers); Conv + X -> BN: kept",
     ),
-    _case("case_bn_flatten_matmul_bn", 2, [], "BN -> Flatten -> MatMul -> BN: both fold in one call"),
+    _case(
+        "case_bn_flatten_matmul_bn",
+        2,
+        [],
+        "BN -> Flatten -> MatMul -> BN: both fold in one call (bn_before_linear, then the Gemm's BN)",
+    ),
     _case(
         "case_levit_linear_norm",
         1,

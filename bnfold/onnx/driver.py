@@ -229,7 +229,7 @@ class _Pass:
             )
         elif isinstance(plan, FoldBefore):
             apply_before(view, plan, self.folded)
-            self.record(scope, view.node(plan.bn), view.node(plan.target), plan.target.op, Pattern.BN_BEFORE)
+            self.record(scope, view.node(plan.bn), view.node(plan.target), plan.target.op, plan.layer.pattern)
         else:
             bn = view.node(plan.bn)
             mul = apply_affine(view, plan, self.names)

@@ -18,6 +18,7 @@ applies plans to its own graph. Patterns (``FoldedPair.pattern``):
 * ``matmul`` (:mod:`.matmul`): MatMul (+ Add) -> BN with 2-D activations, rewritten as one Gemm.
 * ``dequantized_weight`` (:mod:`.dequantized_weight`): Conv with a DequantizeLinear weight.
 * ``bn_before`` (:mod:`.bn_before`): BN -> unpadded Conv, or BN -> Flatten -> Gemm.
+* ``bn_before_linear`` (:mod:`.bn_before_linear`): BN (2-D) -> Gemm / MatMul, BN -> Flatten -> MatMul.
 * ``bn_to_affine`` (:mod:`.bn_to_affine`, opt-in): an unfoldable BN as Mul + Add.
 * ``decomposed_affine`` (:mod:`.decomposed_affine`): layer -> Mul(m) [-> Add(a)].
 
@@ -34,6 +35,7 @@ from ..report import Reason
 from . import (
     bn_after,
     bn_before,
+    bn_before_linear,
     bn_to_affine,
     concat,
     decomposed_affine,
@@ -95,6 +97,12 @@ BN_RULES: tuple[Rule, ...] = (
     Rule("matmul_reshaped", matmul_reshaped.plan, tried=_producer_unsupported, explain=_instead),
     Rule("split", split.plan, tried=_producer_unsupported, explain=_instead),
     Rule("bn_before", bn_before.plan, tried=lambda s, o: s.code in STRUCTURAL, explain=_into_consumer_too),
+    Rule(
+        "bn_before_linear",
+        bn_before_linear.plan,
+        tried=lambda s, o: s.code in STRUCTURAL,
+        explain=_into_consumer_too,
+    ),
     Rule("bn_to_affine", bn_to_affine.plan, tried=lambda s, o: o.bn_to_affine, explain=_not_rewritten),
 )
 

@@ -283,11 +283,27 @@ def _bn_flatten_matmul_bn(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.
     return gb.model(17), {"X": rnd(rng, [2, 3, 2, 2])}
 
 
-def test_a_bn_made_foldable_by_a_later_fold_folds_in_the_same_call() -> None:
+def test_a_bn_made_foldable_by_a_later_fold_folds_in_the_same_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the rule that folds a BN into a MatMul after it (bn_before_linear), BN1 waits for
+    BN2's fold to make the MatMul a Gemm: the driver asks about it again in the same call."""
+    from pattern_checks import assert_pattern
+
+    import bnfold.rules
+
+    rules = tuple(r for r in bnfold.rules.BN_RULES if r.name != "bn_before_linear")
+    monkeypatch.setattr(bnfold.rules, "BN_RULES", rules)
+    model, feeds = _bn_flatten_matmul_bn()
+    folded = assert_pattern(model, feeds, ["matmul", "bn_before"], gone=["BatchNormalization", "MatMul"])
+    assert [n.op_type for n in folded.graph.node] == ["Flatten", "Gemm"]
+
+
+def test_bn_flatten_matmul_bn_folds_in_graph_order() -> None:
     from pattern_checks import assert_pattern
 
     model, feeds = _bn_flatten_matmul_bn()
-    folded = assert_pattern(model, feeds, ["matmul", "bn_before"], gone=["BatchNormalization", "MatMul"])
+    folded = assert_pattern(
+        model, feeds, ["bn_before_linear", "bn_after_chain"], gone=["BatchNormalization", "MatMul"]
+    )
     assert [n.op_type for n in folded.graph.node] == ["Flatten", "Gemm"]
 
 
