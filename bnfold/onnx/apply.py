@@ -148,8 +148,7 @@ def apply_scale(view: OnnxView, plan: FoldScale, folded: set[tuple[str, int]]) -
     scope = view.scope
     bn = view.node(plan.bn)
     old_params = list(bn.input[1:5])
-    bn.op_type = "Add"
-    bn.domain = ""
+    bn.op_type = "Add"  # the BN's domain ("" or "ai.onnx") is the default one: left as it is
     del bn.attribute[:]
     del bn.input[1:]
     bn.input.append("")

@@ -107,7 +107,10 @@ def _check_resize(view: GraphView, node: NodeRef, channels: int) -> None:
         if value.size > 1:
             _channel_kept(node, float(value[1]) / channels if sizes else float(value[1]))
         return
-    raise FoldError(Reason.MALFORMED, f"{node.op} '{node.label}' has neither scales nor sizes")
+    raise FoldError(
+        Reason.UNSUPPORTED_PRODUCER,
+        f"{node.op} '{node.label}' has no scales or sizes to show that it keeps the channel axis",
+    )
 
 
 def _check_mean(view: GraphView, node: NodeRef) -> None:
