@@ -46,6 +46,7 @@ class Reason(StrEnum):
     DEQUANTIZE_AXIS = "dequantize_axis"
     DROPOUT_MASK = "dropout_mask"
     IDENTITY_SUMMAND = "identity_summand"
+    NEGATIVE_SCALE = "negative_scale"
     # torch front end only
     NO_RUNNING_STATS = "no_running_stats"
     CUSTOM_FORWARD = "custom_forward"
@@ -80,9 +81,13 @@ REASON_MEANINGS: dict[Reason, str] = {
     Reason.CHANNEL_AXIS: "the BN's channel axis is not the layer's feature axis",
     Reason.UNKNOWN_RANK: "a rank the fold depends on cannot be proven",
     Reason.BROADCAST: "a Mul/Add constant does not broadcast along the output channels only",
-    Reason.PADDING: "the Conv after the BN pads its input: the padded zeros would not get the shift",
+    Reason.PADDING: (
+        "the Conv after the BN pads its input, or an AveragePool before it counts padded zeros: "
+        "the padded zeros would not get the shift"
+    ),
     Reason.DEQUANTIZE_AXIS: "the weight's dequantize scale is not per output channel",
     Reason.DROPOUT_MASK: "a Dropout between the layer and the BN returns a mask that is read",
+    Reason.NEGATIVE_SCALE: "a MaxPool sits between the layer and the BN, whose scale is negative somewhere",
     Reason.IDENTITY_SUMMAND: "the BN follows an Add of a layer and a path without a weight to absorb the scale",
     Reason.NO_RUNNING_STATS: "the BatchNorm module tracks no running statistics",
     Reason.CUSTOM_FORWARD: "the module's forward is not the standard one",
@@ -102,9 +107,13 @@ class Pattern(StrEnum):
     BN_AFTER_PASSTHROUGH = "bn_after_passthrough"  # through Identity, Dropout, cancelling Transposes
     CONCAT = "concat"  # Concat of layers along channels -> BN, split by channel ranges
     SUM_OF_LAYERS = "sum_of_layers"  # Add(layer, layer) -> BN: scale into both, shift into one
+    BN_AFTER_SPATIAL = "bn_after_spatial"  # through Resize, pools, ReduceMean (they stay)
+    SPLIT = "split"  # layer -> Split along channels -> BN on a part: into that channel range
+    MATMUL_RESHAPED = "matmul_reshaped"  # MatMul -> Flatten/Reshape to [M, C] -> BN: scale + an Add
     MATMUL = "matmul"  # MatMul (+ Add) -> BN, rewritten as one Gemm
     DECOMPOSED_AFFINE = "decomposed_affine"  # layer -> Mul(m) [-> Add(a)]
     BN_BEFORE = "bn_before"  # BN -> unpadded Conv, or BN -> Flatten -> Gemm
+    BN_BEFORE_LINEAR = "bn_before_linear"  # BN (2-D) -> Gemm / MatMul, BN -> Flatten -> MatMul
     DEQUANTIZED_WEIGHT = "dequantized_weight"  # Conv with a DequantizeLinear weight
     BN_TO_AFFINE = "bn_to_affine"  # an unfoldable BN rewritten as Mul + Add (opt-in)
     EXPORTER = "exporter"  # torch front end: a fold the ONNX exporter did

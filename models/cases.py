@@ -219,6 +219,52 @@ HAND_CASES: list[Case] = [
         "two Conv 3-D + BN: dilations [1,2,1] with strides [2,1,2] and explicit pads; "
         "auto_pad=SAME_UPPER with strides [1,2,2] and an even kernel: both fold",
     ),
+    # --- issue 13: what sits between a layer and its BN ----------------------------------------
+    _case(
+        "case_csp_concat",
+        1,
+        [],
+        "two bias-free convs -> Concat -> BN eps 1e-3 (BottleneckCSP): folds (concat)",
+    ),
+    _case("case_mixconv", 1, [], "Split -> convs k3/k5/k7 -> Concat -> BN (MixConv): folds (concat)"),
+    _case(
+        "case_fpn_neck",
+        1,
+        ["negative_scale"],
+        "Conv -> Resize nearest -> BN folds (bn_after_spatial); Conv -> MaxPool -> BN with a negative "
+        "scale: kept",
+    ),
+    _case(
+        "case_exporter_passthrough",
+        3,
+        [],
+        "Conv -> Add -> Identity -> BN, Conv -> Transpose pair -> BN, Conv -> Dropout -> BN: all fold",
+    ),
+    _case(
+        "case_sum_of_convs",
+        1,
+        ["identity_summand"],
+        "Conv3x3 + Conv1x1 -> BN folds (sum_of_layers); Conv + X -> BN: kept",
+    ),
+    _case(
+        "case_bn_flatten_matmul_bn",
+        2,
+        [],
+        "BN -> Flatten -> MatMul -> BN: both fold in one call (bn_before_linear, then the Gemm's BN)",
+    ),
+    _case(
+        "case_levit_linear_norm",
+        1,
+        ["channel_axis"],
+        "LeViT LinearNorm: MatMul(3-D) -> Reshape([-1, C]) -> BN folds (matmul_reshaped); "
+        "MatMul -> Flatten(axis=1) -> BN over tokens x features: kept",
+    ),
+    _case(
+        "case_conv_shape_reader",
+        1,
+        [],
+        "Conv -> BN, the conv output also read by Shape and CastLike (type): folds",
+    ),
 ]
 
 CASES: list[Case] = TORCH_CASES + HAND_CASES

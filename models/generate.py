@@ -560,6 +560,186 @@ def case_conv3d_same_upper(name: str) -> onnx.ModelProto:
     return make_model(g, 13)
 
 
+# --- issue 13: what sits between a layer and its BN --------------------------------------------
+def _conv(
+    rng: np.random.Generator, x: str, out: str, cin: int, cout: int, k: int, inits: list, bias_: bool = False
+):
+    inits.append(tensor(f"{out}.w", weight(rng, (cout, cin, k, k))))
+    ins = [x, f"{out}.w"]
+    if bias_:
+        inits.append(tensor(f"{out}.b", bias(rng, cout)))
+        ins.append(f"{out}.b")
+    return helper.make_node("Conv", ins, [out], name=out, pads=[k // 2] * 4, kernel_shape=[k, k])
+
+
+def case_csp_concat(name: str) -> onnx.ModelProto:
+    """YOLOv5 BottleneckCSP tail: two bias-free convs -> Concat -> BN (eps 1e-3) -> Relu."""
+    rng = rng_for(name)
+    inits: list = []
+    params, bn_t = bn_inits(rng, "bn", 8)
+    nodes = [
+        _conv(rng, "X", "cv3", 3, 4, 1, inits),
+        _conv(rng, "X", "cv2", 3, 4, 3, inits),
+        helper.make_node("Concat", ["cv3", "cv2"], ["cat"], name="cat", axis=1),
+        bn_node("cat", params, "bn_out", "bn"),
+        helper.make_node("Relu", ["bn_out"], ["Y"], name="act"),
+    ]
+    g = helper.make_graph(
+        nodes, name, [vi("X", F32, [1, 3, 6, 6])], [vi("Y", F32, [1, 8, 6, 6])], inits + bn_t
+    )
+    return make_model(g, 13)
+
+
+def case_mixconv(name: str) -> onnx.ModelProto:
+    """MixNet MixConv: Split -> convs of kernel 3, 5, 7 on the parts -> Concat -> BN."""
+    rng = rng_for(name)
+    inits: list = [tensor("split", np.array([2, 2, 2], np.int64))]
+    params, bn_t = bn_inits(rng, "bn", 6)
+    nodes = [helper.make_node("Split", ["X", "split"], ["x0", "x1", "x2"], name="split", axis=1)]
+    nodes += [_conv(rng, f"x{i}", f"mix{i}", 2, 2, k, inits) for i, k in enumerate((3, 5, 7))]
+    nodes += [
+        helper.make_node("Concat", ["mix0", "mix1", "mix2"], ["cat"], name="cat", axis=1),
+        bn_node("cat", params, "Y", "bn"),
+    ]
+    g = helper.make_graph(
+        nodes, name, [vi("X", F32, [1, 6, 8, 8])], [vi("Y", F32, [1, 6, 8, 8])], inits + bn_t
+    )
+    return make_model(g, 13)
+
+
+def case_fpn_neck(name: str) -> onnx.ModelProto:
+    """Conv -> Resize(nearest, x2) -> BN folds; Conv -> MaxPool -> BN with a negative scale stays."""
+    rng = rng_for(name)
+    inits: list = [tensor("scales", np.array([1, 1, 2, 2], np.float32))]
+    p1, bn1 = bn_inits(rng, "bn_up", 4)
+    p2, bn2 = bn_inits(rng, "bn_pool", 4)  # its first scale is negative (bn_stats)
+    nodes = [
+        _conv(rng, "X", "lateral", 3, 4, 1, inits, bias_=True),
+        helper.make_node("Resize", ["lateral", "", "scales"], ["up"], name="up", mode="nearest"),
+        bn_node("up", p1, "Y_up", "bn_up"),
+        _conv(rng, "X", "down", 3, 4, 3, inits, bias_=True),
+        helper.make_node("MaxPool", ["down"], ["pool"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        bn_node("pool", p2, "Y_pool", "bn_pool"),
+    ]
+    outputs = [vi("Y_up", F32, [1, 4, 12, 12]), vi("Y_pool", F32, [1, 4, 3, 3])]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6])], outputs, inits + bn1 + bn2)
+    return make_model(g, 13)
+
+
+def case_exporter_passthrough(name: str) -> onnx.ModelProto:
+    """paddle2onnx Conv -> Add(bias) -> Identity -> BN; tf2onnx Conv -> Transpose pair -> BN;
+    Conv -> Dropout (inference) -> BN: all three fold, the ops between go."""
+    rng = rng_for(name)
+    inits: list = [tensor("add.b", bias(rng, 4).reshape(4, 1, 1))]
+    ps = [bn_inits(rng, f"bn{i}", 4) for i in range(3)]
+    nodes = [
+        _conv(rng, "X", "c0", 3, 4, 3, inits),
+        helper.make_node("Add", ["c0", "add.b"], ["a0"], name="add"),
+        helper.make_node("Identity", ["a0"], ["i0"], name="identity"),
+        bn_node("i0", ps[0][0], "Y0", "bn0"),
+        _conv(rng, "X", "c1", 3, 4, 3, inits, bias_=True),
+        helper.make_node("Transpose", ["c1"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["nhwc"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+        bn_node("nchw", ps[1][0], "Y1", "bn1"),
+        _conv(rng, "X", "c2", 3, 4, 1, inits, bias_=True),
+        helper.make_node("Dropout", ["c2"], ["d2"], name="dropout"),
+        bn_node("d2", ps[2][0], "Y2", "bn2"),
+    ]
+    outputs = [vi(f"Y{i}", F32, [1, 4, 6, 6]) for i in range(3)]
+    g = helper.make_graph(
+        nodes, name, [vi("X", F32, [1, 3, 6, 6])], outputs, inits + [t for p in ps for t in p[1]]
+    )
+    return make_model(g, 13)
+
+
+def case_sum_of_convs(name: str) -> onnx.ModelProto:
+    """Conv 3x3 + Conv 1x1 -> Add -> BN folds into both; Conv + X (identity) -> Add -> BN stays."""
+    rng = rng_for(name)
+    inits: list = []
+    p1, bn1 = bn_inits(rng, "bn_sum", 3)
+    p2, bn2 = bn_inits(rng, "bn_res", 3)
+    nodes = [
+        _conv(rng, "X", "k3", 3, 3, 3, inits, bias_=True),
+        _conv(rng, "X", "k1", 3, 3, 1, inits, bias_=True),
+        helper.make_node("Add", ["k3", "k1"], ["sum"], name="sum"),
+        bn_node("sum", p1, "Y_sum", "bn_sum"),
+        _conv(rng, "X", "branch", 3, 3, 3, inits),
+        helper.make_node("Add", ["branch", "X"], ["res"], name="residual"),
+        bn_node("res", p2, "Y_res", "bn_res"),
+    ]
+    outputs = [vi("Y_sum", F32, [1, 3, 6, 6]), vi("Y_res", F32, [1, 3, 6, 6])]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [1, 3, 6, 6])], outputs, inits + bn1 + bn2)
+    return make_model(g, 13)
+
+
+def case_bn_flatten_matmul_bn(name: str) -> onnx.ModelProto:
+    """BN -> Flatten -> MatMul -> BN: the second BN's fold makes the MatMul a Gemm, which then takes
+    the first (both fold in one call)."""
+    rng = rng_for(name)
+    p1, bn1 = bn_inits(rng, "bn_in", 3)
+    p2, bn2 = bn_inits(rng, "bn_out", 5)
+    nodes = [
+        bn_node("X", p1, "b", "bn_in"),
+        helper.make_node("Flatten", ["b"], ["f"], name="flatten", axis=1),
+        helper.make_node("MatMul", ["f", "W"], ["m"], name="matmul"),
+        bn_node("m", p2, "Y", "bn_out"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        name,
+        [vi("X", F32, [2, 3, 2, 2])],
+        [vi("Y", F32, [2, 5])],
+        [tensor("W", weight(rng, (12, 5), fan_in=12)), *bn1, *bn2],
+        value_info=[vi("f", F32, [2, 12])],
+    )
+    return make_model(g, 13)
+
+
+def case_conv_shape_reader(name: str) -> onnx.ModelProto:
+    """Conv -> BN, with the conv output read by Shape (-> ConstantOfShape, a graph output) and by
+    CastLike's type input: they read only its shape and type, so the BN folds (they then read the
+    conv's new output)."""
+    g = conv_bn_graph(name)
+    half = numpy_helper.from_array(np.array([0.5], np.float32), "half")
+    g.node.extend(
+        [
+            helper.make_node("Shape", ["conv_out"], ["shape"], name="shape"),
+            helper.make_node("ConstantOfShape", ["shape"], ["halves"], name="halves", value=half),
+            helper.make_node("Constant", [], ["two"], name="two", value_float=2.0),
+            helper.make_node("CastLike", ["two", "conv_out"], ["two_like"], name="cast_like"),
+        ]
+    )
+    g.output.extend([vi("halves", F32, [1, 4, 6, 6]), vi("two_like", F32, [])])
+    return make_model(g, 15)
+
+
+def case_levit_linear_norm(name: str) -> onnx.ModelProto:
+    """LeViT's LinearNorm, bn(linear(x).flatten(0, 1)).reshape_as(x): MatMul on [B, N, K] ->
+    Reshape([-1, C]) -> BN -> Reshape back folds (the BN becomes an Add); a second MatMul ->
+    Flatten(axis=1) -> BN over tokens x features stays (channel_axis)."""
+    rng = rng_for(name)
+    p1, bn1 = bn_inits(rng, "bn_tok", 4)
+    p2, bn2 = bn_inits(rng, "bn_mixed", 20)
+    inits = [
+        tensor("W1", weight(rng, (6, 4), fan_in=6)),
+        tensor("W2", weight(rng, (6, 4), fan_in=6)),
+        tensor("to2d", np.array([-1, 4], np.int64)),
+        tensor("back", np.array([2, 5, 4], np.int64)),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["X", "W1"], ["m1"], name="linear"),
+        helper.make_node("Reshape", ["m1", "to2d"], ["f1"], name="flatten01"),
+        bn_node("f1", p1, "b1", "bn_tok"),
+        helper.make_node("Reshape", ["b1", "back"], ["Y"], name="reshape_as"),
+        helper.make_node("MatMul", ["X", "W2"], ["m2"], name="linear_mixed"),
+        helper.make_node("Flatten", ["m2"], ["f2"], name="flatten_mixed", axis=1),
+        bn_node("f2", p2, "Y_mixed", "bn_mixed"),
+    ]
+    outputs = [vi("Y", F32, [2, 5, 4]), vi("Y_mixed", F32, [2, 20])]
+    g = helper.make_graph(nodes, name, [vi("X", F32, [2, 5, 6])], outputs, inits + bn1 + bn2)
+    return make_model(g, 13)
+
+
 HAND_BUILDERS: dict[str, Callable[[str], onnx.ModelProto]] = {
     name: fn for name, fn in globals().items() if name.startswith("case_") and callable(fn)
 }

@@ -293,3 +293,127 @@ def test_random_affine_patterns_fold_exactly(case: tuple[str, dict, list[str]]) 
     }[kind]
     model, feeds = build(**kw)
     tp.assert_pattern(model, feeds, expect)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fixed point (issue 13): random chains of layers, BNs and what sits between them fold in one
+# call, so that folding the output again changes nothing; checked in onnxruntime, optimizations off
+# ----------------------------------------------------------------------------------------------
+BLOCKS = [
+    "conv",
+    "relu",
+    "identity",
+    "dropout",
+    "transpose_pair",
+    "concat",
+    "sum",
+    "residual",
+    "shape",
+    "pool",
+    "split",
+]
+
+
+def _composite(blocks: list[tuple[str, bool]], tail: str, seed: int) -> tuple[object, dict[str, np.ndarray]]:
+    """X [2, 4, 4, 4] -> blocks (each keeps 4 channels, 4 x 4; ``(block, True)``: a BN after it)
+    -> tail (``flatten_matmul_bn``, ``bn_flatten_matmul_bn`` or nothing) -> Y."""
+    from onnx import TensorProto, helper
+    from onnx_builders import GraphBuilder
+    from pattern_checks import bn, rnd
+
+    rng = np.random.default_rng(seed)
+    gb = GraphBuilder()
+    gb.input("X", F32, [2, 4, 4, 4])
+    prev = "X"
+
+    def conv(x: str, out: str, cout: int = 4) -> None:
+        k = int(rng.choice([1, 3]))
+        ins = [x, gb.const(f"{out}_w", rnd(rng, [cout, 4, k, k], 0.3))]
+        if rng.random() < 0.5:
+            ins.append(gb.const(f"{out}_b", rnd(rng, [cout])))
+        gb.node("Conv", ins, [out], name=out, pads=[k // 2] * 4)
+
+    for i, (block, with_bn) in enumerate(blocks):
+        out = f"v{i}" if not with_bn else f"v{i}_pre"
+        if block == "conv":
+            conv(prev, out)
+        elif block == "relu":
+            gb.node("Relu", [prev], [out], name=out)
+        elif block in ("identity", "dropout"):
+            gb.node(block.capitalize(), [prev], [out], name=out)
+        elif block == "transpose_pair":
+            gb.node("Transpose", [prev], [f"{out}_t"], name=f"{out}_t", perm=[0, 2, 3, 1])
+            gb.node("Transpose", [f"{out}_t"], [out], name=out, perm=[0, 3, 1, 2])
+        elif block in ("concat", "sum"):
+            conv(prev, f"{out}_a", 2 if block == "concat" else 4)
+            conv(prev, f"{out}_b", 2 if block == "concat" else 4)
+            op = "Concat" if block == "concat" else "Add"
+            gb.node(op, [f"{out}_a", f"{out}_b"], [out], name=out, axis=1 if op == "Concat" else None)
+        elif block == "pool":  # 3 x 3, stride 1, padded: the size stays 4 x 4
+            op = str(rng.choice(["MaxPool", "AveragePool"]))
+            gb.node(op, [prev], [out], name=out, kernel_shape=[3, 3], pads=[1] * 4)
+        elif block == "split":  # Conv -> Split [2, 2] -> BN on the first part -> Concat back
+            conv(prev, f"{out}_c")
+            gb.node(
+                "Split",
+                [f"{out}_c", gb.const(f"{out}_sizes", np.array([2, 2], np.int64))],
+                [f"{out}_p0", f"{out}_p1"],
+                name=f"{out}_split",
+                axis=1,
+            )
+            bn(gb, f"{out}_p0", f"{out}_n0", 2, rng, prefix=f"bn{i}_part")
+            gb.node("Concat", [f"{out}_n0", f"{out}_p1"], [out], name=out, axis=1)
+        elif block == "residual":
+            conv(prev, f"{out}_a")
+            gb.node("Add", [prev, f"{out}_a"], [out], name=out)
+        elif block == "shape":  # a Shape of the value, as a second graph output
+            gb.node("Shape", [prev], [f"{out}_shape"], name=f"{out}_shape")
+            gb.output(f"{out}_shape", np.int64, [4])
+            gb.node("Identity", [prev], [out], name=out)
+        else:
+            raise AssertionError(block)
+        if with_bn:
+            bn(gb, out, f"v{i}", 4, rng, prefix=f"bn{i}")
+        prev = f"v{i}"
+    if tail:
+        if tail == "bn_flatten_matmul_bn":
+            bn(gb, prev, "tail_bn", 4, rng, prefix="tail_bn1")
+            prev = "tail_bn"
+        gb.node("Flatten", [prev], ["flat"], name="flatten", axis=1)
+        gb.value_info.append(helper.make_tensor_value_info("flat", TensorProto.FLOAT, [2, 64]))
+        gb.node("MatMul", ["flat", gb.const("mm_w", rnd(rng, [64, 5], 0.2))], ["mm"], name="matmul")
+        bn(gb, "mm", "Y", 5, rng, prefix="tail_bn2")
+        gb.output("Y", F32, [2, 5])
+    else:
+        gb.node("Identity", [prev], ["Y"], name="out")
+        gb.output("Y", F32, [2, 4, 4, 4])
+    return gb.model(17), {"X": rnd(rng, [2, 4, 4, 4])}
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(
+    st.lists(st.tuples(st.sampled_from(BLOCKS), st.booleans()), min_size=1, max_size=6),
+    st.sampled_from(["", "flatten_matmul_bn", "bn_flatten_matmul_bn"]),
+    st.integers(0, 2**31 - 1),
+)
+def test_random_composites_reach_the_fixed_point_in_one_call(
+    blocks: list[tuple[str, bool]], tail: str, seed: int
+) -> None:
+    model, feeds = _composite(blocks, tail, seed)
+    check_model(model)  # type: ignore[arg-type]
+    folded = copy.deepcopy(model)
+    report = fold_model(folded)  # type: ignore[arg-type]
+    event(f"{len(report.folded)} folded, {len(report.skipped)} kept")
+    for f in report.folded:
+        event(f"pattern {f.pattern}")
+    check_model(folded)  # type: ignore[arg-type]
+    assert_ort_equivalent(model, folded, feeds, F32)  # type: ignore[arg-type]
+    again = copy.deepcopy(folded)
+    second = fold_model(again)  # type: ignore[arg-type]
+    assert not second.folded, (blocks, tail, second.folded)
+    assert again.SerializeToString() == folded.SerializeToString()  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, LayerEdit, ToAffine
+from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, LayerEdit, ToAffine
 from .attributes import set_attr
 from .edits import Scope
 from .index import NameAllocator
@@ -31,12 +31,13 @@ def absorb(
     target: onnx.NodeProto,
     chain: list[tuple[int, onnx.NodeProto]],
     folded: set[tuple[str, int]],
+    output: int = 0,
 ) -> None:
     """Drop the per-channel nodes ``chain`` after ``target`` (already folded into it): the layer
-    takes the last one's output name; their other inputs are released."""
-    old = target.output[0]
+    (its output ``output``) takes the last one's output name; their other inputs are released."""
+    old = target.output[output]
     final = chain[-1][1].output[0]
-    target.output[0] = final
+    target.output[output] = final
     pidx = scope.producer.pop(old)
     scope.removed_values.add(old)
     prev = old
@@ -49,6 +50,10 @@ def absorb(
                 scope.uses[inp] -= 1
             else:
                 scope.release(inp)
+        for extra in node.output[1:]:  # an unread Dropout mask goes with its node
+            if extra:
+                scope.producer.pop(extra, None)
+                scope.removed_values.add(extra)
         out = node.output[0]
         if out != final:
             scope.producer.pop(out, None)
@@ -77,13 +82,13 @@ def apply_branches(view: OnnxView, plan: FoldBranches, folded: set[tuple[str, in
     and the join takes the last one's output name."""
     join = view.node(plan.join)
     chain = [(ref.key, view.node(ref)) for ref in plan.absorbed]
-    gone = [join.output[0]] + [node.output[0] for _, node in chain[:-1]]
+    gone = [join.output[plan.output]] + [node.output[0] for _, node in chain[:-1]]
     readers = [(v, view.metadata_reads(v)) for v in gone if view.scope.uses[v] > 1]
     for edit in plan.layers:
         apply_layer(view, edit)
-    absorb(view.scope, join, chain, folded)
+    absorb(view.scope, join, chain, folded, plan.output)
     for value, reads in readers:
-        view.reread(reads, value, join.output[0])
+        view.reread(reads, value, join.output[plan.output])
     folded.update((view.scope.label, t.key) for t in plan.targets)
 
 
@@ -135,3 +140,20 @@ def apply_affine(view: OnnxView, plan: ToAffine, names: NameAllocator) -> onnx.N
     for name in old_params:
         scope.release(name)
     return mul
+
+
+def apply_scale(view: OnnxView, plan: FoldScale, folded: set[tuple[str, int]]) -> None:
+    """The layer's new weight; the BN node becomes ``Add(x, shift)`` (same name and output)."""
+    apply_layer(view, plan.layer)
+    scope = view.scope
+    bn = view.node(plan.bn)
+    old_params = list(bn.input[1:5])
+    bn.op_type = "Add"  # the BN's domain ("" or "ai.onnx") is the default one: left as it is
+    del bn.attribute[:]
+    del bn.input[1:]
+    bn.input.append("")
+    del bn.output[1:]
+    scope.set_input(bn, 1, plan.shift, None, f"{bn.name or bn.output[0]}_shift")
+    for name in old_params:
+        scope.release(name)
+    folded.add((scope.label, plan.target.key))

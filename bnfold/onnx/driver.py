@@ -15,16 +15,17 @@ import functools
 import gc
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import onnx
 
 from ..report import FoldedPair, FoldReport, Pattern, Reason, SkippedBN
 from ..rules import REPORTED_MUL_CODES, Options, plan_bn, plan_mul
 from ..rules.common import TARGET_OPS
-from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, Plan, Skip
+from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, Plan, Skip
 from ..rules.view import AttributeRef, BadAttribute, NodeRef
 from . import bulk
-from .apply import apply_affine, apply_after, apply_before, apply_branches
+from .apply import apply_affine, apply_after, apply_before, apply_branches, apply_scale
 from .edits import Scope
 from .index import NameAllocator, all_names, free_uses, subgraphs
 from .ops import ONNX_DOMAINS
@@ -37,6 +38,17 @@ def _opset_map(imports: list[onnx.OperatorSetIdProto] | object) -> dict[str, int
     for imp in imports:  # type: ignore[union-attr]
         out["" if imp.domain in ONNX_DOMAINS else imp.domain] = imp.version
     return out
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A BN the pass kept: its node index, its record in ``report.skipped``, and how many folds
+    the report held when it was last asked."""
+
+    index: int
+    node: onnx.NodeProto
+    record: int
+    folds_seen: int
 
 
 class _Pass:
@@ -102,6 +114,7 @@ class _Pass:
         bns = [(i, n) for i, n, op in candidates if op == "BatchNormalization"]
         jobs = bulk.prepare(scope, view, self.store, bns) if self.bulk else {}
         record = functools.partial(self.record, scope)
+        kept: list[_Kept] = []
         for idx, node, op in candidates:
             if idx in scope.removed_nodes:
                 continue
@@ -109,9 +122,12 @@ class _Pass:
                 job = jobs.get(idx)
                 if job is not None and bulk.rewrite(scope, idx, node, job, self.folded, record):
                     continue
-                self.attempt(view, idx, node, lambda ref: plan_bn(view, ref, self.options), mul=False)
+                at = len(self.report.skipped)
+                if not self.attempt(view, idx, node, self.ask_bn(view), mul=False):
+                    kept.append(_Kept(idx, node, at, len(self.report.folded)))
             else:
                 self.attempt(view, idx, node, lambda ref: plan_mul(view, ref), mul=True)
+        self.revisit(view, kept)
         for idx in scope.subgraph_nodes:
             if idx in scope.removed_nodes:
                 continue
@@ -121,6 +137,34 @@ class _Pass:
                 self.process(self.scope(g, label, scope.opset, scope))
         scope.commit()
 
+    def ask_bn(self, view: OnnxView) -> Callable[[NodeRef], Plan | Skip | None]:
+        return lambda ref: plan_bn(view, ref, self.options)
+
+    def revisit(self, view: OnnxView, kept: list[_Kept]) -> None:
+        """The fixed point in one call: a BN kept before a later fold changed the graph is asked
+        again (a BN -> Flatten -> MatMul -> BN: folding the second BN makes the MatMul a Gemm,
+        which only then takes the first), until a round folds nothing. A BN that stays keeps its
+        first record; one that folds now loses it."""
+        gone: list[int] = []
+        while kept:
+            progress = False
+            still: list[_Kept] = []
+            for k in kept:
+                if k.index in view.scope.removed_nodes:
+                    continue
+                if len(self.report.folded) == k.folds_seen:
+                    still.append(k)
+                elif self.attempt(view, k.index, k.node, self.ask_bn(view), mul=False, report=False):
+                    gone.append(k.record)
+                    progress = True
+                else:
+                    still.append(_Kept(k.index, k.node, k.record, len(self.report.folded)))
+            if not progress:
+                break
+            kept = still
+        for at in sorted(gone, reverse=True):
+            del self.report.skipped[at]
+
     def attempt(
         self,
         view: OnnxView,
@@ -128,9 +172,11 @@ class _Pass:
         node: onnx.NodeProto,
         ask: Callable[[NodeRef], Plan | Skip | None],
         mul: bool,
-    ) -> None:
-        """Ask the rules about ``node`` (no mutation) and apply the plan, or report the refusal. A
-        Mul candidate is reported only when its rule says so, never for an unreadable model."""
+        report: bool = True,
+    ) -> bool:
+        """Ask the rules about ``node`` (no mutation) and apply the plan, or report the refusal
+        (unless ``report`` is off); True when it folded. A Mul candidate is reported only when its
+        rule says so, never for an unreadable model."""
         scope = view.scope
         ref = view.ref(idx, node)
         view.forget()
@@ -143,14 +189,17 @@ class _Pass:
                 result = Skip(Reason.MALFORMED, str(e))
         except Exception as e:  # noqa: BLE001 - refuse what we cannot read, never crash
             result = None if mul else Skip(Reason.MALFORMED, f"cannot be analysed: {type(e).__name__}: {e}")
+        folded = False
         if isinstance(result, Skip):
-            if not mul or result.code in REPORTED_MUL_CODES:
+            if report and (not mul or result.code in REPORTED_MUL_CODES):
                 self.skip(
                     scope, node, result.code, result.message, self.report.skipped_affine if mul else None
                 )
         elif result is not None:
             self.apply(view, result)
+            folded = True
         view.forget()
+        return folded
 
     def apply(self, view: OnnxView, plan: Plan) -> None:
         scope = view.scope
@@ -162,13 +211,28 @@ class _Pass:
                 self.record(scope, view.node(later), target, plan.target.op, Pattern.BN_AFTER_CHAIN)
         elif isinstance(plan, FoldBranches):
             apply_branches(view, plan, self.folded)
-            anchor, join = view.node(plan.anchor), view.node(plan.join)
-            self.record(scope, anchor, join, plan.join.op, plan.pattern)
-            for later in plan.also:
-                self.record(scope, view.node(later), join, plan.join.op, Pattern.BN_AFTER_CHAIN)
+            into = plan.join if len(plan.targets) > 1 else plan.targets[0]  # one layer: name it
+            for bn_ref, pattern in (
+                (plan.anchor, plan.pattern),
+                *((b, Pattern.BN_AFTER_CHAIN) for b in plan.also),
+            ):
+                self.record(scope, view.node(bn_ref), view.node(into), into.op, pattern)
+        elif isinstance(plan, FoldScale):
+            bn = view.node(plan.bn)
+            record_as = bn.name or bn.output[0]  # the BN node becomes the Add
+            apply_scale(view, plan, self.folded)
+            self.report.folded.append(
+                FoldedPair(
+                    record_as,
+                    view.node(plan.target).name or view.node(plan.target).output[0],
+                    plan.target.op,
+                    scope.label,
+                    plan.layer.pattern,
+                )
+            )
         elif isinstance(plan, FoldBefore):
             apply_before(view, plan, self.folded)
-            self.record(scope, view.node(plan.bn), view.node(plan.target), plan.target.op, Pattern.BN_BEFORE)
+            self.record(scope, view.node(plan.bn), view.node(plan.target), plan.target.op, plan.layer.pattern)
         else:
             bn = view.node(plan.bn)
             mul = apply_affine(view, plan, self.names)

@@ -11,9 +11,14 @@ applies plans to its own graph. Patterns (``FoldedPair.pattern``):
   Transposes that cancel (they go with the BN).
 * ``concat`` (:mod:`.concat`): Concat of layers along channels -> BN, split by channel ranges.
 * ``sum_of_layers`` (:mod:`.sum_of_layers`): Add(layer, layer) -> BN.
+* ``bn_after_spatial`` (:mod:`.spatial`): through Resize, pools and ReduceMean, which stay.
+* ``split`` (:mod:`.split`): layer -> Split along channels -> BN on a part, into its channel range.
+* ``matmul_reshaped`` (:mod:`.matmul_reshaped`): MatMul -> Flatten/Reshape to [M, C] -> BN (LeViT):
+  the scale into the weight, the BN becomes Add(shift).
 * ``matmul`` (:mod:`.matmul`): MatMul (+ Add) -> BN with 2-D activations, rewritten as one Gemm.
 * ``dequantized_weight`` (:mod:`.dequantized_weight`): Conv with a DequantizeLinear weight.
 * ``bn_before`` (:mod:`.bn_before`): BN -> unpadded Conv, or BN -> Flatten -> Gemm.
+* ``bn_before_linear`` (:mod:`.bn_before_linear`): BN (2-D) -> Gemm / MatMul, BN -> Flatten -> MatMul.
 * ``bn_to_affine`` (:mod:`.bn_to_affine`, opt-in): an unfoldable BN as Mul + Add.
 * ``decomposed_affine`` (:mod:`.decomposed_affine`): layer -> Mul(m) [-> Add(a)].
 
@@ -27,7 +32,19 @@ from dataclasses import dataclass
 
 from ..errors import FoldError
 from ..report import Reason
-from . import bn_after, bn_before, bn_to_affine, concat, decomposed_affine, passthrough, sum_of_layers
+from . import (
+    bn_after,
+    bn_before,
+    bn_before_linear,
+    bn_to_affine,
+    concat,
+    decomposed_affine,
+    matmul_reshaped,
+    passthrough,
+    spatial,
+    split,
+    sum_of_layers,
+)
 from .common import BN, STRUCTURAL, read_bn
 from .plan import FoldAfter, Plan, Skip
 from .view import GraphView, NodeRef
@@ -69,14 +86,23 @@ def _producer_unsupported(first: Skip, options: Options) -> bool:
 
 
 # The order is policy: into the producer (bn_after, chains, matmul, dequantized_weight); through
-# what the producer is when bn_after does not take it (passthrough, concat, sum_of_layers); else, when the first refusal is
+# what the producer is when bn_after does not take it (passthrough, concat, sum_of_layers, spatial, matmul_reshaped, split); else, when the first refusal is
 # about where the BN sits, into its consumer (bn_before); else, when enabled, Mul+Add.
 BN_RULES: tuple[Rule, ...] = (
     Rule("bn_after", bn_after.plan, tried=lambda s, o: True, explain=lambda before, now: now),
     Rule("passthrough", passthrough.plan, tried=_producer_unsupported, explain=_instead),
     Rule("concat", concat.plan, tried=_producer_unsupported, explain=_instead),
     Rule("sum_of_layers", sum_of_layers.plan, tried=_producer_unsupported, explain=_instead),
+    Rule("spatial", spatial.plan, tried=_producer_unsupported, explain=_instead),
+    Rule("matmul_reshaped", matmul_reshaped.plan, tried=_producer_unsupported, explain=_instead),
+    Rule("split", split.plan, tried=_producer_unsupported, explain=_instead),
     Rule("bn_before", bn_before.plan, tried=lambda s, o: s.code in STRUCTURAL, explain=_into_consumer_too),
+    Rule(
+        "bn_before_linear",
+        bn_before_linear.plan,
+        tried=lambda s, o: s.code in STRUCTURAL,
+        explain=_into_consumer_too,
+    ),
     Rule("bn_to_affine", bn_to_affine.plan, tried=lambda s, o: o.bn_to_affine, explain=_not_rewritten),
 )
 

@@ -74,9 +74,10 @@ class FoldAfter:
 @dataclass(frozen=True)
 class FoldBranches:
     """A BN after a node joining layers (a Concat along channels, an Add of two layers) folds into
-    each of them: ``layers`` are their edits (each computed and rounded once); ``join`` takes the
-    last absorbed node's output name and ``absorbed`` (the BN, then ``also``: BNs after it, folded
-    in the same step) go."""
+    each of them: ``layers`` are their edits (each computed and rounded once); ``join`` (its output
+    ``output``) takes the last absorbed node's output name and ``absorbed`` (the BN, then ``also``:
+    BNs after it, folded in the same step) go. Also a node between one layer and the BN that stays
+    (a pool, a Split part)."""
 
     anchor: NodeRef
     join: NodeRef
@@ -85,6 +86,18 @@ class FoldBranches:
     pattern: Pattern
     absorbed: tuple[NodeRef, ...]
     also: tuple[NodeRef, ...] = ()
+    output: int = 0
+
+
+@dataclass(frozen=True)
+class FoldScale:
+    """A BN's scale folds into ``target`` (``layer``: its new weight) and the BN becomes
+    ``Add(shift)`` on its own input, keeping its output name (there is no bias to take the shift)."""
+
+    bn: NodeRef
+    target: NodeRef
+    layer: LayerEdit
+    shift: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -109,4 +122,4 @@ class ToAffine:
     legacy: bool
 
 
-Plan = FoldAfter | FoldBefore | ToAffine | FoldBranches
+Plan = FoldAfter | FoldBefore | ToAffine | FoldBranches | FoldScale

@@ -262,3 +262,57 @@ def test_training_info_references_keep_tensors() -> None:
     np.testing.assert_array_equal(initializer(folded, "W"), initializer(b.model, "W"))
     np.testing.assert_array_equal(initializer(folded, "bn_mean"), initializer(b.model, "bn_mean"))
     assert_ort_equivalent(b.model, folded, b.feeds)
+
+
+# ----- the fixed point in one call -------------------------------------------------------------
+def _bn_flatten_matmul_bn(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """X -> BN1 -> Flatten -> MatMul -> BN2 -> Y: BN1 can go into the MatMul only once BN2's fold
+    has made it a Gemm."""
+    from onnx_builders import F32, GraphBuilder
+    from pattern_checks import bn, rnd
+
+    rng = np.random.default_rng(seed)
+    gb = GraphBuilder()
+    gb.input("X", F32, [2, 3, 2, 2])
+    bn(gb, "X", "b1", 3, rng, prefix="bn1")
+    gb.node("Flatten", ["b1"], ["f"], name="flatten", axis=1)
+    gb.value_info.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, [2, 12]))
+    gb.node("MatMul", ["f", gb.const("W", rnd(rng, [12, 5], 0.4))], ["m"], name="matmul")
+    bn(gb, "m", "Y", 5, rng, prefix="bn2")
+    gb.output("Y", F32, [2, 5])
+    return gb.model(17), {"X": rnd(rng, [2, 3, 2, 2])}
+
+
+def test_a_bn_made_foldable_by_a_later_fold_folds_in_the_same_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the rule that folds a BN into a MatMul after it (bn_before_linear), BN1 waits for
+    BN2's fold to make the MatMul a Gemm: the driver asks about it again in the same call."""
+    from pattern_checks import assert_pattern
+
+    import bnfold.rules
+
+    rules = tuple(r for r in bnfold.rules.BN_RULES if r.name != "bn_before_linear")
+    monkeypatch.setattr(bnfold.rules, "BN_RULES", rules)
+    model, feeds = _bn_flatten_matmul_bn()
+    folded = assert_pattern(model, feeds, ["matmul", "bn_before"], gone=["BatchNormalization", "MatMul"])
+    assert [n.op_type for n in folded.graph.node] == ["Flatten", "Gemm"]
+
+
+def test_bn_flatten_matmul_bn_folds_in_graph_order() -> None:
+    from pattern_checks import assert_pattern
+
+    model, feeds = _bn_flatten_matmul_bn()
+    folded = assert_pattern(
+        model, feeds, ["bn_before_linear", "bn_after_chain"], gone=["BatchNormalization", "MatMul"]
+    )
+    assert [n.op_type for n in folded.graph.node] == ["Flatten", "Gemm"]
+
+
+def test_a_bn_that_stays_after_the_revisit_keeps_its_first_record() -> None:
+    model, _ = _bn_flatten_matmul_bn()
+    flatten = next(n for n in model.graph.node if n.op_type == "Flatten")
+    flatten.input[0] = "X"  # BN1's output is now a graph output, read by nothing else
+    bn1 = next(n for n in model.graph.node if n.name == "bn1")
+    model.graph.output.append(helper.make_tensor_value_info(bn1.output[0], TensorProto.FLOAT, [2, 3, 2, 2]))
+    _, report = fold(model)
+    assert [f.pattern for f in report.folded] == ["matmul"]
+    assert [(s.bn, s.code) for s in report.skipped] == [("bn1", "no_producer")]

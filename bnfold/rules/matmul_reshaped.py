@@ -1,0 +1,76 @@
+"""``matmul_reshaped``: LeViT's ``bn(linear(x).flatten(0, 1))``: ``MatMul(A, W)`` with ``A`` of any
+rank >= 2, then ``Flatten(axis = rank - 1)`` or ``Reshape`` to ``[M, C]`` (``C`` = the MatMul's
+features), then a BN over ``C``. The BN's channels are the MatMul's features, so its scale goes into
+the columns of ``W``; there is no bias to take the shift, so the BN becomes ``Add(shift)`` on the
+reshaped value (both rounded once into ``W``'s dtype). Kept: a Flatten or Reshape that mixes tokens
+into the features (``channel_axis``), a rank that cannot be proven (``unknown_rank``)."""
+
+from __future__ import annotations
+
+from ..errors import FoldError
+from ..folding import BNAffine, fold_gemm
+from ..report import Pattern, Reason
+from .common import BN, check_single_use, constant
+from .plan import FoldScale, LayerEdit, Skip, TensorEdit
+from .view import GraphView, NodeRef, NotConstant
+
+
+def _check_reshape(view: GraphView, reshape: NodeRef, rank: int, features: int) -> None:
+    """FoldError unless ``reshape`` maps a rank-``rank`` value with ``features`` last to
+    ``[M, features]``."""
+    if reshape.op == "Flatten":
+        axis = view.attr_int(reshape, "axis", 1)
+        if axis < 0:
+            axis += rank
+        if axis != rank - 1:
+            raise FoldError(
+                Reason.CHANNEL_AXIS,
+                f"Flatten '{reshape.label}' (axis {axis}) of a rank-{rank} MatMul output mixes tokens "
+                "into the BN's channels",
+            )
+        return
+    if len(reshape.inputs) < 2 or not reshape.inputs[1]:
+        raise FoldError(Reason.MALFORMED, f"Reshape '{reshape.label}' has no shape")
+    try:
+        shape = [int(v) for v in view.constant(reshape.inputs[1]).reshape(-1)]
+    except NotConstant:
+        raise FoldError(Reason.CHANNEL_AXIS, f"Reshape '{reshape.label}' has a computed shape") from None
+    if len(shape) != 2 or shape[1] != features:
+        raise FoldError(
+            Reason.CHANNEL_AXIS,
+            f"Reshape '{reshape.label}' to {shape}: the BN's channels are not the MatMul's {features} features",
+        )
+
+
+def _fold(view: GraphView, bn: BN, reshape: NodeRef, matmul: NodeRef) -> FoldScale:
+    if len(matmul.inputs) != 2 or not all(matmul.inputs) or len(matmul.outputs) != 1:
+        raise FoldError(Reason.MALFORMED, "MatMul must have two inputs and one output")
+    rank = view.rank(matmul.inputs[0])
+    if rank is None:
+        raise FoldError(Reason.UNKNOWN_RANK, f"the rank of the MatMul input '{matmul.inputs[0]}' is unknown")
+    w = constant(view, matmul.inputs[1], Reason.WEIGHT_NOT_CONSTANT, "weight")
+    if w.ndim != 2 or rank < 2:
+        raise FoldError(Reason.WEIGHT_SHAPE, f"MatMul of ranks {rank} and {w.ndim}: not a Linear")
+    _check_reshape(view, reshape, rank, w.shape[1])
+    m = matmul.outputs[0]
+    if view.is_graph_output(m):
+        raise FoldError(Reason.GRAPH_OUTPUT, f"'{m}' is also a graph output")
+    check_single_use(view, m)
+    new_w, shift = fold_gemm(w, None, BNAffine(bn.affine.scale, bn.affine.shift), False, 1.0)
+    weight = TensorEdit(matmul, 1, new_w, matmul.inputs[1], f"{matmul.inputs[1]}_folded")
+    return FoldScale(bn.node, matmul, LayerEdit(Pattern.MATMUL_RESHAPED, (weight,)), shift)
+
+
+def plan(view: GraphView, bn: BN) -> FoldScale | Skip | None:
+    """The BN's scale into the MatMul before a Flatten/Reshape, its shift as an Add; None when it
+    does not follow such a pair."""
+    reshape = view.producer(bn.node.inputs[0])
+    if reshape is None or not reshape.standard or reshape.op not in ("Flatten", "Reshape") or view.opset < 7:
+        return None
+    matmul = view.producer(reshape.inputs[0]) if reshape.inputs else None
+    if matmul is None or not matmul.standard or matmul.op != "MatMul":
+        return None
+    try:
+        return _fold(view, bn, reshape, matmul)
+    except FoldError as e:
+        return Skip(e.code, e.message)
