@@ -1,6 +1,7 @@
-"""Issue 13 in the torch front end: readers of a layer output's metadata (``x.ndim``, ``x.shape``,
-``x.size()``) are not consumers, and a BN after the sum of two layers folds into both; checked
-against the PyTorch module (float32, and a float64 copy to float64 rounding)."""
+"""Rules of issue 13 in the torch front end: readers of a layer output's metadata (``x.ndim``,
+``x.shape``, ``x.size()``) are not consumers, a BN after the sum of two layers folds into both, and
+a BN after a flattened matmul takes the scale into the weight and becomes an add; checked against
+the PyTorch module (float32, and a float64 copy to float64 rounding)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,20 @@ def test_bn_after_a_sum_of_two_convs_folds_into_both() -> None:
 def test_an_identity_summand_keeps_the_bn() -> None:
     result = _checked(SumOfConvs(identity=True), torch.randn(1, 4, 5, 5))
     assert [str(s.code) for s in result.report.skipped] == ["identity_summand"], result.report
+
+
+class FlattenedMatmul(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6))
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.flatten(x @ self.w, 1))
+
+
+def test_bn_after_a_flattened_matmul_becomes_a_scaled_weight_and_an_add() -> None:
+    result = _checked(FlattenedMatmul(), torch.randn(4, 8))
+    assert [str(p.pattern) for p in result.report.folded] == ["matmul_reshaped"], result.report
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in result.module.modules())
+    assert "torch.add" in result.module.code
