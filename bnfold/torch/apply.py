@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, LayerEdit, Plan, TensorEdit
+from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, LayerEdit, Plan, TensorEdit
 from ..rules.view import NodeRef
 from .batchnorm import path_of
 from .ops import TRANSPOSES, Mapped
@@ -45,6 +45,8 @@ class FxApplier:
             self._before(plan)
         elif isinstance(plan, FoldBranches):
             self._branches(plan)
+        elif isinstance(plan, FoldScale):
+            self._scale(plan)
         else:
             raise TypeError(f"the fx front end does not apply {type(plan).__name__} plans")
         self.view.refresh()
@@ -72,6 +74,23 @@ class FxApplier:
         for m in reversed(absorbed):
             self._erase(m)
         view.folded.update(view.node(t) for t in plan.targets)
+
+    def _scale(self, plan: FoldScale) -> None:
+        """The layer takes the BN's scale; the BN becomes ``x + shift`` on its own input."""
+        view = self.view
+        bn = view.info(plan.bn)
+        x = view.value_node(bn.inputs[0])
+        assert x is not None
+        self.layer(plan.layer)
+        weight = _any_tensor(self.gm)
+        name = self._fresh_name(f"{bn.node.name}_shift")
+        set_attr(self.gm, name, nn.Parameter(to_torch(np.asarray(plan.shift), weight), requires_grad=False))
+        graph = self.gm.graph
+        with graph.inserting_before(bn.node):
+            shifted = graph.call_function(torch.add, (x, graph.get_attr(name)))
+        bn.result.replace_all_uses_with(shifted)
+        self._erase(bn)
+        view.folded.add(view.node(plan.target))
 
     def _before(self, plan: FoldBefore) -> None:
         view = self.view

@@ -28,7 +28,7 @@ from torch import fx
 from ..errors import FoldError
 from ..report import FoldedPair, FoldReport, Pattern, Reason, SkippedBN
 from ..rules import REPORTED_MUL_CODES, Options, plan_bn, plan_mul
-from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, Plan, Skip
+from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, Plan, Skip
 from ..rules.view import AttributeRef, BadAttribute, NodeRef
 from .apply import FxApplier
 from .batchnorm import TorchSkip, bn_call, is_bn
@@ -96,6 +96,9 @@ class FxFolder:
         elif isinstance(plan, FoldBefore):
             target = view.info(plan.target)
             pairs = [(plan.bn, Pattern.BN_BEFORE)]
+        elif isinstance(plan, FoldScale):
+            target = view.info(plan.target)
+            pairs = [(plan.bn, plan.layer.pattern)]
         elif isinstance(plan, FoldBranches):
             target = view.info(plan.join)
             pairs = [(plan.anchor, plan.pattern)] + [(later, Pattern.BN_AFTER_CHAIN) for later in plan.also]
