@@ -1,7 +1,8 @@
 """torch.fx nodes as the ONNX operators the fold rules know.
 
 :meth:`Mapper.map` describes one fx node as an ONNX op (``Conv``, ``ConvTranspose``, ``Gemm``,
-``MatMul``, ``Add``, ``Mul``, ``Flatten``, ``Reshape``, ``BatchNormalization``) with its inputs by
+``MatMul``, ``Add``, ``Mul``, ``Flatten``, ``Reshape``, ``Concat``, ``Identity`` for identity and
+inference-mode dropout, ``BatchNormalization``) with its inputs by
 value name, its ONNX attributes and, per input, where that input lives in the fx graph (a call's
 argument, or a parameter of the called module). A ``view`` / ``reshape`` whose recorded shapes
 make it ``[N, C*...]`` is a ``Flatten(axis=1)``; ``permute`` / ``t`` / ``transpose`` of a constant
@@ -78,6 +79,16 @@ _ADD_TARGETS = {operator.add, torch.add, aten.add.Tensor, "add"}
 _MUL_TARGETS = {operator.mul, torch.mul, aten.mul.Tensor, "mul"}
 _FLATTEN_TARGETS = {torch.flatten, aten.flatten.using_ints, "flatten"}
 _RESHAPE_TARGETS = {torch.reshape, aten.view.default, aten.reshape.default, "view", "reshape"}
+_CAT_TARGETS = {torch.cat, torch.concat, aten.cat.default}
+_DROPOUT_FUNCTIONS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    torch.dropout,
+    aten.dropout.default,
+}
 # transpositions of a constant are constants too (a decomposed nn.Linear reads permute(weight))
 TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -208,6 +219,10 @@ class Mapper:
             return mapped
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             return self._bn_module(node, mod, x)
+        if isinstance(mod, nn.Identity) or (
+            isinstance(mod, nn.modules.dropout._DropoutNd) and not mod.training
+        ):  # what an inference-mode Dropout computes
+            return Mapped("Identity", node, path, (x,), (Slot(0, "input"),), module=path, kind="Identity")
         if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1:
             return Mapped("Flatten", node, path, (x,), (Slot(0, "input"),), {"axis": 1}, module=path)
         inputs = tuple(n.name for n in node.all_input_nodes)
@@ -285,7 +300,25 @@ class Mapper:
             return self._call(mapped, bind(node, ("input",)), ((0, "input"),))
         if target in BN_FUNCTIONS:
             return self._bn_function(node)
+        if target in _CAT_TARGETS:
+            return self._cat(node)
+        if target in _DROPOUT_FUNCTIONS:
+            args = bind(node, ("input", "p", "training"))
+            if args.get("training", True) is not False:  # F.dropout trains by default
+                return None
+            return self._call(Mapped("Identity", node, node.name, kind="Identity"), args, ((0, "input"),))
         return None
+
+    def _cat(self, node: fx.Node) -> Mapped | None:
+        """``torch.cat(tensors, dim)`` as Concat: every part a node, the axis a constant."""
+        args = bind(node, ("tensors", "dim"))
+        parts, axis = args.get("tensors"), args.get("dim", 0)
+        if not isinstance(parts, (list, tuple)) or not all(isinstance(p, fx.Node) for p in parts):
+            return None
+        if not isinstance(axis, int):
+            return None
+        inputs = tuple(p.name for p in parts if isinstance(p, fx.Node))
+        return Mapped("Concat", node, node.name, inputs, attrs={"axis": axis}, kind="Concat")
 
     def _conv(self, node: fx.Node, op: str, names: tuple[str, ...]) -> Mapped:
         args = bind(node, names)

@@ -50,13 +50,18 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
     np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * (float(np.abs(w).max()) or 1.0))
 
 
-def _checked(model: nn.Module, x: torch.Tensor) -> bt.TorchFoldResult:
+def _checked(model: nn.Module, x: torch.Tensor, export: bool = False) -> bt.TorchFoldResult:
+    """Fold ``model`` (captured by torch.export when ``export``), in float32 and in float64."""
     model = randomize_bn(model, torch.Generator().manual_seed(0)).eval()
-    result = bt.fold(model, (x,))
+
+    def captured(m: nn.Module, inputs: torch.Tensor) -> object:
+        return torch.export.export(m, (inputs,)) if export else m
+
+    result = bt.fold(captured(model, x), (x,))
     with torch.no_grad():
         _close(result.module(x), model(x), 1e-5)
         model64 = copy.deepcopy(model).double()
-        exact = bt.fold(model64, (x.double(),))
+        exact = bt.fold(captured(model64, x.double()), (x.double(),))
         assert [str(p.pattern) for p in exact.report.folded] == [str(p.pattern) for p in result.report.folded]
         _close(exact.module(x.double()), model64(x.double()), 1e-12)
     return result
@@ -103,3 +108,52 @@ def test_bn_after_a_flattened_matmul_becomes_a_scaled_weight_and_an_add() -> Non
     assert [str(p.pattern) for p in result.report.folded] == ["matmul_reshaped"], result.report
     assert not any(isinstance(m, nn.BatchNorm1d) for m in result.module.modules())
     assert "torch.add" in result.module.code
+
+
+class CrossStagePartial(nn.Module):
+    """YOLOv5's BottleneckCSP tail: two bias-free convs, concatenated, one BN with eps 1e-3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 3, 1, bias=False)
+        self.b = nn.Conv2d(4, 5, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8, eps=1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+class ConvDropBN(nn.Module):
+    """Dropout between the layer and the BN, as a module and as a function (inference: identity)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.drop = nn.Dropout(0.2)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.nn.functional.dropout(self.drop(self.conv(x)), 0.1, training=self.training))
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["symbolic_trace", "torch.export"])
+def test_bn_after_a_concat_of_convs_splits_into_both(export: bool) -> None:
+    model, x = CrossStagePartial(), torch.randn(2, 4, 6, 6)
+    result = _checked(model, x, export)
+    assert [str(p.pattern) for p in result.report.folded] == ["concat"], result.report
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["symbolic_trace", "torch.export"])
+def test_bn_folds_through_inference_dropout(export: bool) -> None:
+    model, x = ConvDropBN(), torch.randn(1, 3, 7, 7)
+    result = _checked(model, x, export)
+    assert [str(p.pattern) for p in result.report.folded] == ["bn_after_passthrough"], result.report
+
+
+def test_concat_with_a_non_layer_part_keeps_the_bn() -> None:
+    class Mixed(CrossStagePartial):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.a(x), torch.relu(self.b(x))], 1))
+
+    result = _checked(Mixed(), torch.randn(1, 4, 5, 5))
+    assert result.report.folded == [] and len(result.report.skipped) == 1
