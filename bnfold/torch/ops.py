@@ -297,7 +297,14 @@ class Mapper:
             mapped = Mapped(
                 "Flatten" if flat else "Reshape", node, node.name, attrs={"axis": 1} if flat else {}
             )
-            return self._call(mapped, bind(node, ("input",)), ((0, "input"),))
+            self._call(mapped, bind(node, ("input",)), ((0, "input"),))
+            shape = None if flat else _target_shape(node)
+            if shape is not None:  # the shape as ONNX Reshape's second input (-1 kept, no 0s)
+                key = f"{node.name}:shape"
+                mapped.virtual[key] = functools.partial(np.array, shape, dtype=np.int64)
+                mapped.inputs += (key,)
+                mapped.slots += (None,)
+            return mapped
         if target in BN_FUNCTIONS:
             return self._bn_function(node)
         if target in _CAT_TARGETS:
@@ -383,6 +390,16 @@ def _shape(node: object) -> tuple[int, ...] | None:
     if shape is None or not all(isinstance(d, int) for d in shape):
         return None
     return tuple(shape)
+
+
+def _target_shape(node: fx.Node) -> list[int] | None:
+    """The shape a ``reshape`` / ``view`` asks for when it is all Python ints without zeros
+    (``x.reshape(-1, 6)``, ``torch.reshape(x, (-1, 6))``, ``aten.view(x, [-1, 6])``), else None."""
+    rest = node.args[1:]
+    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d != 0 for d in dims):
+        return None
+    return [int(d) for d in dims]  # type: ignore[arg-type]
 
 
 def _flattens(node: fx.Node) -> bool:

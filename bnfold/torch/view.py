@@ -33,6 +33,11 @@ OPSET = 21  # the operator semantics the mapped nodes follow (BatchNormalization
 # torch.export forms (aten.sym_size / sym_numel / sym_stride / sym_storage_offset).
 _METADATA_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
 _METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
+# Methods whose second argument is read for its shape or dtype only (``y.reshape_as(x)``).
+_LIKE_METHODS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
+_LIKE_FUNCTIONS = frozenset(
+    getattr(torch.ops.aten, name).default for name in ("reshape_as", "view_as", "expand_as", "type_as")
+)
 
 
 def _metadata_functions() -> frozenset[object]:
@@ -51,10 +56,19 @@ def _metadata_functions() -> frozenset[object]:
 _METADATA_FUNCTIONS = _metadata_functions()
 
 
-def reads_only_metadata(user: fx.Node, value: fx.Node) -> bool:
-    """Whether ``user`` reads nothing of ``value`` but its shape, rank, dtype or device."""
-    if not user.args or user.args[0] is not value or _references(value, user) != 1:
-        return False
+def metadata_position(user: fx.Node, value: fx.Node) -> int | None:
+    """The argument position at which ``user`` reads nothing of ``value`` but its shape, rank,
+    dtype or device (0 for ``value.shape``, 1 for ``y.reshape_as(value)``), else None."""
+    if _references(value, user) != 1:
+        return None
+    like = user.target in _LIKE_METHODS if user.op == "call_method" else user.target in _LIKE_FUNCTIONS
+    if like and len(user.args) == 2 and user.args[1] is value:
+        return 1
+    return 0 if user.args and user.args[0] is value and _reads_metadata(user) else None
+
+
+def _reads_metadata(user: fx.Node) -> bool:
+    """Whether ``user`` reads only the metadata of its first argument."""
     if user.op == "call_function" and user.target is getattr:
         return len(user.args) == 2 and user.args[1] in _METADATA_ATTRIBUTES
     if user.op == "call_method":
@@ -183,7 +197,8 @@ class FxView:
         node = self.by_name.get(value)
         if node is None:
             return ()
-        return tuple((self.ref(u), 0) for u in node.users if reads_only_metadata(u, node))
+        found = ((u, metadata_position(u, node)) for u in node.users)
+        return tuple((self.ref(u), k) for u, k in found if k is not None)
 
     def is_graph_output(self, value: str) -> bool:
         node = self.by_name.get(value)

@@ -157,3 +157,22 @@ def test_concat_with_a_non_layer_part_keeps_the_bn() -> None:
 
     result = _checked(Mixed(), torch.randn(1, 4, 5, 5))
     assert result.report.folded == [] and len(result.report.skipped) == 1
+
+
+class LeViTNorm(nn.Module):
+    """LeViT's Linear_BN: ``bn(linear(x).flatten(0, 1)).reshape_as(x)`` on tokens [B, N, C]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6))
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.w
+        return self.bn(y.reshape(-1, 6)).reshape_as(y)
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["symbolic_trace", "torch.export"])
+def test_levit_token_bn_folds_into_the_matmul(export: bool) -> None:
+    result = _checked(LeViTNorm(), torch.randn(2, 5, 8), export)
+    assert [str(p.pattern) for p in result.report.folded] == ["matmul_reshaped"], result.report
