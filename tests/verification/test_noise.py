@@ -174,6 +174,32 @@ def test_default_tolerance_is_ten_floors_on_a_sensitive_model_and_an_explicit_at
     assert strict.status == "failed" and strict.outputs[0].atol == 1e-4
 
 
+def _swamped_model(big: float) -> onnx.ModelProto:
+    """y = (x @ W + big) - big with W small: with big = 2**24 (ulp 2) the float32 outputs are
+    nothing but the rounding of ``big``."""
+    model = _cancelling_model()
+    for t in model.graph.initializer:
+        value = numpy_helper.to_array(t)
+        if t.name == "w":
+            value = value * np.float32(1e-2)
+        elif t.name in ("big", "minus"):
+            value = np.array(np.sign(value) * big, np.float32)
+        t.CopyFrom(numpy_helper.from_array(value, t.name))
+    return model
+
+
+def test_a_pass_on_outputs_that_are_rounding_noise_says_it_proves_nothing() -> None:
+    swamped = _swamped_model(2.0**24)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
+    (y,) = run_ort(swamped, feeds)
+    assert 10 * _own_floor(swamped, feeds) >= np.abs(y).max()  # independent: the floor covers the output
+    v = verify(swamped, swamped)
+    assert v.status == "passed" and "rounding noise" in v.message and "y" in v.message
+    assert "rounding noise" not in verify(swamped, swamped, atol=1e-6).message  # the user's own tolerance
+    # a sensitive but meaningful model (outputs near 1, floor 5e-4) is not called noise
+    assert verify(_cancelling_model(), _cancelling_model(shift_ulps=2)).message == ""
+
+
 def test_floor_zero_without_float_parameters_and_json_fields() -> None:
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])],
