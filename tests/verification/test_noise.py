@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+from noise_checks import bits, own_floor
 from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import run_ort
 
@@ -19,37 +20,6 @@ from bnfold.report import OutputCheck, Verification
 from bnfold.testing import conv_bn_model
 from bnfold.verification import default_tolerances, describe_error, verify
 from bnfold.verification.noise import nudge, touched_tensors
-
-UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    return a.view(UINT[a.dtype.itemsize]).astype(np.int64)
-
-
-def _own_nudge(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each nonzero finite element one step away in its bit pattern (magnitude up or down):
-    one ulp, computed without np.nextafter."""
-    bits = _bits(a)
-    step = rng.integers(-1, 2, size=a.shape)
-    step = np.where(np.isfinite(a.astype(np.float64)) & (a.astype(np.float64) != 0), step, 0)
-    return (bits + step).astype(UINT[a.dtype.itemsize]).view(a.dtype)
-
-
-def _own_floor(model: onnx.ModelProto, feeds: dict[str, np.ndarray], seeds: int = 3) -> float:
-    """The largest output change over ``seeds`` copies with every float initializer nudged."""
-    (ref,) = run_ort(model, feeds)
-    worst = 0.0
-    for seed in range(seeds):
-        rng = np.random.default_rng(100 + seed)
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        for t in copy.graph.initializer:
-            a = numpy_helper.to_array(t)
-            t.CopyFrom(numpy_helper.from_array(_own_nudge(a, rng), t.name))
-        (moved,) = run_ort(copy, feeds)
-        worst = max(worst, float(np.max(np.abs(moved.astype(np.float64) - ref.astype(np.float64)))))
-    return worst
 
 
 def _chain(**kwargs: object) -> onnx.ModelProto:
@@ -79,12 +49,12 @@ def test_nudge_moves_each_element_by_at_most_one_ulp(dtype: object) -> None:
     moved = nudge(values, np.random.default_rng(0))
     assert moved.dtype == values.dtype
     finite = np.isfinite(values.astype(np.float64)) & (values.astype(np.float64) != 0)
-    steps = _bits(moved)[finite] - _bits(values)[finite]
+    steps = bits(moved)[finite] - bits(values)[finite]
     assert set(np.unique(steps)) == {-1, 0, 1}  # nonzero values of one sign: one bit step
     assert np.array_equal(moved[4:6], values[4:6]) and np.isnan(moved[6].astype(np.float64))
     assert abs(float(moved[3])) <= float(np.finfo(np.float16).smallest_subnormal)  # zero: at most its ulp
     again = nudge(values, np.random.default_rng(0))
-    assert np.array_equal(_bits(again), _bits(moved))  # seeded
+    assert np.array_equal(bits(again), bits(moved))  # seeded
 
 
 def test_touched_tensors_are_the_parameters_of_the_named_nodes() -> None:
@@ -104,7 +74,7 @@ def test_floor_matches_an_independent_estimate_and_a_correct_fold_sits_inside(
     result = bnfold.fold(model, inputs=feeds)
     assert result.verification is not None and result.verification.status == "passed"
     (check,) = result.verification.outputs
-    estimate = _own_floor(model, feeds)
+    estimate = own_floor(model, feeds)
     assert check.noise_floor is not None and estimate > 0
     assert estimate / 4 <= check.noise_floor <= estimate * 4, (check.noise_floor, estimate)
     (y,) = run_ort(model, feeds)
@@ -192,7 +162,7 @@ def test_a_pass_on_outputs_that_are_rounding_noise_says_it_proves_nothing() -> N
     swamped = _swamped_model(2.0**24)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
     (y,) = run_ort(swamped, feeds)
-    assert 10 * _own_floor(swamped, feeds) >= np.abs(y).max()  # independent: the floor covers the output
+    assert 10 * own_floor(swamped, feeds) >= np.abs(y).max()  # independent: the floor covers the output
     v = verify(swamped, swamped)
     assert v.status == "passed" and "rounding noise" in v.message and "y" in v.message
     assert "rounding noise" not in verify(swamped, swamped, atol=1e-6).message  # the user's own tolerance
