@@ -417,3 +417,7 @@ def test_random_composites_reach_the_fixed_point_in_one_call(
     second = fold_model(again)  # type: ignore[arg-type]
     assert not second.folded, (blocks, tail, second.folded)
     assert again.SerializeToString() == folded.SerializeToString()  # type: ignore[attr-defined]
+    # bn_to_affine rewrites only what the folds' fixed point leaves: the same BNs fold the same way
+    affine = fold_model(copy.deepcopy(model), bn_to_affine=True)  # type: ignore[arg-type]
+    by_rule = [(f.bn, f.pattern) for f in affine.folded if f.pattern != "bn_to_affine"]
+    assert by_rule == [(f.bn, f.pattern) for f in report.folded], (blocks, tail)

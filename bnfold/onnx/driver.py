@@ -15,7 +15,7 @@ import functools
 import gc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -58,6 +58,7 @@ class _Pass:
         self.model = model
         self.store = store
         self.options = options
+        self.folds_only = replace(options, bn_to_affine=False)  # until the folds' fixed point
         self.bulk = bulk
         self.names = NameAllocator(set())  # filled from the main graph's index in run()
         self.report = FoldReport()
@@ -123,11 +124,13 @@ class _Pass:
                 if job is not None and bulk.rewrite(scope, idx, node, job, self.folded, record):
                     continue
                 at = len(self.report.skipped)
-                if not self.attempt(view, idx, node, self.ask_bn(view), mul=False):
+                if not self.attempt(view, idx, node, self.ask_bn(view, self.folds_only), mul=False):
                     kept.append(_Kept(idx, node, at, len(self.report.folded)))
             else:
                 self.attempt(view, idx, node, lambda ref: plan_mul(view, ref), mul=True)
-        self.revisit(view, kept)
+        kept = self.revisit(view, kept)
+        if self.options.bn_to_affine:
+            self.rewrite_kept(view, kept)
         for idx in scope.subgraph_nodes:
             if idx in scope.removed_nodes:
                 continue
@@ -137,14 +140,30 @@ class _Pass:
                 self.process(self.scope(g, label, scope.opset, scope))
         scope.commit()
 
-    def ask_bn(self, view: OnnxView) -> Callable[[NodeRef], Plan | Skip | None]:
-        return lambda ref: plan_bn(view, ref, self.options)
+    def ask_bn(self, view: OnnxView, options: Options) -> Callable[[NodeRef], Plan | Skip | None]:
+        return lambda ref: plan_bn(view, ref, options)
 
-    def revisit(self, view: OnnxView, kept: list[_Kept]) -> None:
+    def rewrite_kept(self, view: OnnxView, kept: list[_Kept]) -> None:
+        """``bn_to_affine``: the BNs still kept once the folds reached their fixed point are asked
+        with the rewrite allowed (so a BN a later fold makes foldable is folded, not rewritten); one
+        rewritten loses its record, one refused again gets the refusal that names the rewrite."""
+        gone: list[int] = []
+        for k in kept:
+            if k.index in view.scope.removed_nodes:
+                continue
+            at = len(self.report.skipped)
+            if self.attempt(view, k.index, k.node, self.ask_bn(view, self.options), mul=False):
+                gone.append(k.record)
+            elif len(self.report.skipped) > at:  # the refusal naming the rewrite replaces the first
+                self.report.skipped[k.record] = self.report.skipped.pop()
+        for at in sorted(gone, reverse=True):
+            del self.report.skipped[at]
+
+    def revisit(self, view: OnnxView, kept: list[_Kept]) -> list[_Kept]:
         """The fixed point in one call: a BN kept before a later fold changed the graph is asked
         again (a BN -> Flatten -> MatMul -> BN: folding the second BN makes the MatMul a Gemm,
         which only then takes the first), until a round folds nothing. A BN that stays keeps its
-        first record; one that folds now loses it."""
+        first record; one that folds now loses it. Returns the BNs still kept."""
         gone: list[int] = []
         while kept:
             progress = False
@@ -154,16 +173,21 @@ class _Pass:
                     continue
                 if len(self.report.folded) == k.folds_seen:
                     still.append(k)
-                elif self.attempt(view, k.index, k.node, self.ask_bn(view), mul=False, report=False):
+                elif self.attempt(
+                    view, k.index, k.node, self.ask_bn(view, self.folds_only), mul=False, report=False
+                ):
                     gone.append(k.record)
                     progress = True
                 else:
                     still.append(_Kept(k.index, k.node, k.record, len(self.report.folded)))
+            kept = still
             if not progress:
                 break
-            kept = still
         for at in sorted(gone, reverse=True):
             del self.report.skipped[at]
+        return [
+            _Kept(k.index, k.node, k.record - sum(g < k.record for g in gone), k.folds_seen) for k in kept
+        ]
 
     def attempt(
         self,

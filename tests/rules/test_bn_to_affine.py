@@ -171,3 +171,37 @@ def test_api_bn_to_affine_flag() -> None:
     want = ort.InferenceSession(model.SerializeToString(), opts).run(None, feed)[0]
     got = ort.InferenceSession(result.model.SerializeToString(), opts).run(None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def bn_bn_flatten_matmul_bn(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """X -> Dropout -> BN a -> BN b -> Flatten -> MatMul -> BN c: BN a folds only once b and c did
+    (into the Gemm the MatMul becomes), so the pass reaches it on its revisit."""
+    rng = np.random.default_rng(seed)
+    gb = GraphBuilder()
+    gb.input("X", F32, [2, 3, 2, 2])
+    gb.node("Dropout", ["X"], ["d"], name="dropout")
+    bn(gb, "d", "a", 3, rng, prefix="bn_a")
+    bn(gb, "a", "b", 3, rng, prefix="bn_b")
+    gb.node("Flatten", ["b"], ["flat"], name="flatten", axis=1)
+    gb.node("MatMul", ["flat", gb.const("w", rnd(rng, [12, 5], 0.3))], ["mm"], name="matmul")
+    bn(gb, "mm", "Y", 5, rng, prefix="bn_c")
+    gb.output("Y", F32, [2, 5])
+    return gb.model(17), {"X": rnd(rng, [2, 3, 2, 2])}
+
+
+def test_bn_to_affine_leaves_a_bn_that_folds_on_the_revisit_to_folding() -> None:
+    """The rewrite waits for the folds' fixed point: BN a is folded (bn_before), not rewritten as
+    Mul + Add, with the flag on exactly as with it off."""
+    model, feeds = bn_bn_flatten_matmul_bn()
+    without = assert_pattern(model, feeds, ["bn_before_linear", "bn_after_chain", "bn_before"])
+    folded = assert_pattern(
+        model, feeds, ["bn_before_linear", "bn_after_chain", "bn_before"], gone=["Mul"], bn_to_affine=True
+    )
+    assert folded.SerializeToString() == without.SerializeToString()
+
+
+def test_bn_to_affine_refusal_replaces_the_first_record() -> None:
+    """A BN neither folded nor rewritten is reported once, with the refusal naming the rewrite."""
+    model, _ = lone_bn(None)
+    report = assert_skipped(model, "unsupported_producer", bn_to_affine=True)
+    assert "not rewritten as Mul+Add" in report.skipped[0].message
