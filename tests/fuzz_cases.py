@@ -433,7 +433,21 @@ def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
 TOL = {"float32": 1e-3, "float16": 2e-2, "float64": 1e-8}
 
 
-def assert_same_outputs(ref: list[np.ndarray], got: list[np.ndarray]) -> None:
+# An ill-conditioned original (65504 or 1e30 written into a weight) moves by more than the fixed
+# tolerance when its own parameters move by one ulp; a fold, which rounds each tensor once, may then
+# differ from it by as much. Such an output is held to this many of the test's own noise estimates
+# (``noise_checks.own_floor``: 3 seeds of one-ulp nudges, hence twice bnfold's ten floors); a wrong
+# fold (a weight 1 % off) measures more than a thousand.
+NOISE_ALLOWANCE = 20
+
+
+def assert_same_outputs(
+    ref: list[np.ndarray], got: list[np.ndarray], noise: Callable[[], float] | None = None
+) -> bool:
+    """Outputs agree within :data:`TOL` of the output's scale, or, where ``noise`` (the original's
+    own rounding noise, computed only when needed) is given, within NOISE_ALLOWANCE times it; True
+    when that allowance was needed."""
+    floor: float | None = None
     assert len(ref) == len(got)
     for i, (r, g) in enumerate(zip(ref, got)):
         assert r.shape == g.shape and r.dtype == g.dtype, (i, r.shape, g.shape, r.dtype, g.dtype)
@@ -451,7 +465,13 @@ def assert_same_outputs(ref: list[np.ndarray], got: list[np.ndarray]) -> None:
             scale = float(np.max(np.abs(r64[finite])))
             err = np.abs(r64[finite] - g64[finite])
             bound = tol * max(scale, 1e-6) + tol * np.abs(r64[finite])
-            assert np.all(err <= bound), f"output {i}: max abs err {err.max():.3g}, scale {scale:.3g}"
+            if noise is not None and not np.all(err <= bound):
+                floor = noise() if floor is None else floor
+                bound = np.maximum(bound, NOISE_ALLOWANCE * floor)
+            assert np.all(err <= bound), (
+                f"output {i}: max abs err {err.max():.3g}, scale {scale:.3g}, own noise floor {floor}"
+            )
+    return floor is not None
 
 
 def check_case(raw: bytes) -> str:
@@ -502,7 +522,8 @@ def check_case(raw: bytes) -> str:
         assert_rounding_noise(original, feeds, ref)
         return "folded, original is rounding noise"
     got = [np.asarray(o) for o in _ort_session(result.model).run(None, feeds)]
-    assert_same_outputs(ref, got)
+    if assert_same_outputs(ref, got, noise=lambda: own_floor(original, feeds)):
+        return "folded, outputs match within the original's own rounding noise"
     return "folded, outputs match"
 
 

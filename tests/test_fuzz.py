@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 from fuzz_cases import EXAMPLES, bases, check_case, mutate
 from fuzz_external_cases import check_external_case
 from hypothesis import HealthCheck, event, given, settings
@@ -57,3 +58,29 @@ def test_bases_fold() -> None:
 @given(st.data())
 def test_hostile_external_data_is_refused_or_folded_correctly(data: Any) -> None:
     event(check_external_case(data))
+
+
+def test_the_noise_allowance_still_rejects_a_wrong_fold() -> None:
+    """The property's widening for ill-conditioned originals (``NOISE_ALLOWANCE`` times the test's
+    own noise estimate) passes a correct fold of a well-conditioned model without it, and still
+    rejects a fold with one weight 1 % off."""
+    import numpy as np
+    from fuzz_cases import _feeds, _ort_session, assert_same_outputs
+    from noise_checks import own_floor
+    from onnx import numpy_helper
+
+    import bnfold
+    from bnfold.testing import conv_bn_model
+
+    original = conv_bn_model(blocks=2, seed=3)
+    feeds = _feeds(original)
+    assert feeds is not None
+    ref = [np.asarray(o) for o in _ort_session(original).run(None, feeds)]
+    folded = bnfold.fold(original, verify=False).model
+    got = [np.asarray(o) for o in _ort_session(folded).run(None, feeds)]
+    assert not assert_same_outputs(ref, got, noise=lambda: own_floor(original, feeds))
+    w = next(t for t in folded.graph.initializer if numpy_helper.to_array(t).ndim == 4)
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.01), w.name))
+    broken = [np.asarray(o) for o in _ort_session(folded).run(None, feeds)]
+    with pytest.raises(AssertionError, match=r"own noise floor \d"):
+        assert_same_outputs(ref, broken, noise=lambda: own_floor(original, feeds))
