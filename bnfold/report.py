@@ -47,6 +47,10 @@ class Reason(StrEnum):
     DROPOUT_MASK = "dropout_mask"
     IDENTITY_SUMMAND = "identity_summand"
     NEGATIVE_SCALE = "negative_scale"
+    NEEDS_MERGE_BRANCHES = "needs_merge_branches"
+    BRANCH_MISMATCH = "branch_mismatch"
+    BRANCH_PADDING = "branch_padding"
+    IDENTITY_BRANCH = "identity_branch"
     # torch front end only
     NO_RUNNING_STATS = "no_running_stats"
     CUSTOM_FORWARD = "custom_forward"
@@ -89,6 +93,20 @@ REASON_MEANINGS: dict[Reason, str] = {
     Reason.DROPOUT_MASK: "a Dropout between the layer and the BN returns a mask that is read",
     Reason.NEGATIVE_SCALE: "a MaxPool sits between the layer and the BN, whose scale is negative somewhere",
     Reason.IDENTITY_SUMMAND: "the BN follows an Add of a layer and a path without a weight to absorb the scale",
+    Reason.NEEDS_MERGE_BRANCHES: (
+        "the BN is a branch of an Add of convolutions of one input (a RepVGG-style block): it folds "
+        "with --merge-branches (merge_branches=True)"
+    ),
+    Reason.BRANCH_MISMATCH: (
+        "the branches of an Add to merge differ: input, strides, group, dilation, kernel rank or channels"
+    ),
+    Reason.BRANCH_PADDING: (
+        "a branch's padding is not centred on the largest kernel's, or cannot be resolved (auto_pad SAME "
+        "with a stride)"
+    ),
+    Reason.IDENTITY_BRANCH: (
+        "an identity branch cannot become a kernel: the convs stride, change the channel count or the size"
+    ),
     Reason.NO_RUNNING_STATS: "the BatchNorm module tracks no running statistics",
     Reason.CUSTOM_FORWARD: "the module's forward is not the standard one",
     Reason.UNTRACEABLE: "the module is called from a forward that cannot be traced",
@@ -116,6 +134,7 @@ class Pattern(StrEnum):
     BN_BEFORE_LINEAR = "bn_before_linear"  # BN (2-D) -> Gemm / MatMul, BN -> Flatten -> MatMul
     DEQUANTIZED_WEIGHT = "dequantized_weight"  # Conv with a DequantizeLinear weight
     BN_TO_AFFINE = "bn_to_affine"  # an unfoldable BN rewritten as Mul + Add (opt-in)
+    MERGED_BRANCHES = "merged_branches"  # parallel conv / identity branches of an Add -> one conv (opt-in)
     EXPORTER = "exporter"  # torch front end: a fold the ONNX exporter did
 
 
@@ -171,6 +190,8 @@ class FoldReport:
     # decomposed-BN candidates (layer -> Mul(constant)) left in place, with the reason (op "Mul");
     # kept apart from ``skipped``, which lists BatchNormalization nodes only
     skipped_affine: list[SkippedBN] = field(default_factory=list)
+    # convolutions removed by merging parallel branches into one (``merge_branches``)
+    merged_convs: int = 0
     nodes_before: int = 0
     nodes_after: int = 0
     initializers_before: int = 0
@@ -179,7 +200,7 @@ class FoldReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.folded)
+        return bool(self.folded) or self.merged_convs > 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON (every value is a str, int, finite float, None, list or dict)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, LayerEdit, ToAffine
+from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, LayerEdit, MergeBranches, ToAffine
 from .attributes import set_attr
 from .edits import Scope
 from .index import NameAllocator
@@ -157,3 +157,33 @@ def apply_scale(view: OnnxView, plan: FoldScale, folded: set[tuple[str, int]]) -
     for name in old_params:
         scope.release(name)
     folded.add((scope.label, plan.target.key))
+
+
+def apply_merge(view: OnnxView, plan: MergeBranches, folded: set[tuple[str, int]]) -> None:
+    """Merged branches: the kept Conv's new constants and the output name ``plan.output``; the
+    other Convs, the BNs and the Adds go (the values between them with them), their other inputs
+    are released."""
+    scope = view.scope
+    kept = view.node(plan.kept)
+    apply_layer(view, plan.layer)
+    gone = [(ref.key, view.node(ref)) for ref in plan.removed]
+    between = {kept.output[0]} | {o for _, node in gone for o in node.output if o}
+    between.discard(plan.output)
+    scope.removed_nodes.update(i for i, _ in gone)
+    for _, node in gone:
+        for name in node.input:
+            if not name:
+                continue
+            if name in between:
+                scope.uses[name] -= 1
+            else:
+                scope.release(name)
+    for name in between:
+        scope.producer.pop(name, None)
+        scope.removed_values.add(name)
+    kept.output[0] = plan.output
+    scope.producer[plan.output] = plan.kept.key
+    x = kept.input[0]
+    if scope.uses[x] == 1:
+        scope.consumer[x] = plan.kept.key
+    folded.add((scope.label, plan.kept.key))

@@ -20,12 +20,12 @@ from dataclasses import dataclass, replace
 import onnx
 
 from ..report import FoldedPair, FoldReport, Pattern, Reason, SkippedBN
-from ..rules import REPORTED_MUL_CODES, Options, plan_bn, plan_mul
+from ..rules import REPORTED_MUL_CODES, Options, plan_bn, plan_merge, plan_mul
 from ..rules.common import TARGET_OPS
 from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, Plan, Skip
 from ..rules.view import AttributeRef, BadAttribute, NodeRef
 from . import bulk
-from .apply import apply_affine, apply_after, apply_before, apply_branches, apply_scale
+from .apply import apply_affine, apply_after, apply_before, apply_branches, apply_merge, apply_scale
 from .edits import Scope
 from .index import NameAllocator, all_names, free_uses, subgraphs
 from .ops import ONNX_DOMAINS
@@ -107,9 +107,13 @@ class _Pass:
     def process(self, scope: Scope) -> None:
         nodes = scope.proto.node
         view = OnnxView(scope, self.folded)
+        if self.options.merge_branches:
+            self.merge(view)
         candidates = []
         for idx, node in enumerate(nodes):
             op = node.op_type
+            if idx in scope.removed_nodes:
+                continue
             if (op == "BatchNormalization" or op == "Mul") and node.domain in ONNX_DOMAINS:
                 candidates.append((idx, node, op))
         bns = [(i, n) for i, n, op in candidates if op == "BatchNormalization"]
@@ -139,6 +143,28 @@ class _Pass:
                 label = f"{scope.label}/{node.name or f'{node.op_type}_{idx}'}.{attr_name}"
                 self.process(self.scope(g, label, scope.opset, scope))
         scope.commit()
+
+    def merge(self, view: OnnxView) -> None:
+        """The first phase with ``merge_branches``: every Add that sums a block of branches, from
+        the last one up (the top of a tree before the Adds under it), before any BN is folded."""
+        scope = view.scope
+        nodes = scope.proto.node
+        adds = [i for i, n in enumerate(nodes) if n.op_type == "Add" and n.domain in ONNX_DOMAINS]
+        for idx in reversed(adds):
+            if idx in scope.removed_nodes:
+                continue
+            view.forget()
+            try:
+                plan = plan_merge(view, view.ref(idx, nodes[idx]))
+            except Exception:  # noqa: BLE001 - an Add the merge cannot read is left as it is
+                plan = None
+            if plan is not None:
+                apply_merge(view, plan, self.folded)
+                target = view.node(plan.kept)
+                for bn in plan.bns:
+                    self.record(scope, view.node(bn), target, "Conv", Pattern.MERGED_BRANCHES)
+                self.report.merged_convs += plan.convs_removed
+            view.forget()
 
     def ask_bn(self, view: OnnxView, options: Options) -> Callable[[NodeRef], Plan | Skip | None]:
         return lambda ref: plan_bn(view, ref, options)
@@ -301,14 +327,22 @@ class _Pass:
 
 
 def fold_model(
-    model: onnx.ModelProto, store: TensorStore | None = None, *, bn_to_affine: bool = False, bulk: bool = True
+    model: onnx.ModelProto,
+    store: TensorStore | None = None,
+    *,
+    bn_to_affine: bool = False,
+    merge_branches: bool = False,
+    bulk: bool = True,
 ) -> FoldReport:
     """Fold every foldable BN of ``model`` in place and return the report.
 
     ``store`` reads the tensors' data and makes the new tensors (default: a
     :class:`~bnfold.onnx.tensor_store.MemoryStore`, for models without external data). ``bn_to_affine``
     rewrites the BNs that cannot be folded (inference-mode, constant parameters, input rank
-    provable) as ``Mul`` + ``Add`` (pattern ``bn_to_affine``). ``bulk``: fold plain Conv -> BN
+    provable) as ``Mul`` + ``Add`` (pattern ``bn_to_affine``). ``merge_branches`` first merges the
+    parallel Conv / BN / identity branches of one input that a tree of Adds sums (RepVGG,
+    MobileOne) into one Conv (pattern ``merged_branches``; ``FoldReport.merged_convs`` counts the
+    Convs removed), then folds the BNs. ``bulk``: fold plain Conv -> BN
     pairs all at once (:mod:`bnfold.onnx.bulk`); False folds every BN one by one, with the same
     result (the tests compare both).
     """
@@ -318,7 +352,12 @@ def fold_model(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        report = _Pass(model, store or MemoryStore(), Options(bn_to_affine=bn_to_affine), bulk).run()
+        report = _Pass(
+            model,
+            store or MemoryStore(),
+            Options(bn_to_affine=bn_to_affine, merge_branches=merge_branches),
+            bulk,
+        ).run()
     finally:
         if collecting:
             gc.enable()

@@ -20,6 +20,10 @@ applies plans to its own graph. Patterns (``FoldedPair.pattern``):
 * ``bn_before`` (:mod:`.bn_before`): BN -> unpadded Conv, or BN -> Flatten -> Gemm.
 * ``bn_before_linear`` (:mod:`.bn_before_linear`): BN (2-D) -> Gemm / MatMul, BN -> Flatten -> MatMul.
 * ``bn_to_affine`` (:mod:`.bn_to_affine`, opt-in): an unfoldable BN as Mul + Add.
+* ``merged_branches`` (:mod:`.merged_branches`, opt-in): the parallel Conv / BN / identity branches
+  of one input that a tree of Adds sums become one Conv (RepVGG, MobileOne); planned per root Add
+  (:func:`plan_merge`) before the BNs, so its BNs are rounded once. Its BN rules only explain the
+  BNs of such a block that stay.
 * ``decomposed_affine`` (:mod:`.decomposed_affine`): layer -> Mul(m) [-> Add(a)].
 
 The reason codes are :class:`~bnfold.report.Reason`.
@@ -40,13 +44,14 @@ from . import (
     concat,
     decomposed_affine,
     matmul_reshaped,
+    merged_branches,
     passthrough,
     spatial,
     split,
     sum_of_layers,
 )
 from .common import BN, STRUCTURAL, read_bn
-from .plan import FoldAfter, Plan, Skip
+from .plan import FoldAfter, MergeBranches, Plan, Skip
 from .view import GraphView, NodeRef
 
 
@@ -55,6 +60,7 @@ class Options:
     """What the caller allows beyond exact folds."""
 
     bn_to_affine: bool = False
+    merge_branches: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,13 +87,23 @@ def _instead(before: Skip, now: Skip) -> Skip:
     return now  # a rule for what the BN follows says more than "unsupported producer"
 
 
+def _merge_off(first: Skip, options: Options) -> bool:
+    return not options.merge_branches and first.code in STRUCTURAL
+
+
+def _merge_on(first: Skip, options: Options) -> bool:
+    return options.merge_branches and first.code in STRUCTURAL
+
+
 def _producer_unsupported(first: Skip, options: Options) -> bool:
     return first.code == Reason.UNSUPPORTED_PRODUCER
 
 
 # The order is policy: into the producer (bn_after, chains, matmul, dequantized_weight); through
 # what the producer is when bn_after does not take it (passthrough, concat, sum_of_layers, spatial, matmul_reshaped, split); else, when the first refusal is
-# about where the BN sits, into its consumer (bn_before); else, when enabled, Mul+Add.
+# about where the BN sits, into its consumer (bn_before); a BN of a block of branches (RepVGG) then
+# says why it stays: it needs merge_branches, or (flag on) why its block did not merge; else, when
+# enabled, Mul+Add.
 BN_RULES: tuple[Rule, ...] = (
     Rule("bn_after", bn_after.plan, tried=lambda s, o: True, explain=lambda before, now: now),
     Rule("passthrough", passthrough.plan, tried=_producer_unsupported, explain=_instead),
@@ -103,6 +119,8 @@ BN_RULES: tuple[Rule, ...] = (
         tried=lambda s, o: s.code in STRUCTURAL,
         explain=_into_consumer_too,
     ),
+    Rule("merge_hint", merged_branches.needs_flag, tried=_merge_off, explain=_instead),
+    Rule("merge_refusal", merged_branches.refusal, tried=_merge_on, explain=_instead),
     Rule("bn_to_affine", bn_to_affine.plan, tried=lambda s, o: o.bn_to_affine, explain=_not_rewritten),
 )
 
@@ -131,9 +149,16 @@ def plan_bn(view: GraphView, bn: NodeRef, options: Options) -> Plan | Skip:
     return refusal
 
 
+def plan_merge(view: GraphView, add: NodeRef) -> MergeBranches | None:
+    """The merge of the branches the Add ``add`` sums, or None (its refusal is reported on the
+    block's BNs that stay, by the BN rules)."""
+    result = merged_branches.plan(view, add)
+    return result if isinstance(result, MergeBranches) else None
+
+
 def plan_mul(view: GraphView, mul: NodeRef) -> FoldAfter | Skip | None:
     """A decomposed BN (a layer times a constant): its plan, a refusal worth reporting, or None."""
     return decomposed_affine.plan(view, mul)
 
 
-__all__ = ["BN_RULES", "Options", "Rule", "plan_bn", "plan_mul"]
+__all__ = ["BN_RULES", "Options", "Rule", "plan_bn", "plan_merge", "plan_mul"]

@@ -122,4 +122,21 @@ class ToAffine:
     legacy: bool
 
 
+@dataclass(frozen=True)
+class MergeBranches:
+    """Parallel branches of one input that a tree of Adds sums become one Conv: ``kept`` (a branch
+    Conv with the largest kernel) takes ``layer`` (the merged weight and bias) and the output name
+    ``output`` (the root Add's, or the last BN's after it); ``removed`` (the other branch Convs, the
+    BNs, the Adds) go. ``bns``: the BNs merged away (reported with pattern ``merged_branches``);
+    ``convs_removed``: how many Convs went."""
+
+    root: NodeRef
+    kept: NodeRef
+    layer: LayerEdit
+    removed: tuple[NodeRef, ...]
+    bns: tuple[NodeRef, ...]
+    convs_removed: int
+    output: str
+
+
 Plan = FoldAfter | FoldBefore | ToAffine | FoldBranches | FoldScale

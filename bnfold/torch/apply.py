@@ -16,7 +16,16 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, LayerEdit, Plan, TensorEdit
+from ..rules.plan import (
+    FoldAfter,
+    FoldBefore,
+    FoldBranches,
+    FoldScale,
+    LayerEdit,
+    MergeBranches,
+    Plan,
+    TensorEdit,
+)
 from ..rules.view import NodeRef
 from .batchnorm import path_of
 from .ops import TRANSPOSES, Mapped
@@ -101,6 +110,22 @@ class FxApplier:
         view.node(plan.bypass).replace_input_with(bn.result, x)
         self._erase(bn)
         view.folded.add(view.node(plan.target))
+
+    def merge(self, plan: MergeBranches) -> None:
+        """Merged branches: the kept conv takes the merged weight and bias (a copy of its module
+        when that is called elsewhere too), the readers of the block's output read the kept conv,
+        and the other convs, the BNs and the adds are erased; then the view is refreshed."""
+        view = self.view
+        kept = view.info(plan.kept)
+        gone = [view.info(ref) for ref in plan.removed]
+        out = next(m for m in gone if m.result.name == plan.output)
+        self.layer(plan.layer)
+        out.result.replace_all_uses_with(kept.result)
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        for m in sorted(gone, key=lambda m: order[m.node], reverse=True):
+            self._erase(m)
+        view.folded.add(kept.node)
+        view.refresh()
 
     def _erase(self, m: Mapped) -> None:
         """Erase an absorbed node (with its getitems); its constant inputs may become unused."""

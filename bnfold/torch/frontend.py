@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from ..errors import BadInput, VerificationFailed
 from ..report import FoldedPair, FoldReport, OutputCheck, Pattern, Reason, SkippedBN, Status, Verification
+from ..rules import Options
 from ..verification import compare
 from .fx_pass import fold_graph_module
 from .tensors import to_numpy
@@ -157,6 +158,7 @@ def fold(
     atol: float | None = None,
     rtol: float | None = None,
     partial: bool = False,
+    merge_branches: bool = False,
 ) -> TorchFoldResult:
     """Fold every foldable BatchNorm; never mutates ``model``.
 
@@ -172,8 +174,11 @@ def fold(
     an untraceable ``forward`` are kept with reason ``untraceable``. With ``verify``, the folded
     module is compared with the original module on ``example_inputs``, or, without them, on seeded
     random inputs shaped like those an ExportedProgram (or a GraphModule from torch.export)
-    recorded; when no shapes are known, ``verification`` is None.
+    recorded; when no shapes are known, ``verification`` is None. ``merge_branches`` first merges
+    the parallel conv / BN / identity branches of one input that an add sums (RepVGG, MobileOne)
+    into one conv (pattern ``merged_branches``; ``report.merged_convs`` counts the convs removed).
     """
+    options = Options(merge_branches=merge_branches)
     args = _as_tuple(example_inputs)
     gm: nn.Module
     if isinstance(model, torch.export.ExportedProgram):
@@ -193,12 +198,12 @@ def fold(
                 raise
             gm, how = private, "partial"
     if how == "partial":
-        report = _fold_children(gm, args)
+        report = _fold_children(gm, args, options)
     else:
         assert isinstance(gm, fx.GraphModule)
         if args is not None and how in ("symbolic_trace", "graph_module"):
             _propagate_shapes(gm, args)
-        report = fold_graph_module(gm)
+        report = fold_graph_module(gm, options)
     result = TorchFoldResult(gm, report, None, how)
     if verify and args is None:
         args = _inferred_inputs(model, gm)
@@ -249,7 +254,7 @@ def _inferred_inputs(model: Any, gm: nn.Module, seed: int = 0) -> tuple[torch.Te
     return tuple(out)
 
 
-def _fold_children(module: nn.Module, args: tuple[Any, ...] | None) -> FoldReport:
+def _fold_children(module: nn.Module, args: tuple[Any, ...] | None, options: Options) -> FoldReport:
     """Fold inside each traceable child of an untraceable ``module`` (recursively)."""
     report = FoldReport()
     for name, child in list(module.named_children()):
@@ -268,9 +273,9 @@ def _fold_children(module: nn.Module, args: tuple[Any, ...] | None) -> FoldRepor
         try:
             gm = fx.symbolic_trace(child)
         except Exception:  # noqa: BLE001 - reported, never raised
-            sub = _fold_children(child, None)
+            sub = _fold_children(child, None, options)
         else:
-            sub = fold_graph_module(gm)
+            sub = fold_graph_module(gm, options)
             setattr(module, name, gm)
         for pair in sub.folded:
             pair.bn, pair.target = f"{name}.{pair.bn}", f"{name}.{pair.target}"
@@ -278,6 +283,7 @@ def _fold_children(module: nn.Module, args: tuple[Any, ...] | None) -> FoldRepor
             skip.bn = f"{name}.{skip.bn}"
         report.folded.extend(sub.folded)
         report.skipped.extend(sub.skipped)
+        report.merged_convs += sub.merged_convs
     return report
 
 

@@ -27,7 +27,7 @@ from torch import fx
 
 from ..errors import FoldError
 from ..report import FoldedPair, FoldReport, Pattern, Reason, SkippedBN
-from ..rules import REPORTED_MUL_CODES, Options, plan_bn, plan_mul
+from ..rules import REPORTED_MUL_CODES, Options, plan_bn, plan_merge, plan_mul
 from ..rules.plan import FoldAfter, FoldBefore, FoldBranches, FoldScale, Plan, Skip
 from ..rules.view import AttributeRef, BadAttribute, NodeRef
 from .apply import FxApplier
@@ -53,6 +53,8 @@ class FxFolder:
         graph = self.gm.graph
         view = self.view
         self.report.nodes_before = len(graph.nodes)
+        if self.options.merge_branches:
+            self._merge()
         for node in list(graph.nodes):
             if erased(node):
                 continue
@@ -69,6 +71,27 @@ class FxFolder:
         self.report.nodes_after = len(graph.nodes)
         self.report.seconds = time.perf_counter() - start
         return self.report
+
+    def _merge(self) -> None:
+        """Merge every block of branches an add sums (from the last add up), before the BNs."""
+        view = self.view
+        for node in reversed(list(self.gm.graph.nodes)):
+            if erased(node) or view.mapped(node).op != "Add":
+                continue
+            try:
+                plan = plan_merge(view, view.ref(node))
+            except Exception:  # noqa: BLE001 - an add the merge cannot read is left as it is
+                plan = None
+            if plan is None:
+                continue
+            target = view.info(plan.kept)
+            labels = [view.info(ref).label for ref in plan.bns]
+            self.applier.merge(plan)
+            self.report.folded.extend(
+                FoldedPair(label, target.label, target.kind, GRAPH, Pattern.MERGED_BRANCHES)
+                for label in labels
+            )
+            self.report.merged_convs += plan.convs_removed
 
     def _attempt(self, node: fx.Node, ask: Callable[[NodeRef], Plan | Skip | None], mul: bool) -> None:
         """Ask the rules about ``node`` and apply the plan, or report the refusal (a Mul candidate
@@ -125,6 +148,7 @@ class FxFolder:
         )
 
 
-def fold_graph_module(gm: fx.GraphModule) -> FoldReport:
-    """Fold every foldable BN of ``gm`` in place and return the report."""
-    return FxFolder(gm).run()
+def fold_graph_module(gm: fx.GraphModule, options: Options | None = None) -> FoldReport:
+    """Fold every foldable BN of ``gm`` in place and return the report (``options``: what the
+    caller allows beyond exact folds, e.g. ``merge_branches``)."""
+    return FxFolder(gm, options).run()
