@@ -176,6 +176,7 @@ def fold(
     progress: Callable[[str], None] | None = None,
     stream_external: bool | None = None,
     bn_to_affine: bool = False,
+    merge_branches: bool = False,
     lazy: bool = True,
     output: str | os.PathLike[str] | None = None,
     storage_policy: StoragePolicy | None = None,
@@ -189,6 +190,9 @@ def fold(
     (``"loading"``, ``"folding"``, ``"verifying"``). ``stream_external`` forces (True) or
     forbids (False) keeping external data on disk; by default only large data stays there.
     ``bn_to_affine`` rewrites BNs that cannot be folded as ``Mul`` + ``Add`` (off by default).
+    ``merge_branches`` merges the parallel Conv / BN / identity branches of one input that an Add
+    sums (RepVGG, MobileOne blocks) into one Conv first (off by default; the report counts the
+    Convs removed in ``merged_convs``).
     ``lazy`` (default) leaves the big weights of a large model file (``embedded_threshold``)
     in the file until :meth:`FoldResult.save` copies them, and keeps folded ones in memory, so no
     copy of the whole model is ever built; ``result.model`` still is a complete ModelProto
@@ -209,6 +213,7 @@ def fold(
         progress=progress,
         stream_external=stream_external,
         bn_to_affine=bn_to_affine,
+        merge_branches=merge_branches,
         lazy=lazy,
         output=output,
         storage_policy=storage_policy,
@@ -222,6 +227,7 @@ def fold_with(
     progress: Callable[[str], None] | None = None,
     stream_external: bool | None = None,
     bn_to_affine: bool = False,
+    merge_branches: bool = False,
     lazy: bool = True,
     output: str | os.PathLike[str] | None = None,
     storage_policy: StoragePolicy | None = None,
@@ -260,7 +266,12 @@ def fold_with(
             f"({exc.strerror or exc}); set TMPDIR to a folder with space"
         ) from None
     try:
-        report = fold_model(folded, FileStore(base_dir, spill, policy), bn_to_affine=bn_to_affine)
+        report = fold_model(
+            folded,
+            FileStore(base_dir, spill, policy),
+            bn_to_affine=bn_to_affine,
+            merge_branches=merge_branches,
+        )
     except OSError as exc:  # the spill file's disk is full, or external data became unreadable
         if spill is not None:
             spill.close()

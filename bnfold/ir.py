@@ -10,7 +10,7 @@
 
 ``FoldBatchNormPass(**options)`` takes the keyword options of :func:`bnfold.fold` (``verify``,
 ``inputs``, ``shapes``, ``dims``, ``seed``, ``runs``, ``atol``, ``rtol``, ``provider``,
-``threads``, ``progress``, ``bn_to_affine``; not the file options ``output``, ``lazy`` and
+``threads``, ``progress``, ``bn_to_affine``, ``merge_branches``; not the file options ``output``, ``lazy`` and
 ``stream_external``) and checks them when it is built.
 
 Contract: a functional pass (``onnx_ir.passes.FunctionalPass``): the input model is never
@@ -18,7 +18,7 @@ modified and a new ``ir.Model`` is returned. The model is serialized to a ModelP
 initializers read into it), folded by :func:`bnfold.fold`, and the folded proto deserialized, so
 ``ir.to_proto(result.model)`` is byte for byte ``ir.to_proto(ir.from_proto(bnfold.fold(proto).model))``.
 ``modified`` is True when at least one BatchNormalization was folded (or, with ``bn_to_affine``,
-rewritten); when nothing was, the result is ``model.clone()``. A fold that fails its verification
+rewritten; or, with ``merge_branches``, a Conv merged away); when nothing was, the result is ``model.clone()``. A fold that fails its verification
 raises :class:`bnfold.VerificationFailed` (a PassManager wraps it in ``PassError``); bad options or
 an unusable model raise :class:`bnfold.BadInput`. ``last_result`` holds the :class:`bnfold.FoldResult`
 of the latest call (its report and verification). Non-serialized IR data (``meta``) is not carried

@@ -96,6 +96,13 @@ def fold_command(
             help="Rewrite BNs that cannot be folded as Mul + Add with precomputed constants (for runtimes without BatchNormalization).",
         ),
     ] = False,
+    merge_branches: Annotated[
+        bool,
+        typer.Option(
+            "--merge-branches",
+            help="Merge the parallel conv / BN / identity branches of one input that an Add sums (RepVGG, MobileOne blocks) into one conv.",
+        ),
+    ] = False,
     json_out: JsonOut = None,
     junit_xml: JunitOut = None,
     jobs: Annotated[
@@ -136,7 +143,18 @@ def fold_command(
 
         options = replace(options, threads=max(1, (os.cpu_count() or 1) // n_workers))
     fold_jobs = [
-        FoldJob(str(m), str(t), options, not no_verify, dry_run, force, strict, in_place, bn_to_affine)
+        FoldJob(
+            str(m),
+            str(t),
+            options,
+            not no_verify,
+            dry_run,
+            force,
+            strict,
+            in_place,
+            bn_to_affine,
+            merge_branches,
+        )
         for m, t in zip(models, targets)
     ]
     return run_fold(fold_jobs, n_workers, reports)

@@ -25,6 +25,7 @@ class FoldJob:
     strict: bool = False
     in_place: bool = False
     bn_to_affine: bool = False
+    merge_branches: bool = False
 
 
 @dataclass

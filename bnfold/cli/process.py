@@ -56,6 +56,7 @@ def _process(job: FoldJob, out: ModelOutcome, progress: Progress | None) -> None
         job.options if job.verify else None,
         progress=progress,
         bn_to_affine=job.bn_to_affine,
+        merge_branches=job.merge_branches,
         output=None if job.dry_run else job.output,
     )
     report, ver = result.report, result.verification

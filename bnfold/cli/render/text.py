@@ -147,6 +147,9 @@ def _report_blocks(report: dict[str, Any], verbose: bool) -> list[Block]:
         blocks.append(Table(rows))
         if len(shown) < len(skipped):
             blocks.append(f"    ... {len(skipped) - len(shown)} more (--verbose or --json for all)")
+    if report.get("merged_convs"):
+        n = report["merged_convs"]
+        blocks.append(f"  merged branches: {n} {plural(n, 'conv')} removed")
     blocks.append(
         f"  nodes: {report['nodes_before']} -> {report['nodes_after']}, "
         f"initializers: {report['initializers_before']} -> {report['initializers_after']}"
