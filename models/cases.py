@@ -265,6 +265,13 @@ HAND_CASES: list[Case] = [
         [],
         "Conv -> BN, the conv output also read by Shape and CastLike (type): folds",
     ),
+    _case(
+        "case_repvgg_block",
+        2,
+        ["needs_merge_branches"],
+        "RepVGG block (3x3+BN, 1x1+BN, identity BN): the branch BNs fold, the identity BN stays; "
+        "with --merge-branches the block becomes one 3x3 Conv",
+    ),
 ]
 
 CASES: list[Case] = TORCH_CASES + HAND_CASES

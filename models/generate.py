@@ -740,6 +740,34 @@ def case_levit_linear_norm(name: str) -> onnx.ModelProto:
     return make_model(g, 13)
 
 
+def case_repvgg_block(name: str) -> onnx.ModelProto:
+    """RepVGG block: Relu -> (Conv 3x3 -> BN) + (Conv 1x1 -> BN) + BN(identity) -> Relu. By default
+    the branch BNs fold and the identity BN stays (needs_merge_branches); with merge_branches the
+    block becomes one 3x3 Conv."""
+    rng = rng_for(name)
+    inits: list = []
+    ps = [bn_inits(rng, f"bn_{b}", 4) for b in ("dense", "pointwise", "identity")]
+    nodes = [
+        helper.make_node("Relu", ["X"], ["x"], name="relu_in"),
+        _conv(rng, "x", "dense", 4, 4, 3, inits),
+        bn_node("dense", ps[0][0], "dense_bn", "bn_dense"),
+        _conv(rng, "x", "pointwise", 4, 4, 1, inits),
+        bn_node("pointwise", ps[1][0], "pointwise_bn", "bn_pointwise"),
+        bn_node("x", ps[2][0], "identity_bn", "bn_identity"),
+        helper.make_node("Add", ["dense_bn", "pointwise_bn"], ["sum"], name="add_branches"),
+        helper.make_node("Add", ["sum", "identity_bn"], ["block"], name="add_identity"),
+        helper.make_node("Relu", ["block"], ["Y"], name="relu_out"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        name,
+        [vi("X", F32, ["N", 4, 6, 6])],
+        [vi("Y", F32, ["N", 4, 6, 6])],
+        inits + [t for p in ps for t in p[1]],
+    )
+    return make_model(g, 13)
+
+
 HAND_BUILDERS: dict[str, Callable[[str], onnx.ModelProto]] = {
     name: fn for name, fn in globals().items() if name.startswith("case_") and callable(fn)
 }

@@ -94,14 +94,14 @@ def _geometry(branches: Sequence[Branch]) -> tuple[int, tuple[int, ...]]:
             )
         if b.weight.ndim != first.weight.ndim:
             raise FoldError(Reason.BRANCH_MISMATCH, f"{where} have kernels of different ranks")
+        if b.group != first.group:
+            raise FoldError(Reason.BRANCH_MISMATCH, f"{where} have groups {b.group} and {first.group}")
         if b.weight.shape[:2] != first.weight.shape[:2]:
             raise FoldError(
                 Reason.BRANCH_MISMATCH,
                 f"{where} have weights [{b.weight.shape[0]}, {b.weight.shape[1]}, ...] and "
                 f"[{first.weight.shape[0]}, {first.weight.shape[1]}, ...]: other channels",
             )
-        if b.group != first.group:
-            raise FoldError(Reason.BRANCH_MISMATCH, f"{where} have groups {b.group} and {first.group}")
         if b.strides != first.strides:
             raise FoldError(
                 Reason.BRANCH_MISMATCH,

@@ -92,6 +92,7 @@ def test_fold_help_lists_options_with_their_metavars_and_defaults() -> None:
         "-q, --quiet",
         "-v, --verbose",
         "--bn-to-affine",
+        "--merge-branches",
         "--no-verify",
         "MODEL.onnx ONNX models to fold. [required]",
         "Seed of the random inputs. [default: 0]",

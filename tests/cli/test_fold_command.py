@@ -1,4 +1,5 @@
-"""``bnfold [fold] MODEL...``: what is written, exit codes 0 and 1, --bn-to-affine, atomic writes."""
+"""``bnfold [fold] MODEL...``: what is written, exit codes 0 and 1, --bn-to-affine, --merge-branches,
+atomic writes."""
 
 from __future__ import annotations
 
@@ -256,3 +257,34 @@ def test_existing_output_is_replaced_atomically_keeping_mode(folder: Path) -> No
     result = invoke(folder / "a.onnx")
     assert result.exit_code == 0
     assert out.read_bytes() != b"old" and (out.stat().st_mode & 0o777) == 0o640
+
+
+def test_merge_branches_flag(tmp_path: Path) -> None:
+    """--merge-branches makes the bundled RepVGG block one Conv: the report line counts the convs
+    removed, the JSON report carries merged_convs; without it the identity BN says it needs the flag.
+    The written model is checked in onnxruntime against the input."""
+    import onnxruntime as ort
+
+    from models.cases import BY_NAME
+
+    src = BY_NAME["case_repvgg_block"].path
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    result = invoke(src, "-o", out, "--merge-branches", "--json", report)
+    assert result.exit_code == 0, result.output
+    assert "merged branches: 1 conv removed" in result.stdout
+    assert last_line(result.stdout).startswith("PASSED 3 folded, 0 kept")
+    doc = json.loads(report.read_text())["models"][0]["report"]
+    assert doc["merged_convs"] == 1 and {p["pattern"] for p in doc["folded"]} == {"merged_branches"}
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Relu", "Conv", "Relu"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    feed = {"X": np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)}
+    want = ort.InferenceSession(str(src), opts).run(None, feed)[0]
+    got = ort.InferenceSession(str(out), opts).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+    plain = invoke(src, "-o", tmp_path / "plain.onnx", "--json", report)
+    assert plain.exit_code == 0 and "merged branches" not in plain.stdout
+    doc = json.loads(report.read_text())["models"][0]["report"]
+    assert doc["merged_convs"] == 0 and [s["code"] for s in doc["skipped"]] == ["needs_merge_branches"]
+    assert "--merge-branches" in doc["skipped"][0]["message"]
