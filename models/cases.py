@@ -274,6 +274,19 @@ HAND_CASES: list[Case] = [
     ),
 ]
 
+# RepNet (models/reparam.py): 15 BNs; by default the 11 branch BNs fold and the 4 identity BNs stay
+# (needs_merge_branches); with --merge-branches all 15 go and 6 convs are merged away.
+TORCH_CASES += [
+    _torch(
+        name,
+        "rep_net",
+        11,
+        f"RepNet (RepVGG, MobileOne, RepGhost blocks), {how}: the identity BNs need --merge-branches",
+        ["needs_merge_branches"] * 4,
+    )
+    for name, how in (("rep_net", "dynamo"), ("rep_net_legacy", "legacy exporter"))
+]
+
 CASES: list[Case] = TORCH_CASES + HAND_CASES
 BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
 

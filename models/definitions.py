@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.reparam import RepNet
+
 __all__ = [
     "ResNetSmall",
     "MobileNetSmall",
@@ -505,6 +507,7 @@ EXPORTED: dict[str, ModelSpec] = {
             "conv3d_block", Conv3dBlock, "Conv3d+BatchNorm3d (plain, strided) and ConvTranspose3d+BatchNorm3d"
         ),
         _spec("mlp_bn", MLPBN, "Linear+BatchNorm1d+ReLU (Gemm+BN), with and without Linear bias"),
+        _spec("rep_net", RepNet, "RepVGG, MobileOne and RepGhost blocks (models/reparam.py)"),
     )
 }
 

@@ -2,7 +2,8 @@
 for bnfold: RepVGG, MobileOne and RepGhost-style blocks, and a small net of them.
 
 Every branch reads the block's one input; a block's outputs are summed by ``+`` (an add tree).
-Used by ``models/definitions.py`` (``TORCH_ONLY``) and the tests of ``merge_branches``.
+Registered in ``models/definitions.py`` (``EXPORTED``: both ONNX exporters keep its BNs) and used
+by the tests of ``merge_branches``.
 """
 
 from __future__ import annotations

@@ -245,6 +245,28 @@ def test_folded_onnx_matches_pytorch(case: Case, torch_defs) -> None:
     assert_close(got, expected, f"{case.name} vs PyTorch")
 
 
+@pytest.mark.parametrize("name", ["rep_net", "rep_net_legacy"])
+def test_rep_net_merges_every_block_with_merge_branches(name: str, torch_defs) -> None:
+    """With merge_branches every BN of RepNet goes and each block becomes one Conv; checked in
+    onnxruntime against the PyTorch module."""
+    import torch
+
+    case = _case(name)
+    result = bnfold.fold(case.path, verify=False, merge_branches=True)
+    assert [str(p.pattern) for p in result.report.folded] == ["merged_branches"] * 15
+    assert result.report.merged_convs == 6 and not result.report.skipped
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert count_bn(out) == 0 and sum(n.op_type == "Conv" for n in out.graph.node) == 5
+    module, _ = torch_defs.build(case.torch_model)
+    (feeds,) = make_feeds(out, seed=7)
+    (x,) = feeds.values()
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    (got,) = run_ort(out, feeds)
+    assert_close(got, expected, f"{name} merged vs PyTorch")
+
+
 # ------------------------------------------------------------------------------------------------
 # targeted checks on individual cases
 def _case(name: str) -> Case:
