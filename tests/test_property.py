@@ -311,6 +311,7 @@ BLOCKS = [
     "shape",
     "pool",
     "split",
+    "repvgg",
 ]
 
 
@@ -363,6 +364,13 @@ def _composite(blocks: list[tuple[str, bool]], tail: str, seed: int) -> tuple[ob
             )
             bn(gb, f"{out}_p0", f"{out}_n0", 2, rng, prefix=f"bn{i}_part")
             gb.node("Concat", [f"{out}_n0", f"{out}_p1"], [out], name=out, axis=1)
+        elif block == "repvgg":  # (conv -> BN) + (conv -> BN) + BN(identity), kernels 1 or 3
+            for part in ("a", "b"):
+                conv(prev, f"{out}_{part}")
+                bn(gb, f"{out}_{part}", f"{out}_{part}n", 4, rng, prefix=f"bn{i}_{part}")
+            bn(gb, prev, f"{out}_id", 4, rng, prefix=f"bn{i}_id")
+            gb.node("Add", [f"{out}_an", f"{out}_bn"], [f"{out}_s"], name=f"{out}_s")
+            gb.node("Add", [f"{out}_s", f"{out}_id"], [out], name=out)
         elif block == "residual":
             conv(prev, f"{out}_a")
             gb.node("Add", [prev, f"{out}_a"], [out], name=out)
@@ -406,18 +414,19 @@ def test_random_composites_reach_the_fixed_point_in_one_call(
 ) -> None:
     model, feeds = _composite(blocks, tail, seed)
     check_model(model)  # type: ignore[arg-type]
-    folded = copy.deepcopy(model)
-    report = fold_model(folded)  # type: ignore[arg-type]
-    event(f"{len(report.folded)} folded, {len(report.skipped)} kept")
-    for f in report.folded:
-        event(f"pattern {f.pattern}")
-    check_model(folded)  # type: ignore[arg-type]
-    assert_ort_equivalent(model, folded, feeds, F32)  # type: ignore[arg-type]
-    again = copy.deepcopy(folded)
-    second = fold_model(again)  # type: ignore[arg-type]
-    assert not second.folded, (blocks, tail, second.folded)
-    assert again.SerializeToString() == folded.SerializeToString()  # type: ignore[attr-defined]
-    # bn_to_affine rewrites only what the folds' fixed point leaves: the same BNs fold the same way
-    affine = fold_model(copy.deepcopy(model), bn_to_affine=True)  # type: ignore[arg-type]
-    by_rule = [(f.bn, f.pattern) for f in affine.folded if f.pattern != "bn_to_affine"]
-    assert by_rule == [(f.bn, f.pattern) for f in report.folded], (blocks, tail)
+    for merge in (False, True):  # merge_branches off (the default), then on
+        folded = copy.deepcopy(model)
+        report = fold_model(folded, merge_branches=merge)  # type: ignore[arg-type]
+        event(f"merge={merge}: {len(report.folded)} folded, {len(report.skipped)} kept")
+        for f in report.folded:
+            event(f"pattern {f.pattern}")
+        check_model(folded)  # type: ignore[arg-type]
+        assert_ort_equivalent(model, folded, feeds, F32)  # type: ignore[arg-type]
+        again = copy.deepcopy(folded)
+        second = fold_model(again, merge_branches=merge)  # type: ignore[arg-type]
+        assert not second.folded and not second.merged_convs, (blocks, tail, merge, second.folded)
+        assert again.SerializeToString() == folded.SerializeToString()  # type: ignore[attr-defined]
+        # bn_to_affine rewrites only what the folds' fixed point leaves: the same BNs fold the same way
+        affine = fold_model(copy.deepcopy(model), bn_to_affine=True, merge_branches=merge)  # type: ignore[arg-type]
+        by_rule = [(f.bn, f.pattern) for f in affine.folded if f.pattern != "bn_to_affine"]
+        assert by_rule == [(f.bn, f.pattern) for f in report.folded], (blocks, tail, merge)

@@ -41,6 +41,7 @@ def is_conv(node: NodeRef | None) -> bool:
         and node.standard
         and node.op == "Conv"
         and len(node.inputs) >= 2
+        and bool(node.inputs[0])
         and bool(node.inputs[1])
         and len(node.outputs) == 1
     )

@@ -49,7 +49,10 @@ from .branches import (
 from .chains import following_bns
 from .common import BN, bn_version
 from .plan import LayerEdit, MergeBranches, Skip
-from .view import GraphView, NodeRef
+from .view import AttributeRef, BadAttribute, GraphView, NodeRef
+
+# what reading a block may raise besides FoldError: the BN rules then leave the BN's reason alone
+_UNREADABLE = (AttributeRef, BadAttribute)
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,7 @@ def needs_flag(view: GraphView, bn: BN) -> Skip | None:
     for root in _roots(view, bn.node):
         try:
             block = analyse(view, root)
-        except FoldError:
+        except (FoldError, *_UNREADABLE):
             continue
         if block is not None and bn.node in block.bns:
             return Skip(
@@ -313,4 +316,6 @@ def refusal(view: GraphView, bn: BN) -> Skip | None:
                 return None
         except FoldError as e:
             return Skip(e.code, f"{_role(view, bn.node)} of Add '{root.label}' not merged: {e.message}")
+        except _UNREADABLE:
+            return None
     return None
