@@ -153,6 +153,15 @@ def test_bn_to_affine_option_is_forwarded() -> None:
     assert ir.to_proto(result.model).SerializeToString() == _round_trip(expected.model)
 
 
+def test_merge_branches_option_is_forwarded() -> None:
+    model = ir.load(MODELS[0].parent / "case_repvgg_block.onnx")
+    result = FoldBatchNormPass(merge_branches=True)(model)  # verified: the pass raises otherwise
+    expected = bnfold.fold(ir.to_proto(model), merge_branches=True, verify=False)
+    assert result.modified and expected.report.merged_convs == 1
+    assert [n.op_type for n in result.model.graph] == ["Relu", "Conv", "Relu"]
+    assert ir.to_proto(result.model).SerializeToString() == _round_trip(expected.model)
+
+
 def test_unknown_and_file_options_are_refused() -> None:
     with pytest.raises(TypeError, match="unknown option.*verfy"):
         FoldBatchNormPass(verfy=False)
