@@ -43,6 +43,29 @@ class Reports:
     verbose: bool = False
 
 
+Strict = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul was kept, or the fold could not be verified.",
+    ),
+]
+BnToAffine = Annotated[
+    bool,
+    typer.Option(
+        "--bn-to-affine",
+        help="Rewrite BNs that cannot be folded as Mul + Add with precomputed constants (for runtimes without BatchNormalization).",
+    ),
+]
+MergeBranches = Annotated[
+    bool,
+    typer.Option(
+        "--merge-branches",
+        help="Merge the parallel conv / BN / identity branches of one input that an Add sums (RepVGG, MobileOne blocks) into one conv.",
+    ),
+]
+
+
 def fold_command(
     models: Annotated[
         list[Path], typer.Argument(metavar="MODEL.onnx", help="ONNX models to fold.", show_default=False)
@@ -82,27 +105,9 @@ def fold_command(
     force: Annotated[
         bool, typer.Option("--force", help="Write the model even if verification failed (exit code stays 1).")
     ] = False,
-    strict: Annotated[
-        bool,
-        typer.Option(
-            "--strict",
-            help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul was kept, or the fold could not be verified.",
-        ),
-    ] = False,
-    bn_to_affine: Annotated[
-        bool,
-        typer.Option(
-            "--bn-to-affine",
-            help="Rewrite BNs that cannot be folded as Mul + Add with precomputed constants (for runtimes without BatchNormalization).",
-        ),
-    ] = False,
-    merge_branches: Annotated[
-        bool,
-        typer.Option(
-            "--merge-branches",
-            help="Merge the parallel conv / BN / identity branches of one input that an Add sums (RepVGG, MobileOne blocks) into one conv.",
-        ),
-    ] = False,
+    strict: Strict = False,
+    bn_to_affine: BnToAffine = False,
+    merge_branches: MergeBranches = False,
     json_out: JsonOut = None,
     junit_xml: JunitOut = None,
     jobs: Annotated[

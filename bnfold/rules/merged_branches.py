@@ -162,12 +162,12 @@ def analyse(view: GraphView, root: NodeRef) -> Block | None:
     if found is None:
         return None
     adds, values = found
-    if any(is_constant(view, v) for v in values):
-        return None  # a constant summand (a bias Add): not a block of branches
     leaves = [classify(view, v) for v in values]
     convs = [leaf for leaf in leaves if leaf.conv is not None]
     if not convs:
         return None
+    if any(leaf.conv is None and leaf.bn is None and is_constant(view, leaf.value) for leaf in leaves):
+        return None  # a constant summand (a bias Add): not a block of branches
     x = convs[0].conv.inputs[0]  # type: ignore[union-attr]
     for leaf in leaves:
         if leaf.conv is not None and leaf.conv.inputs[0] != x:
@@ -312,7 +312,9 @@ def refusal(view: GraphView, bn: BN) -> Skip | None:
     """With ``merge_branches`` on: why the block of the BN (the largest tree above it) did not merge."""
     for root in _roots(view, bn.node):
         try:
-            if analyse(view, root) is not None:
+            block = analyse(view, root)
+            if block is not None:
+                _plan(block)  # (a merged value out of the dtype's range)
                 return None
         except FoldError as e:
             return Skip(e.code, f"{_role(view, bn.node)} of Add '{root.label}' not merged: {e.message}")

@@ -397,6 +397,14 @@ def test_refuses_branches_of_different_dtypes() -> None:
     assert folded.SerializeToString() == b.model.SerializeToString()
 
 
+def test_refuses_a_merged_kernel_out_of_float16_range() -> None:
+    b = block([Branch((3, 3), **FUSED)], dtype=F16, param_dtype=F32)
+    scale = next(t for t in b.model.graph.initializer if t.name == "bnid_scale")
+    scale.CopyFrom(numpy_helper.from_array(np.full(4, 1e6, np.float32), "bnid_scale"))
+    report = assert_skipped(b.model, "overflow", merge_branches=True)
+    assert "float16" in report.skipped[0].message
+
+
 def test_an_add_of_one_conv_and_its_input_alone_is_left_alone() -> None:
     """Conv(x) + x without any BN: nothing would go but the Add; not a block."""
     b = block([Branch((3, 3), **FUSED)], identity="plain")
