@@ -16,9 +16,14 @@ applies plans to its own graph. Patterns (``FoldedPair.pattern``):
 * ``matmul_reshaped`` (:mod:`.matmul_reshaped`): MatMul -> Flatten/Reshape to [M, C] -> BN (LeViT):
   the scale into the weight, the BN becomes Add(shift).
 * ``matmul`` (:mod:`.matmul`): MatMul (+ Add) -> BN with 2-D activations, rewritten as one Gemm.
+* ``matmul_add`` (:mod:`.matmul`): MatMul -> Add(constant ``[M, N]`` / ``[M, 1]``) -> BN: the Add
+  stays with ``s * C + t``.
 * ``dequantized_weight`` (:mod:`.dequantized_weight`): Conv with a DequantizeLinear weight.
 * ``bn_before`` (:mod:`.bn_before`): BN -> unpadded Conv, or BN -> Flatten -> Gemm.
 * ``bn_before_linear`` (:mod:`.bn_before_linear`): BN (2-D) -> Gemm / MatMul, BN -> Flatten -> MatMul.
+* ``slice`` (:mod:`.slice`): layer -> Slices along channels (disjoint from the part) -> BN on a part.
+* ``layout`` (:mod:`.layout`): layer [-> Add] -> one channel-keeping Transpose / Reshape / Flatten /
+  Unsqueeze / Squeeze -> BN (the op stays).
 * ``bn_to_affine`` (:mod:`.bn_to_affine`, opt-in): an unfoldable BN as Mul + Add.
 * ``decomposed_affine`` (:mod:`.decomposed_affine`): layer -> Mul(m) [-> Add(a)].
 
@@ -39,12 +44,14 @@ from . import (
     bn_to_affine,
     concat,
     decomposed_affine,
+    layout,
     matmul_reshaped,
     passthrough,
     spatial,
     split,
     sum_of_layers,
 )
+from . import slice as slices
 from .common import BN, STRUCTURAL, read_bn
 from .plan import FoldAfter, Plan, Skip
 from .view import GraphView, NodeRef
@@ -87,7 +94,8 @@ def _producer_unsupported(first: Skip, options: Options) -> bool:
 
 # The order is policy: into the producer (bn_after, chains, matmul, dequantized_weight); through
 # what the producer is when bn_after does not take it (passthrough, concat, sum_of_layers, spatial, matmul_reshaped, split); else, when the first refusal is
-# about where the BN sits, into its consumer (bn_before); else, when enabled, Mul+Add.
+# about where the BN sits, into its consumer (bn_before); else through a Slice or a layout op
+# (slice, layout: after bn_before, which took such BNs before they existed); else, when enabled, Mul+Add.
 BN_RULES: tuple[Rule, ...] = (
     Rule("bn_after", bn_after.plan, tried=lambda s, o: True, explain=lambda before, now: now),
     Rule("passthrough", passthrough.plan, tried=_producer_unsupported, explain=_instead),
@@ -103,6 +111,8 @@ BN_RULES: tuple[Rule, ...] = (
         tried=lambda s, o: s.code in STRUCTURAL,
         explain=_into_consumer_too,
     ),
+    Rule("slice", slices.plan, tried=_producer_unsupported, explain=_instead),
+    Rule("layout", layout.plan, tried=_producer_unsupported, explain=_instead),
     Rule("bn_to_affine", bn_to_affine.plan, tried=lambda s, o: o.bn_to_affine, explain=_not_rewritten),
 )
 
