@@ -319,4 +319,5 @@ def assert_rounded_once(got: np.ndarray, exact: np.ndarray, what: str = "") -> N
     assert got.shape == exact.shape, (what, got.shape, exact.shape)
     ulp = np.spacing(np.abs(exact).astype(got.dtype)).astype(np.float64)
     err = np.abs(got.astype(np.float64) - exact)
-    assert np.all(err <= 0.5 * ulp * (1 + 1e-6) + 4 * np.spacing(np.abs(exact))), (what, float(np.max(err / ulp)))
+    bound = 0.5 * ulp * (1 + 1e-6) + 4 * np.spacing(np.abs(exact))
+    assert np.all(err <= bound), (what, float(np.max(err / ulp)))
