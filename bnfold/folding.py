@@ -49,6 +49,7 @@ __all__ = [
     "scale_output_channels",
     "channel_vector",
     "compose_add",
+    "fold_constant",
     "compose_affine",
     "affine_of",
     "fold_conv_input",
@@ -346,6 +347,30 @@ def channel_vector(value: np.ndarray, channels: int, out_rank: int, axis: int = 
         if v.size == 1
         else _as_f64(v).reshape(channels)
     )
+
+
+def fold_constant(value: np.ndarray, affine: BNAffine, axis: int, out_rank: int) -> np.ndarray:
+    """``s * a + t`` for a constant ``a`` added to a rank-``out_rank`` output whose channels are on
+    ``axis`` (``s``, ``t`` broadcast there), rounded once to ``a``'s dtype: an Add after a layer
+    that keeps the BN's shift (``MatMul -> Add([M, N]) -> BN``). The result has the shape of ``a``
+    broadcast against ``[C, 1, ..., 1]`` (from ``axis``); FoldError ``broadcast`` when ``a`` has a
+    higher rank than the output or an extent other than 1 or ``C`` on ``axis``."""
+    v = np.asarray(value)
+    channels = affine.scale.shape[0]
+    if v.ndim > out_rank:
+        raise FoldError(
+            "broadcast", f"constant of shape {list(v.shape)} has a higher rank than the output ({out_rank})"
+        )
+    padded = [1] * (out_rank - v.ndim) + list(v.shape)
+    if padded[axis] not in (1, channels):
+        raise FoldError(
+            "broadcast",
+            f"constant of shape {list(v.shape)} has {padded[axis]} entries on the channel axis, not {channels}",
+        )
+    _check_finite("constant", v)
+    shape = (channels,) + (1,) * (out_rank - 1 - axis)
+    folded: np.ndarray = _as_f64(v) * affine.scale.reshape(shape) + affine.shift.reshape(shape)
+    return round_to_dtype(folded, v.dtype)
 
 
 def compose_add(add: np.ndarray, affine: BNAffine) -> BNAffine:

@@ -51,6 +51,10 @@ class Reason(StrEnum):
     BRANCH_MISMATCH = "branch_mismatch"
     BRANCH_PADDING = "branch_padding"
     IDENTITY_BRANCH = "identity_branch"
+    OVERLAPPING_SLICES = "overlapping_slices"
+    SLICE_STEP = "slice_step"
+    COMPUTED_SLICE = "computed_slice"
+    UNKNOWN_SHAPE = "unknown_shape"
     # torch front end only
     NO_RUNNING_STATS = "no_running_stats"
     CUSTOM_FORWARD = "custom_forward"
@@ -107,6 +111,13 @@ REASON_MEANINGS: dict[Reason, str] = {
     Reason.IDENTITY_BRANCH: (
         "an identity branch cannot become a kernel: the convs stride, change the channel count or the size"
     ),
+    Reason.OVERLAPPING_SLICES: "another Slice of the layer output reads channels of the BN's part",
+    Reason.SLICE_STEP: "a Slice of the layer output along the channels has a step other than 1",
+    Reason.COMPUTED_SLICE: "a Slice of the layer output has starts, ends, axes or steps that are not constant",
+    Reason.UNKNOWN_SHAPE: (
+        "a shape the fold depends on (a Reshape target, a dimension) cannot be proven, so the BN's "
+        "channel axis may not be the layer's"
+    ),
     Reason.NO_RUNNING_STATS: "the BatchNorm module tracks no running statistics",
     Reason.CUSTOM_FORWARD: "the module's forward is not the standard one",
     Reason.UNTRACEABLE: "the module is called from a forward that cannot be traced",
@@ -127,6 +138,9 @@ class Pattern(StrEnum):
     SUM_OF_LAYERS = "sum_of_layers"  # Add(layer, layer) -> BN: scale into both, shift into one
     BN_AFTER_SPATIAL = "bn_after_spatial"  # through Resize, pools, ReduceMean (they stay)
     SPLIT = "split"  # layer -> Split along channels -> BN on a part: into that channel range
+    SLICE = "slice"  # layer -> Slices along channels (disjoint) -> BN on a part: into that range
+    LAYOUT = "layout"  # layer [-> Add] -> one channel-keeping Transpose/Reshape/Flatten/(Un)squeeze -> BN
+    MATMUL_ADD = "matmul_add"  # MatMul -> Add(constant [M, N] or [M, 1]) -> BN: the Add takes s * C + t
     MATMUL_RESHAPED = "matmul_reshaped"  # MatMul -> Flatten/Reshape to [M, C] -> BN: scale + an Add
     MATMUL = "matmul"  # MatMul (+ Add) -> BN, rewritten as one Gemm
     DECOMPOSED_AFFINE = "decomposed_affine"  # layer -> Mul(m) [-> Add(a)]

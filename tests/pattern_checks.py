@@ -297,3 +297,27 @@ def matmul_model(
     if x_shape is None and not pre:
         feeds["S"] = np.array(feed_shape, np.int64)
     return gb.model(17), feeds
+
+
+def bn_affine64(model: onnx.ModelProto, prefix: str = "bn") -> tuple[np.ndarray, np.ndarray]:
+    """The scale ``s`` and shift ``t`` of BN ``prefix`` computed here in float64 from the model's
+    parameters and epsilon (the reference the folds are checked against)."""
+    from onnx_builders import initializer
+
+    g, beta, mean, var = (
+        initializer(model, f"{prefix}_{k}").astype(np.float64) for k in ("scale", "B", "mean", "var")
+    )
+    node = next(n for n in model.graph.node if n.name == prefix)
+    eps = next((float(a.f) for a in node.attribute if a.name == "epsilon"), 1e-5)
+    s = g / np.sqrt(var + eps)
+    return s, beta - s * mean
+
+
+def assert_rounded_once(got: np.ndarray, exact: np.ndarray, what: str = "") -> None:
+    """``got`` is the float64 ``exact`` rounded once into ``got``'s dtype: within half an ulp (plus
+    a few float64 ulps for the evaluation of ``exact`` itself)."""
+    assert got.shape == exact.shape, (what, got.shape, exact.shape)
+    ulp = np.spacing(np.abs(exact).astype(got.dtype)).astype(np.float64)
+    err = np.abs(got.astype(np.float64) - exact)
+    bound = 0.5 * ulp * (1 + 1e-6) + 4 * np.spacing(np.abs(exact))
+    assert np.all(err <= bound), (what, float(np.max(err / ulp)))

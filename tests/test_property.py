@@ -312,6 +312,8 @@ BLOCKS = [
     "pool",
     "split",
     "repvgg",
+    "slice",
+    "layout_bn",
 ]
 
 
@@ -371,6 +373,30 @@ def _composite(blocks: list[tuple[str, bool]], tail: str, seed: int) -> tuple[ob
             bn(gb, prev, f"{out}_id", 4, rng, prefix=f"bn{i}_id")
             gb.node("Add", [f"{out}_an", f"{out}_bn"], [f"{out}_s"], name=f"{out}_s")
             gb.node("Add", [f"{out}_s", f"{out}_id"], [out], name=out)
+        elif block == "slice":  # Conv -> Slice [0, 2) and [2, 4) -> BN on the first part -> Concat back
+            conv(prev, f"{out}_c")
+            for k, (lo, hi) in enumerate(((0, 2), (2, 4))):
+                bounds = [
+                    gb.const(f"{out}_{n}{k}", np.array([v], np.int64))
+                    for n, v in (("lo", lo), ("hi", hi), ("ax", 1))
+                ]
+                gb.node("Slice", [f"{out}_c", *bounds], [f"{out}_p{k}"], name=f"{out}_slice{k}")
+            bn(gb, f"{out}_p0", f"{out}_n0", 2, rng, prefix=f"bn{i}_part")
+            gb.node("Concat", [f"{out}_n0", f"{out}_p1"], [out], name=out, axis=1)
+        elif block == "layout_bn":  # Conv -> Transpose (H, W) or Reshape [0, 4, -1] -> BN -> back
+            conv(prev, f"{out}_c")
+            swap = rng.random() < 0.5
+            for k, (x, y, shape) in enumerate(
+                ((f"{out}_c", f"{out}_l", [0, 4, -1]), (f"{out}_n", out, [0, 4, 4, 4]))
+            ):
+                if swap:
+                    gb.node("Transpose", [x], [y], name=y, perm=[0, 1, 3, 2])
+                else:
+                    gb.node(
+                        "Reshape", [x, gb.const(f"{out}_shape{k}", np.array(shape, np.int64))], [y], name=y
+                    )
+                if k == 0:
+                    bn(gb, y, f"{out}_n", 4, rng, prefix=f"bn{i}_layout")
         elif block == "residual":
             conv(prev, f"{out}_a")
             gb.node("Add", [prev, f"{out}_a"], [out], name=out)

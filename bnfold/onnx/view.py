@@ -108,6 +108,17 @@ class OnnxView:
             if i not in removed and nodes[i].input[k] == value
         )
 
+    def readers(self, value: str) -> tuple[NodeRef, ...]:
+        nodes = self.scope.proto.node
+        removed = self.scope.removed_nodes
+        return tuple(
+            self.ref(i, node)
+            for i, node in enumerate(nodes)
+            if i not in removed
+            for name in node.input
+            if name == value
+        )
+
     def uses_after_release(self, value: str, released: Sequence[str]) -> int:
         return self.scope.uses_after_release(value, released)
 
@@ -121,6 +132,9 @@ class OnnxView:
 
     def rank(self, value: str) -> int | None:
         return self.scope.rank(value)
+
+    def static_shape(self, value: str) -> tuple[int, ...] | None:
+        return self.scope.static_shape(value)
 
     def dtype(self, value: str) -> np.dtype | None:
         elem = self.scope.elem_type(value)

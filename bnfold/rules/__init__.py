@@ -16,9 +16,14 @@ applies plans to its own graph. Patterns (``FoldedPair.pattern``):
 * ``matmul_reshaped`` (:mod:`.matmul_reshaped`): MatMul -> Flatten/Reshape to [M, C] -> BN (LeViT):
   the scale into the weight, the BN becomes Add(shift).
 * ``matmul`` (:mod:`.matmul`): MatMul (+ Add) -> BN with 2-D activations, rewritten as one Gemm.
+* ``matmul_add`` (:mod:`.matmul`): MatMul -> Add(constant ``[M, N]`` / ``[M, 1]``) -> BN: the Add
+  stays with ``s * C + t``.
 * ``dequantized_weight`` (:mod:`.dequantized_weight`): Conv with a DequantizeLinear weight.
 * ``bn_before`` (:mod:`.bn_before`): BN -> unpadded Conv, or BN -> Flatten -> Gemm.
 * ``bn_before_linear`` (:mod:`.bn_before_linear`): BN (2-D) -> Gemm / MatMul, BN -> Flatten -> MatMul.
+* ``slice`` (:mod:`.slice`): layer -> Slices along channels (disjoint from the part) -> BN on a part.
+* ``layout`` (:mod:`.layout`): layer [-> Add] -> one channel-keeping Transpose / Reshape / Flatten /
+  Unsqueeze / Squeeze -> BN (the op stays).
 * ``bn_to_affine`` (:mod:`.bn_to_affine`, opt-in): an unfoldable BN as Mul + Add.
 * ``merged_branches`` (:mod:`.merged_branches`, opt-in): the parallel Conv / BN / identity branches
   of one input that a tree of Adds sums become one Conv (RepVGG, MobileOne); planned per root Add
@@ -43,6 +48,7 @@ from . import (
     bn_to_affine,
     concat,
     decomposed_affine,
+    layout,
     matmul_reshaped,
     merged_branches,
     passthrough,
@@ -50,6 +56,7 @@ from . import (
     split,
     sum_of_layers,
 )
+from . import slice as slices
 from .common import BN, STRUCTURAL, read_bn
 from .plan import FoldAfter, MergeBranches, Plan, Skip
 from .view import GraphView, NodeRef
@@ -101,9 +108,10 @@ def _producer_unsupported(first: Skip, options: Options) -> bool:
 
 # The order is policy: into the producer (bn_after, chains, matmul, dequantized_weight); through
 # what the producer is when bn_after does not take it (passthrough, concat, sum_of_layers, spatial, matmul_reshaped, split); else, when the first refusal is
-# about where the BN sits, into its consumer (bn_before); a BN of a block of branches (RepVGG) then
-# says why it stays: it needs merge_branches, or (flag on) why its block did not merge; else, when
-# enabled, Mul+Add.
+# about where the BN sits, into its consumer (bn_before); else through a Slice or a layout op
+# (slice, layout: after bn_before, which took such BNs before they existed); a BN of a block of
+# branches (RepVGG) then says why it stays: it needs merge_branches, or (flag on) why its block
+# did not merge; else, when enabled, Mul+Add.
 BN_RULES: tuple[Rule, ...] = (
     Rule("bn_after", bn_after.plan, tried=lambda s, o: True, explain=lambda before, now: now),
     Rule("passthrough", passthrough.plan, tried=_producer_unsupported, explain=_instead),
@@ -119,6 +127,8 @@ BN_RULES: tuple[Rule, ...] = (
         tried=lambda s, o: s.code in STRUCTURAL,
         explain=_into_consumer_too,
     ),
+    Rule("slice", slices.plan, tried=_producer_unsupported, explain=_instead),
+    Rule("layout", layout.plan, tried=_producer_unsupported, explain=_instead),
     Rule("merge_hint", merged_branches.needs_flag, tried=_merge_off, explain=_instead),
     Rule("merge_refusal", merged_branches.refusal, tried=_merge_on, explain=_instead),
     Rule("bn_to_affine", bn_to_affine.plan, tried=lambda s, o: o.bn_to_affine, explain=_not_rewritten),

@@ -102,6 +102,8 @@ def backward(
     pass-through ops between the layer (or its Add) and the BN, which go too."""
     x = through[0].inputs[0] if through else bn.inputs[0]
     target, add = chains.producer_chain(view, x, released=bn.inputs[1:5])
+    if add is not None and target.op == "MatMul" and not matmul.per_feature(add[1]):
+        return _matmul_add(view, bn, affine, target, add[0], add[1], after, through)
     if add is None:
         make_affine: Callable[[int, int], BNAffine] = lambda c, r: affine  # noqa: E731
     else:
@@ -118,6 +120,29 @@ def backward(
         pattern = Pattern.BN_AFTER_CHAIN
     absorbed = ((add[0],) if add is not None else ()) + tuple(through) + (bn,) + tuple(after)
     return FoldAfter(bn, target, layer, pattern, absorbed, tuple(after))
+
+
+def _matmul_add(
+    view: GraphView,
+    bn: NodeRef,
+    affine: BNAffine,
+    target: NodeRef,
+    add: NodeRef,
+    value: np.ndarray,
+    after: Sequence[NodeRef],
+    through: Sequence[NodeRef],
+) -> FoldAfter:
+    """``MatMul -> Add(C) -> BN`` with ``C`` of rank 2 and more than one row: the Add stays with
+    ``s * C + t`` and takes the BN's output name (:func:`matmul.fold_add`)."""
+    matmul.check_inputs(target)
+    matmul.check_rank(view, target)
+    if value.ndim > 2:
+        raise FoldError(
+            Reason.BROADCAST, f"the Add constant of shape {list(value.shape)} raises the MatMul output's rank"
+        )
+    layer = matmul.fold_add(view, target, add, value, affine, Pattern.MATMUL_ADD)
+    pattern = Pattern.BN_AFTER_PASSTHROUGH if through else Pattern.MATMUL_ADD
+    return FoldAfter(bn, add, layer, pattern, (*through, bn, *after), tuple(after))
 
 
 def plan(view: GraphView, bn: BN) -> FoldAfter | Skip:

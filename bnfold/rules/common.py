@@ -155,3 +155,15 @@ def check_single_use(view: GraphView, x: str, released: Sequence[str] = ()) -> N
 def is_layer(node: NodeRef | None) -> bool:
     """A standard Conv, ConvTranspose, Gemm or MatMul."""
     return node is not None and node.standard and node.op in TARGET_OPS
+
+
+def layer_rank(view: GraphView, layer: NodeRef) -> int | None:
+    """The rank of ``layer``'s output: known to the view, else (Conv, ConvTranspose) its constant
+    weight's rank; None when neither is known."""
+    rank = view.rank(layer.outputs[0]) if layer.outputs else None
+    if rank is None and layer.op in ("Conv", "ConvTranspose") and len(layer.inputs) > 1 and layer.inputs[1]:
+        try:
+            return int(view.constant(layer.inputs[1]).ndim)
+        except NotConstant:
+            return None
+    return rank

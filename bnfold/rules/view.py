@@ -84,6 +84,12 @@ class GraphView(Protocol):
         change what they compute: they are not consumers, and read the name that stays."""
         ...
 
+    def readers(self, value: str) -> tuple[NodeRef, ...]:
+        """The nodes of this graph reading ``value``, once per reference (metadata readers too). It
+        may miss references a rule must not rely on (nested subgraphs, graph outputs, nodes the pass
+        inserted): compare with :meth:`uses` before trusting it to be complete."""
+        ...
+
     def uses_after_release(self, value: str, released: Sequence[str]) -> int:
         """References to ``value`` left once each of ``released`` is dropped once, with what that
         leaves unused."""
@@ -97,6 +103,11 @@ class GraphView(Protocol):
 
     def rank(self, value: str) -> int | None:
         """The rank of ``value`` when it is provable, else None."""
+        ...
+
+    def static_shape(self, value: str) -> tuple[int, ...] | None:
+        """The shape of ``value`` when every dimension is fixed for every run (ONNX: declared with
+        fixed dims; torch: recorded by torch.export, whose guards fix it), else None."""
         ...
 
     def dtype(self, value: str) -> np.dtype | None:

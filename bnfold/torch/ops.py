@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..rules.view import NotConstant
+from . import ops_layout  # the hook in Mapper.map (ops_layout imports this module back)
 from .batchnorm import BN_FUNCTIONS, TorchSkip, bind, bn_call, path_of, target_name
 from .tensors import to_numpy
 
@@ -170,7 +171,7 @@ class Mapper:
             return self._module(node, mod)
         if node.op not in ("call_function", "call_method"):
             return Mapped(node.op, node, node.name, kind=node.op)
-        return self._function(node) or self._unknown(node)
+        return ops_layout.layout_op(self, node) or self._function(node) or self._unknown(node)
 
     def _unknown(self, node: fx.Node) -> Mapped:
         inputs = tuple(n.name for n in node.all_input_nodes)

@@ -190,6 +190,12 @@ class FxView:
             return 1
         return sum(_references(node, u) for u in node.users)
 
+    def readers(self, value: str) -> tuple[NodeRef, ...]:
+        node = self.by_name.get(value)
+        if node is None:
+            return ()
+        return tuple(self.ref(u) for u in node.users if u.op != "output" for _ in range(_references(node, u)))
+
     def uses_after_release(self, value: str, released: Sequence[str]) -> int:
         return self.uses(value)
 
@@ -241,6 +247,16 @@ class FxView:
                 return None
         meta = _meta(node)
         return None if meta is None else meta[0]
+
+    def static_shape(self, value: str) -> tuple[int, ...] | None:
+        """The shape torch.export recorded (``meta["val"]``) when every dimension is a number: the
+        exported program's guards fix it. Shapes from example inputs (``tensor_meta`` of shape
+        propagation after symbolic_trace) hold for those inputs only: None."""
+        node = self.by_name.get(value)
+        shape = getattr(node.meta.get("val"), "shape", None) if node is not None else None
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            return None
+        return tuple(int(d) for d in shape)
 
     def dtype(self, value: str) -> np.dtype | None:
         node = self.by_name.get(value)

@@ -1,14 +1,14 @@
-"""``matmul``: MatMul (+ Add) -> BN with 2-D activations, rewritten as one Gemm (checks in
+"""``matmul``: MatMul (+ Add) -> BN with 2-D activations, rewritten as one Gemm; ``matmul_add``:
+MatMul -> Add(constant [M, N] or [M, 1]) -> BN, the Add kept with s * C + t (checks in
 tests/pattern_checks.py)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from onnx import TensorProto, helper
-from onnx_builders import (
-    F16,
-)
-from pattern_checks import assert_pattern, assert_skipped, matmul_model
+from onnx_builders import F16, F32, F64, count_ops, initializer, run_ort
+from pattern_checks import assert_pattern, assert_rounded_once, assert_skipped, bn_affine64, matmul_model
 
 
 @pytest.mark.parametrize("pre", ["", "flatten", "reshape", "gemm_relu"])
@@ -43,9 +43,53 @@ def test_skip_matmul_unknown_rank() -> None:
     assert_skipped(model, "unknown_rank")
 
 
-def test_skip_matmul_add_not_per_feature_broadcast() -> None:
-    model, _ = matmul_model(add=(3, 4))  # [M, N]: a bias per row, not per feature
+@pytest.mark.parametrize("add", [(3, 4), (3, 1)], ids=["MN", "M1"])
+@pytest.mark.parametrize("dtype", [F32, F16, F64])
+def test_matmul_add_full_constant_keeps_the_add(add: tuple[int, ...], dtype: object) -> None:
+    """[M, N] / [M, 1] is no Gemm bias: the MatMul and the Add stay, W's columns take s and the
+    constant becomes s * C + t (shape [M, N]), each the float64 value rounded once."""
+    model, feeds = matmul_model(add=add, dtype=dtype)
+    folded = assert_pattern(model, feeds, ["matmul_add"], gone=["BatchNormalization", "Gemm"], dtype=dtype)
+    assert count_ops(folded, "MatMul") == 1 and count_ops(folded, "Add") == 1
+    s, t = bn_affine64(model)
+    mm = next(n for n in folded.graph.node if n.op_type == "MatMul")
+    add_node = next(n for n in folded.graph.node if n.op_type == "Add")
+    assert list(add_node.output) == ["Y"]
+    w = initializer(model, "W").astype(np.float64)
+    c = initializer(model, "b").astype(np.float64)
+    assert_rounded_once(initializer(folded, mm.input[1]), w * s[None, :], "W")
+    assert_rounded_once(initializer(folded, add_node.input[1]), c * s[None, :] + t[None, :], "C")
+
+
+def test_matmul_add_full_constant_numbers() -> None:
+    """The folded model against Y = BN(X @ W + C) computed here in float64."""
+    model, feeds = matmul_model(add=(3, 4))
+    folded = assert_pattern(model, feeds, ["matmul_add"], gone=["BatchNormalization"])
+    s, t = bn_affine64(model)
+    z = feeds["X"].astype(np.float64) @ initializer(model, "W").astype(np.float64)
+    want = (z + initializer(model, "b").astype(np.float64)) * s + t
+    np.testing.assert_allclose(run_ort(folded, feeds)[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_matmul_add_full_constant_then_two_bns_round_once() -> None:
+    model, feeds = matmul_model(add=(3, 4))
+    bn2 = helper.make_node(
+        "BatchNormalization", ["Y", "bn_scale", "bn_B", "bn_mean", "bn_var"], ["Z"], name="bn2"
+    )
+    model.graph.node.append(bn2)
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("Z", TensorProto.FLOAT, [None, None]))
+    assert_pattern(model, feeds, ["matmul_add", "bn_after_chain"], gone=["BatchNormalization"])
+
+
+def test_skip_matmul_add_constant_of_higher_rank() -> None:
+    model, _ = matmul_model(add=(2, 3, 4), bn_channels=3)  # the Add output is 3-D, its axis 1 the rows
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * 3))
     assert_skipped(model, "broadcast")
+
+
+def test_skip_matmul_add_full_constant_after_a_3d_matmul() -> None:
+    model, _ = matmul_model(x_shape=(2, 3, 5), feed_shape=(2, 3, 5), add=(3, 4), bn_channels=3)
+    assert_skipped(model, "channel_axis")
 
 
 def test_skip_matmul_weight_not_2d() -> None:

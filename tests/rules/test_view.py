@@ -46,6 +46,9 @@ class DictView:
     def uses(self, value: str) -> int:
         return sum(n.inputs.count(value) for n in self.nodes) + (value in self.outputs)
 
+    def readers(self, value: str) -> tuple[NodeRef, ...]:
+        return tuple(n for n in self.nodes for name in n.inputs if name == value)
+
     def uses_after_release(self, value: str, released: Sequence[str]) -> int:
         return self.uses(value)
 
@@ -62,6 +65,9 @@ class DictView:
 
     def rank(self, value: str) -> int | None:
         return self.ranks.get(value)
+
+    def static_shape(self, value: str) -> tuple[int, ...] | None:
+        return None
 
     def dtype(self, value: str) -> np.dtype | None:
         return np.dtype(np.float32)
