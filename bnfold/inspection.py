@@ -76,15 +76,16 @@ def kept_after_linear(report: FoldReport) -> list[str]:
     return [s.bn for s in report.skipped if s.producer_op in LINEAR_OPS]
 
 
-def inspect(model: Any) -> Inspection:
+def inspect(model: Any, *, merge_branches: bool = False) -> Inspection:
     """Every BatchNormalization of ``model`` (anything :func:`bnfold.fold` accepts) in graph order,
-    walking subgraphs and functions, with whether it can be folded. Raises :class:`bnfold.BadInput`
-    for a model that cannot be read."""
+    walking subgraphs and functions, with whether it can be folded (``merge_branches``: as
+    :func:`bnfold.fold` with that option). Raises :class:`bnfold.BadInput` for a model that cannot
+    be read."""
     from .api import fold
 
     with warnings.catch_warnings():  # numpy overflow on hostile weights: the report says it
         warnings.simplefilter("ignore", RuntimeWarning)
-        report = fold(model, verify=False).report
+        report = fold(model, verify=False, merge_branches=merge_branches).report
     entries = [
         BatchNormInfo(
             bn=p.bn,

@@ -76,3 +76,15 @@ def test_inspect_refuses_a_bad_file(tmp_path: Path) -> None:
 def test_inspect_is_public_and_lazy() -> None:
     assert "inspect" in bnfold.__all__ and callable(bnfold.inspect)
     assert bnfold.inspect is __import__("bnfold.inspection", fromlist=["inspect"]).inspect
+
+
+def test_inspect_with_merge_branches_matches_fold() -> None:
+    path = Path(__file__).resolve().parents[1] / "models" / "onnx" / "case_repvgg_block.onnx"
+    plain = bnfold.inspect(path)
+    assert [b.code for b in plain.batchnorms if not b.foldable] == ["needs_merge_branches"]
+    merged = bnfold.inspect(path, merge_branches=True)
+    report = bnfold.fold(path, verify=False, merge_branches=True).report
+    assert sorted((b.bn, b.pattern) for b in merged.batchnorms) == sorted(
+        (p.bn, p.pattern) for p in report.folded
+    )
+    assert merged.kept == 0 and merged.nodes_after == report.nodes_after

@@ -18,6 +18,7 @@ from .options import (
     InputsFile,
     JsonOut,
     JunitOut,
+    MergeBranches,
     Provider,
     Quiet,
     Rtol,
@@ -55,13 +56,6 @@ BnToAffine = Annotated[
     typer.Option(
         "--bn-to-affine",
         help="Rewrite BNs that cannot be folded as Mul + Add with precomputed constants (for runtimes without BatchNormalization).",
-    ),
-]
-MergeBranches = Annotated[
-    bool,
-    typer.Option(
-        "--merge-branches",
-        help="Merge the parallel conv / BN / identity branches of one input that an Add sums (RepVGG, MobileOne blocks) into one conv.",
     ),
 ]
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .options import JsonOut, Quiet, Verbose
+from .options import JsonOut, MergeBranches, Quiet, Verbose
 
 if TYPE_CHECKING:
     from .outcome import InspectOutcome
@@ -24,6 +24,7 @@ def inspect_command(
             "--strict", help="Exit 1 if a BN after Conv/ConvTranspose/Gemm/MatMul cannot be folded."
         ),
     ] = False,
+    merge_branches: MergeBranches = False,
     json_out: JsonOut = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -44,7 +45,7 @@ def inspect_command(
     outcomes = []
     with stdout_to_stderr(console.json_stdout):
         for model in models:
-            out = inspect_model(str(model), strict)
+            out = inspect_model(str(model), strict, merge_branches)
             outcomes.append(out)
             if out.status == "error":
                 console.error(out.message)
@@ -62,7 +63,7 @@ def inspect_command(
     return max(code, report_code)
 
 
-def inspect_model(path: str, strict: bool = False) -> InspectOutcome:
+def inspect_model(path: str, strict: bool = False, merge_branches: bool = False) -> InspectOutcome:
     """:func:`bnfold.inspect` of ``path`` as the command's record (bad input becomes its status)."""
     from bnfold.errors import BadInput
     from bnfold.inspection import inspect
@@ -72,7 +73,7 @@ def inspect_model(path: str, strict: bool = False) -> InspectOutcome:
 
     out = InspectOutcome(path)
     try:
-        found = inspect(path)
+        found = inspect(path, merge_branches=merge_branches)
     except BadInput as exc:
         out.message = bad_input_text(exc)
         return out

@@ -33,6 +33,15 @@ def number(text: str) -> float:
         raise typer.BadParameter(f"{text!r} is not a number") from None
 
 
+MergeBranches = Annotated[
+    bool,
+    typer.Option(
+        "--merge-branches",
+        help="Merge the parallel conv / BN / identity branches of one input that an Add sums (RepVGG, MobileOne blocks) into one conv.",
+    ),
+]
+
+
 Atol = Annotated[
     float | None,
     typer.Option(

@@ -30,3 +30,19 @@ def test_inspect_lists_every_bn_and_writes_nothing(tmp_path: Path) -> None:
     assert bns[2]["follows_op"] == "MatMul" and bns[2]["code"] == "channel_axis"
     result = invoke("inspect", tmp_path / "nope.onnx")
     assert_usage_error(result, result.stderr)
+
+
+def test_inspect_merge_branches_shows_what_the_flag_folds() -> None:
+    """Without the flag the identity BN of a RepVGG block names the flag; with it, all three BNs
+    fold (merged_branches), as ``bnfold.fold(merge_branches=True)`` would."""
+    src = Path(__file__).resolve().parents[2] / "models" / "onnx" / "case_repvgg_block.onnx"
+    result = invoke("inspect", src, "--json", "-")
+    assert result.exit_code == 0, result.output
+    bns = {b["bn"]: b for b in json.loads(result.stdout)["models"][0]["batchnorms"]}
+    assert bns["bn_identity"]["code"] == "needs_merge_branches"
+    assert "--merge-branches" in bns["bn_identity"]["message"]
+    result = invoke("inspect", src, "--merge-branches", "--json", "-")
+    assert result.exit_code == 0, result.output
+    bns = {b["bn"]: b for b in json.loads(result.stdout)["models"][0]["batchnorms"]}
+    assert {b["pattern"] for b in bns.values()} == {"merged_branches"}
+    assert all(b["foldable"] for b in bns.values()) and len(bns) == 3
