@@ -228,9 +228,8 @@ class Mapper:
         from .ops_spatial import map_module  # the pools and Upsample (a sibling module)
 
         inputs = tuple(n.name for n in node.all_input_nodes)
-        return map_module(node, mod) or Mapped(
-            type(mod).__name__, node, path, inputs, module=path, kind=type(mod).__name__
-        )
+        name = type(mod).__name__  # as "<class> module", never an ONNX op (nn.Flatten(0, 1) is no Flatten)
+        return map_module(node, mod) or Mapped(f"{name} module", node, path, inputs, module=path, kind=name)
 
     def _param(self, mapped: Mapped, mod: nn.Module, name: str) -> str:
         tensor = getattr(mod, name, None)
