@@ -62,7 +62,9 @@ def _torch(name: str, model: str, folded: int, description: str, skips: list[str
 
 
 # BN counts of the torch models (all directly after a Conv/ConvTranspose/Linear, all foldable):
-#   resnet_small 6, mobilenet_small 10, unet_decoder 8, audio_cnn1d 4, conv3d_block 3, mlp_bn 2.
+#   resnet_small 6, mobilenet_small 10, unet_decoder 8, audio_cnn1d 4, conv3d_block 3, mlp_bn 2;
+# issue 13's blocks (not all foldable): timm_conv_stack 3, yolo_csp 6, mixnet_block 3, levit_block 4,
+#   fpn_neck 5.
 TORCH_CASES: list[Case] = [
     _torch(
         "resnet_small",
@@ -86,6 +88,41 @@ TORCH_CASES: list[Case] = [
     _torch("audio_cnn1d", "audio_cnn1d", 4, "AudioCNN1d, dynamo: Conv1d+BN1d, dilated, strided, grouped"),
     _torch("conv3d_block", "conv3d_block", 3, "Conv3dBlock, dynamo: Conv3d+BN3d and ConvTranspose3d+BN3d"),
     _torch("mlp_bn", "mlp_bn", 2, "MLPBN, dynamo: Gemm(transB=1)+BN, one Gemm without C"),
+    # issue 13's architectures (models/blocks.py)
+    _torch(
+        "timm_conv_stack",
+        "timm_conv_stack",
+        3,
+        "TimmConvStack, dynamo: three convs, each -> timm-style BatchNormAct2d (F.batch_norm, drop, act)",
+    ),
+    _torch(
+        "yolo_csp",
+        "yolo_csp",
+        6,
+        "YoloCSP, dynamo: YOLOv5 BottleneckCSP; its BN after Concat of two bias-free convs folds (concat)",
+    ),
+    _torch(
+        "mixnet_block",
+        "mixnet_block",
+        3,
+        "MixNetBlock, dynamo: Split -> depthwise k3/k5/k7 -> Concat -> BN folds (concat)",
+    ),
+    _torch(
+        "levit_block",
+        "levit_block",
+        0,
+        "LeViTBlock, dynamo: MatMul -> Reshape to [B*N, C] with a shape computed from the dynamic batch "
+        "-> BN: all four kept",
+        ["channel_axis"] * 4,
+    ),
+    _torch(
+        "fpn_neck",
+        "fpn_neck",
+        4,
+        "FPNNeck, dynamo: Conv -> Resize nearest -> BN and Conv -> AveragePool (padding not counted) -> BN "
+        "fold (bn_after_spatial); Conv -> MaxPool -> BN with a negative scale: kept",
+        ["negative_scale"],
+    ),
     _torch(
         "resnet_small_legacy",
         "resnet_small",
@@ -104,6 +141,30 @@ TORCH_CASES: list[Case] = [
         2,
         "MLPBN, legacy exporter: fc1 is Gemm+BN (folds); the bias-less fc2 exports as MatMul "
         "(2-D input) and its BN folds too (the MatMul becomes a Gemm)",
+    ),
+    _torch("timm_conv_stack_legacy", "timm_conv_stack", 3, "TimmConvStack, legacy exporter"),
+    _torch("yolo_csp_legacy", "yolo_csp", 6, "YoloCSP, legacy exporter: the CSP BN folds (concat)"),
+    _torch(
+        "mixnet_block_legacy",
+        "mixnet_block",
+        3,
+        "MixNetBlock, legacy exporter: the MixConv BN folds (concat)",
+    ),
+    _torch(
+        "levit_block_legacy",
+        "levit_block",
+        1,
+        "LeViTBlock, legacy exporter: the qkv MatMul (of the 3-D graph input) -> Flatten -> BN folds "
+        "(matmul_reshaped); the other three MatMuls read values of unknown rank: kept",
+        ["unknown_rank"] * 3,
+    ),
+    _torch(
+        "fpn_neck_legacy",
+        "fpn_neck",
+        4,
+        "FPNNeck, legacy exporter: Resize and AveragePool BNs fold (bn_after_spatial); MaxPool BN with a "
+        "negative scale: kept",
+        ["negative_scale"],
     ),
 ]
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.reparam import RepNet
+from .blocks import FPNNeck, LeViTBlock, MixNetBlock, TimmConvStack, YoloCSP
+from .reparam import RepNet
 
 __all__ = [
     "ResNetSmall",
@@ -508,6 +509,19 @@ EXPORTED: dict[str, ModelSpec] = {
         ),
         _spec("mlp_bn", MLPBN, "Linear+BatchNorm1d+ReLU (Gemm+BN), with and without Linear bias"),
         _spec("rep_net", RepNet, "RepVGG, MobileOne and RepGhost blocks (models/reparam.py)"),
+        _spec(
+            "timm_conv_stack", TimmConvStack, "timm BatchNormAct2d (ndim assert, drop, act) after three convs"
+        ),
+        _spec("yolo_csp", YoloCSP, "YOLOv5 BottleneckCSP: two bias-free convs -> cat -> BN eps 1e-3 -> SiLU"),
+        _spec("mixnet_block", MixNetBlock, "MixNet MixConv: split -> depthwise k3/k5/k7 -> cat -> BN"),
+        _spec(
+            "levit_block", LeViTBlock, "LeViT attention + MLP: bias-free Linear -> BN1d on flattened tokens"
+        ),
+        _spec(
+            "fpn_neck",
+            FPNNeck,
+            "FPN neck: lateral convs, upsample + add, conv -> upsample -> BN, pools -> BN",
+        ),
     )
 }
 

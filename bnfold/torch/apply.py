@@ -72,11 +72,12 @@ class FxApplier:
         view.folded.add(layer)
 
     def _branches(self, plan: FoldBranches) -> None:
-        """Each joined layer takes its part of the BN; the join (an add of two layers) takes the
-        BN's place."""
+        """Each joined layer takes its part of the BN; the join's output ``plan.output`` (of a
+        concat or an add of layers, a pool or resize that stays, a split's part) takes the BN's
+        place."""
         view = self.view
         absorbed = [view.info(ref) for ref in plan.absorbed]
-        join = view.node(plan.join)
+        join = view.output_node(plan.join, plan.output)
         for edit in plan.layers:
             self.layer(edit)
         absorbed[-1].result.replace_all_uses_with(join)

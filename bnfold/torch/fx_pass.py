@@ -122,8 +122,8 @@ class FxFolder:
         elif isinstance(plan, FoldScale):
             target = view.info(plan.target)
             pairs = [(plan.bn, plan.layer.pattern)]
-        elif isinstance(plan, FoldBranches):
-            target = view.info(plan.join)
+        elif isinstance(plan, FoldBranches):  # into the join, or its one layer (as the ONNX pass)
+            target = view.info(plan.join if len(plan.targets) > 1 else plan.targets[0])
             pairs = [(plan.anchor, plan.pattern)] + [(later, Pattern.BN_AFTER_CHAIN) for later in plan.also]
         else:
             raise TypeError(f"the fx front end does not apply {type(plan).__name__} plans")

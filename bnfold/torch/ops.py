@@ -226,8 +226,11 @@ class Mapper:
             return Mapped("Identity", node, path, (x,), (Slot(0, "input"),), module=path, kind="Identity")
         if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1:
             return Mapped("Flatten", node, path, (x,), (Slot(0, "input"),), {"axis": 1}, module=path)
+        from .ops_spatial import map_module  # the pools and Upsample (a sibling module)
+
         inputs = tuple(n.name for n in node.all_input_nodes)
-        return Mapped(type(mod).__name__, node, path, inputs, module=path, kind=type(mod).__name__)
+        name = type(mod).__name__  # as "<class> module", never an ONNX op (nn.Flatten(0, 1) is no Flatten)
+        return map_module(node, mod) or Mapped(f"{name} module", node, path, inputs, module=path, kind=name)
 
     def _param(self, mapped: Mapped, mod: nn.Module, name: str) -> str:
         tensor = getattr(mod, name, None)
@@ -315,7 +318,9 @@ class Mapper:
             if args.get("training", True) is not False:  # F.dropout trains by default
                 return None
             return self._call(Mapped("Identity", node, node.name, kind="Identity"), args, ((0, "input"),))
-        return None
+        from .ops_spatial import map_function  # Split and the spatial ops (a sibling module)
+
+        return map_function(node)
 
     def _cat(self, node: fx.Node) -> Mapped | None:
         """``torch.cat(tensors, dim)`` as Concat: every part a node, the axis a constant."""

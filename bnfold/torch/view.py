@@ -24,6 +24,7 @@ from ..report import Reason
 from ..rules.view import BadAttribute, NodeRef, NotConstant
 from .batchnorm import path_of
 from .ops import TRANSPOSES, Lazy, Mapped, Mapper
+from .ops_spatial import outputs
 from .tensors import get_attr, to_numpy
 
 OPSET = 21  # the operator semantics the mapped nodes follow (BatchNormalization-15, Gemm-13)
@@ -151,9 +152,16 @@ class FxView:
         return self.mapped(self.node(ref))
 
     def ref(self, node: fx.Node) -> NodeRef:
-        """``node`` as a rule sees it."""
+        """``node`` as a rule sees it (an output nothing reads is named ``""``)."""
         m = self.mapped(node)
-        return NodeRef(self.key(node), m.op, "", m.inputs, (m.result.name,), m.label)
+        names = tuple("" if out is None else out.name for out in outputs(m))
+        return NodeRef(self.key(node), m.op, "", m.inputs, names, m.label)
+
+    def output_node(self, ref: NodeRef, index: int) -> fx.Node:
+        """The node whose users read output ``index`` of ``ref`` (a getitem of a Split part)."""
+        out = outputs(self.info(ref))[index]
+        assert out is not None, f"output {index} of {ref.label} is not read"
+        return out
 
     def value_node(self, value: str) -> fx.Node | None:
         """The fx node named ``value`` (None for a parameter, a scalar or an absent input)."""
@@ -168,10 +176,10 @@ class FxView:
         node = self.by_name.get(value)
         if node is None or node.op in ("placeholder", "get_attr", "output"):
             return None
-        if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        if node.op == "call_function" and node.target is operator.getitem:
             source = node.args[0]
-            if isinstance(source, fx.Node) and self.mapped(source).result is node:
-                return self.ref(source)  # the value of aten's tuple-valued batch norm
+            if isinstance(source, fx.Node) and node in outputs(self.mapped(source)):
+                return self.ref(source)  # an output of a tuple-valued op (batch norm, split, pool)
         return self.ref(node)
 
     def produced_outside(self, value: str) -> bool:

@@ -1,7 +1,8 @@
 """Rules of issue 13 in the torch front end: readers of a layer output's metadata (``x.ndim``,
 ``x.shape``, ``x.size()``) are not consumers, a BN after the sum of two layers folds into both, and
 a BN after a flattened matmul takes the scale into the weight and becomes an add; checked against
-the PyTorch module (float32, and a float64 copy to float64 rounding)."""
+the PyTorch module (float32, and a float64 copy to float64 rounding). YOLOv5's BottleneckCSP (a BN
+after the concat of two convs) is models/blocks.py's, tested in test_blocks.py."""
 
 from __future__ import annotations
 
@@ -110,19 +111,6 @@ def test_bn_after_a_flattened_matmul_becomes_a_scaled_weight_and_an_add() -> Non
     assert "torch.add" in result.module.code
 
 
-class CrossStagePartial(nn.Module):
-    """YOLOv5's BottleneckCSP tail: two bias-free convs, concatenated, one BN with eps 1e-3."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(4, 3, 1, bias=False)
-        self.b = nn.Conv2d(4, 5, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8, eps=1e-3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
-
-
 class ConvDropBN(nn.Module):
     """Dropout between the layer and the BN, as a module and as a function (inference: identity)."""
 
@@ -137,26 +125,10 @@ class ConvDropBN(nn.Module):
 
 
 @pytest.mark.parametrize("export", [False, True], ids=["symbolic_trace", "torch.export"])
-def test_bn_after_a_concat_of_convs_splits_into_both(export: bool) -> None:
-    model, x = CrossStagePartial(), torch.randn(2, 4, 6, 6)
-    result = _checked(model, x, export)
-    assert [str(p.pattern) for p in result.report.folded] == ["concat"], result.report
-
-
-@pytest.mark.parametrize("export", [False, True], ids=["symbolic_trace", "torch.export"])
 def test_bn_folds_through_inference_dropout(export: bool) -> None:
     model, x = ConvDropBN(), torch.randn(1, 3, 7, 7)
     result = _checked(model, x, export)
     assert [str(p.pattern) for p in result.report.folded] == ["bn_after_passthrough"], result.report
-
-
-def test_concat_with_a_non_layer_part_keeps_the_bn() -> None:
-    class Mixed(CrossStagePartial):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.bn(torch.cat([self.a(x), torch.relu(self.b(x))], 1))
-
-    result = _checked(Mixed(), torch.randn(1, 4, 5, 5))
-    assert result.report.folded == [] and len(result.report.skipped) == 1
 
 
 class LeViTNorm(nn.Module):

@@ -10,6 +10,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import fx, nn  # noqa: E402
 from torch.fx.passes.shape_prop import ShapeProp  # noqa: E402
 
+import bnfold.torch as bt  # noqa: E402
 from bnfold.rules.view import NotConstant  # noqa: E402
 from bnfold.torch.view import FxView  # noqa: E402
 
@@ -119,3 +120,17 @@ def test_decomposed_batch_norm_is_one_node_with_the_getitem_as_output() -> None:
     conv = view.producer(bn.inputs[0])
     assert conv is not None and conv.op == "Conv" and view.rank(conv.outputs[0]) == 4
     assert view.constant(bn.inputs[3]).shape == (4,)
+
+
+def test_a_module_the_view_does_not_map_is_never_read_as_the_onnx_op_of_its_class_name() -> None:
+    """nn.Flatten(0, 1) is no ONNX Flatten(axis=1): read as one, the BN before it folded into the
+    Linear's input features wrongly."""
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Flatten(0, 1), nn.Linear(4, 5), nn.Dropout(0.1)).eval()
+    gm = fx.symbolic_trace(model)
+    view = FxView(gm)
+    ops = [view.ref(n).op for n in gm.graph.nodes if n.op == "call_module"]
+    assert ops == ["BatchNormalization", "Flatten module", "Gemm", "Identity"]
+    with torch.no_grad():
+        model[0].running_mean.uniform_(-1.0, 1.0)
+    result = bt.fold(model, (torch.randn(2, 4, 4),))
+    assert result.report.folded == [] and result.verification is not None and result.verification.passed
