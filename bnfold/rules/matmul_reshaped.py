@@ -10,8 +10,9 @@ from __future__ import annotations
 from ..errors import FoldError
 from ..folding import BNAffine, fold_gemm
 from ..report import Pattern, Reason
+from .bn_after import fold_layer
 from .common import BN, check_single_use, constant
-from .plan import FoldScale, LayerEdit, Skip, TensorEdit
+from .plan import FoldBranches, FoldScale, LayerEdit, Skip, TensorEdit
 from .view import GraphView, NodeRef, NotConstant
 
 
@@ -61,16 +62,36 @@ def _fold(view: GraphView, bn: BN, reshape: NodeRef, matmul: NodeRef) -> FoldSca
     return FoldScale(bn.node, matmul, LayerEdit(Pattern.MATMUL_RESHAPED, (weight,)), shift)
 
 
-def plan(view: GraphView, bn: BN) -> FoldScale | Skip | None:
-    """The BN's scale into the MatMul before a Flatten/Reshape, its shift as an Add; None when it
-    does not follow such a pair."""
+def _fold_linear(view: GraphView, bn: BN, reshape: NodeRef, linear: NodeRef, rank: int) -> FoldBranches:
+    """A torch ``nn.Linear`` on tokens (a Gemm whose input has rank >= 3, which an ONNX Gemm
+    cannot have): the whole BN into its weight and bias, the Flatten/Reshape stays."""
+    m = linear.outputs[0]
+    if view.is_graph_output(m):
+        raise FoldError(Reason.GRAPH_OUTPUT, f"'{m}' is also a graph output")
+    check_single_use(view, m)
+    edit = fold_layer(view, linear, lambda c, r: bn.affine)
+    w = constant(view, linear.inputs[1], Reason.WEIGHT_NOT_CONSTANT, "weight")
+    features = w.shape[0] if view.attr_int(linear, "transB", 0) else w.shape[1]
+    _check_reshape(view, reshape, rank, features)
+    edit = LayerEdit(Pattern.MATMUL_RESHAPED, edit.tensors, edit.retype, edit.attributes)
+    return FoldBranches(bn.node, reshape, (edit,), (linear,), Pattern.MATMUL_RESHAPED, (bn.node,))
+
+
+def plan(view: GraphView, bn: BN) -> FoldScale | FoldBranches | Skip | None:
+    """The BN's scale into the MatMul before a Flatten/Reshape, its shift as an Add (a torch
+    Linear on tokens takes both); None when it does not follow such a pair."""
     reshape = view.producer(bn.node.inputs[0])
     if reshape is None or not reshape.standard or reshape.op not in ("Flatten", "Reshape") or view.opset < 7:
         return None
-    matmul = view.producer(reshape.inputs[0]) if reshape.inputs else None
-    if matmul is None or not matmul.standard or matmul.op != "MatMul":
+    layer = view.producer(reshape.inputs[0]) if reshape.inputs else None
+    if layer is None or not layer.standard or layer.op not in ("MatMul", "Gemm"):
         return None
     try:
-        return _fold(view, bn, reshape, matmul)
+        if layer.op == "MatMul":
+            return _fold(view, bn, reshape, layer)
+        rank = view.rank(layer.inputs[0]) if layer.inputs else None
+        if rank is None or rank < 3:
+            return None  # an ONNX Gemm (2-D): bn_after's and layout's
+        return _fold_linear(view, bn, reshape, layer, rank)
     except FoldError as e:
         return Skip(e.code, e.message)

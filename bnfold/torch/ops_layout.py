@@ -6,6 +6,7 @@ mappings of :mod:`bnfold.torch.ops`; None leaves a node to them):
   read as a constant by the view);
 * ``x[:, a:b]`` (``operator.getitem`` with slices and at most one ``...``), ``aten.slice.Tensor``,
   ``x.narrow(dim, start, length)`` (``start >= 0``): Slice with constant starts, ends, axes, steps;
+* ``x.flatten(0, -2)`` of a rank >= 3 tensor (LeViT's tokens): ``Flatten(axis = rank - 1)``;
 * ``x.flatten(s)`` with ``s >= 2`` to the last axis: Reshape to ``[0] * s + [-1]`` (0 copies the
   input's extent, as in ONNX);
 * ``x.reshape(n, c, -1)`` / ``x.view(...)`` whose sizes are Python ints and reads of ``x``'s own
@@ -171,8 +172,11 @@ def _flatten(node: fx.Node) -> ops.Mapped | None:
     args = bind(node, ("input", "start_dim", "end_dim"))
     dims = _ints([args.get("start_dim", 0), args.get("end_dim", -1)])
     rank = _rank(node.args[0])
+    if dims is not None and dims[0] == 0 and rank is not None and rank >= 3 and dims[1] in (-2, rank - 2):
+        # LeViT's tokens: every axis but the last into one, [B, N, C] -> [B * N, C]
+        return _with(node, "Flatten", {"axis": rank - 1})
     if dims is None or dims[0] < 2 or not (dims[1] == -1 or (rank is not None and dims[1] == rank - 1)):
-        return None  # flatten(1) is ops' Flatten; flatten(0) and partial flattens are not channel-keeping
+        return None  # flatten(1) is ops' Flatten; other flattens from 0 and partial ones keep no channels
     return _with(node, "Reshape", shape=[0] * dims[0] + [-1])
 
 

@@ -23,8 +23,8 @@ EXPECTED: dict[str, tuple[dict[str, int], list[str]]] = {
     "timm_conv_stack": ({"bn_after": 3}, []),
     "yolo_csp": ({"bn_after": 5, "concat": 1}, []),
     "mixnet_block": ({"bn_after": 2, "concat": 1}, []),
-    # nn.Linear on [B, N, C] then flatten(0, 1): no MatMul -> Flatten/Reshape -> BN for the view
-    "levit_block": ({}, ["unsupported_producer"] * 4),
+    # nn.Linear on [B, N, C] -> flatten(0, 1) -> BN1d: each BN into its Linear (a bias made)
+    "levit_block": ({"matmul_reshaped": 4}, []),
     "fpn_neck": ({"bn_after": 2, "bn_after_spatial": 2}, ["negative_scale"]),
 }
 CAPTURES = ("symbolic_trace", "torch.export")

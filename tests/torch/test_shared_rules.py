@@ -7,6 +7,7 @@ after the concat of two convs) is models/blocks.py's, tested in test_blocks.py."
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,3 +149,59 @@ class LeViTNorm(nn.Module):
 def test_levit_token_bn_folds_into_the_matmul(export: bool) -> None:
     result = _checked(LeViTNorm(), torch.randn(2, 5, 8), export)
     assert [str(p.pattern) for p in result.report.folded] == ["matmul_reshaped"], result.report
+
+
+class LinearTokensNorm(nn.Module):
+    """timm LeViT's ``LinearNorm`` with a real ``nn.Linear`` on tokens [B, N, C]: ``flatten``
+    (``(0, 1)``: the tokens into the batch; ``(1)``: into the features, which is not a fold) or
+    ``reshape(-1, C)``, BN1d, ``reshape_as``; ``leak`` also returns the Linear's output."""
+
+    def __init__(self, bias: bool, how: str = "flatten01", leak: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 6, bias=bias)
+        self.bn = nn.BatchNorm1d(6 if how != "flatten1" else 30)
+        self.how, self.leak = how, leak
+
+    def forward(self, x: torch.Tensor) -> Any:
+        y = self.linear(x)
+        flat = (
+            y.flatten(0, 1)
+            if self.how == "flatten01"
+            else y.reshape(-1, 6)
+            if self.how == "reshape"
+            else y.flatten(1)
+        )
+        out = self.bn(flat).reshape_as(y)
+        return (out, y.relu()) if self.leak else out
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["symbolic_trace", "torch.export"])
+@pytest.mark.parametrize("how", ["flatten01", "reshape"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_levit_token_bn_folds_into_a_linear(bias: bool, how: str, export: bool) -> None:
+    model = LinearTokensNorm(bias, how)
+    result = _checked(model, torch.randn(2, 5, 8), export)
+    assert [str(p.pattern) for p in result.report.folded] == ["matmul_reshaped"], result.report
+    state = result.module.state_dict()
+    weights = [v for k, v in state.items() if v.shape == (6, 8)]
+    assert len(weights) == 1 and any(
+        v.shape == (6,) and not k.startswith("bn.") for k, v in state.items()
+    )  # a bias
+    assert not any("running" in k for k in state)  # the BN is gone
+    # the weight by hand in float64: row c scaled by gamma_c / sqrt(var_c + eps)
+    bn = model.bn
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    want = (model.linear.weight.double() * scale[:, None]).float()
+    assert torch.equal(weights[0].detach(), want.detach())
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["symbolic_trace", "torch.export"])
+def test_linear_tokens_flattened_into_the_features_keep_the_bn(export: bool) -> None:
+    result = _checked(LinearTokensNorm(True, "flatten1"), torch.randn(2, 5, 8), export)
+    assert [str(s.code) for s in result.report.skipped] == ["channel_axis"], result.report
+
+
+def test_linear_tokens_read_elsewhere_keep_the_bn() -> None:
+    model = randomize_bn(LinearTokensNorm(False, leak=True), torch.Generator().manual_seed(0)).eval()
+    result = bt.fold(model, (torch.randn(2, 5, 8),))
+    assert [str(s.code) for s in result.report.skipped] == ["multiple_consumers"], result.report
