@@ -315,8 +315,10 @@ def export(
     atol: float | None = None,
     rtol: float | None = None,
     force: bool = False,
+    merge_branches: bool = False,
 ) -> Any:
-    """Export ``model`` to ONNX at ``path`` with every BatchNorm folded, proven against PyTorch.
+    """Export ``model`` to ONNX at ``path`` with every BatchNorm folded, proven against PyTorch
+    (``merge_branches``: RepVGG-style blocks merged too, as :func:`bnfold.fold` does).
 
     The dynamo exporter runs with its own optimizer off (``exporter_optimize=False``) so every fold
     is bnfold's exact float64 fold and is listed in the report; with ``exporter_optimize=True`` the
@@ -344,7 +346,7 @@ def export(
         raise BadInput("torch.onnx.export returned no program")
     proto = program.model_proto
     bn_in_onnx = _count_onnx_bn(proto)
-    report = fold_model(proto)
+    report = fold_model(proto, merge_branches=merge_branches)
     exporter_folds = max(_count_bn(private) - bn_in_onnx, 0)
     report.folded.extend(
         FoldedPair(bn=f"<exporter fold {i + 1}>", target="", kind="", graph="main", pattern=Pattern.EXPORTER)

@@ -264,6 +264,26 @@ def test_export_folds_and_matches_torch(tmp_path) -> None:
     _close(torch.from_numpy(got), model(x))
 
 
+def test_export_with_merge_branches_merges_the_repvgg_blocks(tmp_path) -> None:
+    """rep_net: 4 identity BNs stay without the flag (needs_merge_branches); with it every BN goes
+    and the ONNX file matches the PyTorch module in onnxruntime, optimizations off."""
+    import onnxruntime as ort
+
+    model, x = build("rep_net")
+    plain = bt.export(model, (x,), tmp_path / "plain.onnx")
+    assert sorted(str(s.code) for s in plain.report.skipped) == ["needs_merge_branches"] * 4
+    path = tmp_path / "merged.onnx"
+    result = bt.export(model, (x,), path, merge_branches=True)
+    assert result.verification.passed and not result.report.skipped and result.report.merged_convs == 6
+    proto = onnx.load(path)
+    assert not [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    _close(torch.from_numpy(got), model(x))
+
+
 def test_export_with_exporter_optimizer_counts_its_folds(tmp_path) -> None:
     model, x = build("mlp_bn")
     result = bt.export(model, (x,), tmp_path / "mlp.onnx", exporter_optimize=True)
