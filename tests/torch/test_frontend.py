@@ -247,9 +247,18 @@ def test_bn_behind_a_cast_is_kept() -> None:
     _close(result.module(x), model(x))
 
 
-def test_export_folds_and_matches_torch(tmp_path) -> None:
+def _ort_output(path: object, x: torch.Tensor) -> np.ndarray:
+    """The single output of the ONNX file ``path`` on ``x`` (onnxruntime, optimizations off)."""
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    return np.asarray(got)
+
+
+def test_export_folds_and_matches_torch(tmp_path) -> None:
     model, x = build("unet_decoder")
     path = tmp_path / "unet.onnx"
     result = bt.export(model, (x,), path)
@@ -257,18 +266,12 @@ def test_export_folds_and_matches_torch(tmp_path) -> None:
     assert result.verification.passed
     proto = onnx.load(path)
     assert not [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    _close(torch.from_numpy(got), model(x))
+    _close(torch.from_numpy(_ort_output(path, x)), model(x))
 
 
 def test_export_with_merge_branches_merges_the_repvgg_blocks(tmp_path) -> None:
     """rep_net: 4 identity BNs stay without the flag (needs_merge_branches); with it every BN goes
     and the ONNX file matches the PyTorch module in onnxruntime, optimizations off."""
-    import onnxruntime as ort
-
     model, x = build("rep_net")
     plain = bt.export(model, (x,), tmp_path / "plain.onnx")
     assert sorted(str(s.code) for s in plain.report.skipped) == ["needs_merge_branches"] * 4
@@ -277,11 +280,7 @@ def test_export_with_merge_branches_merges_the_repvgg_blocks(tmp_path) -> None:
     assert result.verification.passed and not result.report.skipped and result.report.merged_convs == 6
     proto = onnx.load(path)
     assert not [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-    _close(torch.from_numpy(got), model(x))
+    _close(torch.from_numpy(_ort_output(path, x)), model(x))
 
 
 def test_export_with_exporter_optimizer_counts_its_folds(tmp_path) -> None:
