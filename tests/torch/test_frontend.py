@@ -301,8 +301,8 @@ def test_export_refuses_to_write_a_wrong_model(tmp_path, monkeypatch) -> None:
 
     real = driver.fold_model
 
-    def corrupting(proto, store=None):
-        report = real(proto, store)
+    def corrupting(proto, store=None, **options):
+        report = real(proto, store, **options)
         for t in proto.graph.initializer:
             if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4:
                 arr = onnx.numpy_helper.to_array(t).copy()
