@@ -205,3 +205,28 @@ def test_linear_tokens_read_elsewhere_keep_the_bn() -> None:
     model = randomize_bn(LinearTokensNorm(False, leak=True), torch.Generator().manual_seed(0)).eval()
     result = bt.fold(model, (torch.randn(2, 5, 8),))
     assert [str(s.code) for s in result.report.skipped] == ["multiple_consumers"], result.report
+
+
+class MatMulFullAdd(nn.Module):
+    """``bn(x @ W + C)`` with a full ``[M, N]`` constant ``C`` (a learned per-position offset)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6))
+        self.c = nn.Parameter(torch.randn(4, 6))
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x @ self.w + self.c)
+
+
+@pytest.mark.parametrize("export", [False, True], ids=["symbolic_trace", "torch.export"])
+def test_matmul_plus_a_full_constant_folds(export: bool) -> None:
+    model = MatMulFullAdd()
+    result = _checked(model, torch.randn(4, 8), export)
+    assert [str(p.pattern) for p in result.report.folded] == ["matmul_add"], result.report
+    bn = model.bn
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.double() - bn.running_mean.double() * scale
+    want = (model.c.double() * scale + shift).float()  # the constant takes s * C + t, rounded once
+    assert any(torch.equal(v.detach(), want.detach()) for v in result.module.state_dict().values())
