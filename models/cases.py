@@ -63,7 +63,7 @@ def _torch(name: str, model: str, folded: int, description: str, skips: list[str
 
 # BN counts of the torch models (all directly after a Conv/ConvTranspose/Linear, all foldable):
 #   resnet_small 6, mobilenet_small 10, unet_decoder 8, audio_cnn1d 4, conv3d_block 3, mlp_bn 2;
-# issue 13's blocks (not all foldable): timm_conv_stack 3, yolo_csp 6, mixnet_block 3, levit_block 4,
+# issue 13's blocks (not all foldable): timm_conv_stack 3, yolo_csp 6, mixnet_block 3, levit_block 4 (all foldable),
 #   fpn_neck 5.
 TORCH_CASES: list[Case] = [
     _torch(
@@ -110,10 +110,9 @@ TORCH_CASES: list[Case] = [
     _torch(
         "levit_block",
         "levit_block",
-        0,
-        "LeViTBlock, dynamo: MatMul -> Reshape to [B*N, C] with a shape computed from the dynamic batch "
-        "-> BN: all four kept",
-        ["channel_axis"] * 4,
+        4,
+        "LeViTBlock, dynamo: MatMul -> Reshape to [B*N, C] with a shape Concat([B*N], [C]) computed "
+        "from the dynamic batch -> BN: all four fold (matmul_reshaped)",
     ),
     _torch(
         "fpn_neck",
@@ -153,10 +152,9 @@ TORCH_CASES: list[Case] = [
     _torch(
         "levit_block_legacy",
         "levit_block",
-        1,
-        "LeViTBlock, legacy exporter: the qkv MatMul (of the 3-D graph input) -> Flatten -> BN folds "
-        "(matmul_reshaped); the other three MatMuls read values of unknown rank: kept",
-        ["unknown_rank"] * 3,
+        4,
+        "LeViTBlock, legacy exporter: MatMul -> Flatten(axis=2) -> BN, all four fold (matmul_reshaped); "
+        "the ranks come through Reshapes whose shapes are Concats of Shape/Gather/Unsqueeze",
     ),
     _torch(
         "fpn_neck_legacy",

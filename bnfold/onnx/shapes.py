@@ -58,7 +58,8 @@ class ShapeIndex(ConstantIndex):
 
         Declared shapes (inputs, outputs, value_info of this or an enclosing scope) first, then a
         short walk up the producers (at most MAX_EVALUATED_NODES steps; rank-preserving ops,
-        broadcasting elementwise ops, Gemm/Flatten (2), Reshape to a constant shape, MatMul of
+        broadcasting elementwise ops, Gemm/Flatten (2), Shape (1), Size (0), Gather, Unsqueeze and
+        Squeeze with known axes, Reshape and ConstantOfShape with a shape of provable length (:meth:`_length`), MatMul of
         known ranks >= 2, constants). No shape inference pass over the model.
         """
         steps = [0]
@@ -92,16 +93,26 @@ class ShapeIndex(ConstantIndex):
         try:
             if op == "Constant":
                 return int(owner.constant(name).value.ndim)
-            if op in ("Gemm", "Flatten"):
-                return 2
-            if op == "Reshape" and len(node.input) > 1:
-                return int(owner.constant(node.input[1]).value.size)
+            if op in ("Gemm", "Flatten", "Shape", "Size"):
+                return {"Shape": 1, "Size": 0}.get(op, 2)
         except NotConstant:
             return None
+        look = walk if owner is self else owner.rank
+        if op == "Reshape" and len(node.input) > 1:  # the length of its shape, constant or computed
+            return owner._length(node.input[1], look, 0)
+        if op == "ConstantOfShape" and node.input:
+            return owner._length(node.input[0], look, 0)
         ins = [i for i in node.input if i]
+        if op == "Gather" and len(ins) == 2:
+            data, indices = look(ins[0]), look(ins[1])
+            return None if data is None or indices is None or data < 1 else data + indices - 1
+        if op in ("Unsqueeze", "Squeeze") and ins:
+            axes, r = owner._axes(node), look(ins[0])
+            if axes is None or r is None:
+                return None
+            return r + len(axes) if op == "Unsqueeze" else r - len(axes)
         if op in RANK_PRESERVING_OPS and ins:
             return walk(ins[0]) if owner is self else owner.rank(ins[0])
-        look = walk if owner is self else owner.rank
         if op in BROADCAST_OPS and ins:
             ranks = [look(i) for i in ins]
             return None if any(x is None for x in ranks) else max(ranks)  # type: ignore[type-var]
@@ -109,6 +120,58 @@ class ShapeIndex(ConstantIndex):
             ra, rb = look(ins[0]), look(ins[1])
             if ra is not None and rb is not None and ra >= 2 and rb >= 2:
                 return max(ra, rb)
+        return None
+
+    def _axes(self, node: onnx.NodeProto) -> list[int] | None:
+        """The ``axes`` of an Unsqueeze / Squeeze (an attribute before opset 13, a constant input
+        from 13), None when absent or computed."""
+        for a in node.attribute:
+            if a.name == "axes" and a.type == onnx.AttributeProto.INTS:
+                return list(a.ints)
+        if len(node.input) > 1 and node.input[1]:
+            try:
+                return [int(v) for v in self.constant(node.input[1]).value.reshape(-1)]
+            except NotConstant:
+                return None
+        return None
+
+    def _length(self, name: str, rank: Callable[[str], int | None], depth: int) -> int | None:
+        """The number of elements of the 1-D value ``name`` (a shape that a Reshape reads) when
+        provable: a constant; ``Shape(y)`` with its start/end from ``y``'s rank; a Concat of such
+        parts; Cast / Identity of one; a scalar Unsqueezed or Reshaped to ``[-1]``. Else None."""
+        owner = self.owner(name)
+        if owner is None or depth > MAX_EVALUATED_NODES:
+            return None
+        try:
+            value = owner.constant(name).value
+            return int(value.size) if value.ndim == 1 else None
+        except NotConstant:
+            pass
+        node = owner.node_of(name)
+        if node is None or node.domain not in ONNX_DOMAINS or not node.input or node.output[0] != name:
+            return None
+        op, x = node.op_type, node.input[0]
+        if op == "Shape":
+            r = rank(x)
+            if r is None:
+                return None
+            start, end = attr_int(node, "start", 0), attr_int(node, "end", r)
+            start, end = (min(max(v + r if v < 0 else v, 0), r) for v in (start, end))
+            return max(end - start, 0)
+        if op == "Concat" and attr_int(node, "axis", 0) in (0, -1):
+            parts = [owner._length(i, rank, depth + 1) for i in node.input]
+            return None if any(n is None for n in parts) else sum(n for n in parts if n is not None)
+        if op in ("Cast", "Identity"):
+            return owner._length(x, rank, depth + 1)
+        if op == "Unsqueeze" and rank(x) == 0:
+            axes = owner._axes(node)
+            return 1 if axes is not None and len(axes) == 1 else None
+        if op == "Reshape" and len(node.input) > 1 and rank(x) == 0:
+            try:
+                shape = owner.constant(node.input[1]).value.reshape(-1).tolist()
+            except NotConstant:
+                return None
+            return 1 if shape in ([-1], [1]) else None
         return None
 
     def _declared(self, name: str, stop_at_definer: bool) -> onnx.TypeProto.Tensor | None:

@@ -35,12 +35,34 @@ def _check_reshape(view: GraphView, reshape: NodeRef, rank: int, features: int) 
     try:
         shape = [int(v) for v in view.constant(reshape.inputs[1]).reshape(-1)]
     except NotConstant:
-        raise FoldError(Reason.CHANNEL_AXIS, f"Reshape '{reshape.label}' has a computed shape") from None
+        # the dynamo exporter's flatten(0, 1) with a dynamic batch: Concat([B * N], [C])
+        if _ends_in(view, reshape.inputs[1], features) and view.rank(reshape.outputs[0]) == 2:
+            return
+        raise FoldError(
+            Reason.CHANNEL_AXIS,
+            f"Reshape '{reshape.label}' has a computed shape not provably [M, {features}]",
+        ) from None
     if len(shape) != 2 or shape[1] != features:
         raise FoldError(
             Reason.CHANNEL_AXIS,
             f"Reshape '{reshape.label}' to {shape}: the BN's channels are not the MatMul's {features} features",
         )
+
+
+def _ends_in(view: GraphView, shape: str, features: int) -> bool:
+    """The computed shape ``shape`` is a Concat whose last part is a constant ending in
+    ``features``: its last entry is ``features`` (a row-major reshape of ``[..., C]`` to ``[M, C]``
+    keeps every element's feature index)."""
+    concat = view.producer(shape)
+    if concat is None or not concat.standard or concat.op != "Concat" or not concat.inputs:
+        return False
+    if view.attr_int(concat, "axis", 0) not in (0, -1) or not concat.inputs[-1]:
+        return False
+    try:
+        last = view.constant(concat.inputs[-1]).reshape(-1)
+    except NotConstant:
+        return False
+    return last.size > 0 and int(last[-1]) == features
 
 
 def _fold(view: GraphView, bn: BN, reshape: NodeRef, matmul: NodeRef) -> FoldScale:

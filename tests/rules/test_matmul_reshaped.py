@@ -97,3 +97,51 @@ def test_skip_matmul_output_with_another_reader() -> None:
     model.graph.node.append(helper.make_node("Relu", ["m"], ["side"], name="side"))
     model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, [2, 5, 4]))
     assert_skipped(model, "multiple_consumers")
+
+
+def levit_dynamic(
+    last: list[int] | None = None, *, parts: int = 2, channels: int = 4, seed: int = 0
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The dynamo exporter's ``flatten(0, 1)`` with a dynamic batch: X [B, 5, 6] -> MatMul(W [6, 4])
+    -> Reshape(Concat(Reshape(Mul(Squeeze(Shape(X, 0, 1)), 5), [-1]), last)) -> BN -> Y, no shape
+    declared on the way; ``last`` None: the last part computed (``Shape(m, 2, 3)``); ``parts=3``:
+    a Concat of three parts (a rank-3 result)."""
+    rng = np.random.default_rng(seed)
+    gb = GraphBuilder()
+    gb.input("X", F32, ["B", 5, 6])
+    gb.node("MatMul", ["X", gb.const("W", rnd(rng, [6, 4], 0.4))], ["m"], name="linear")
+    gb.node("Shape", ["X"], ["s"], start=0, end=1)
+    gb.node("Squeeze", ["s", gb.const("sq", np.array([0], np.int64))], ["b"])
+    gb.node("Mul", ["b", gb.const("tokens", np.array(5, np.int64))], ["bt"])
+    gb.node("Reshape", ["bt", gb.const("flat", np.array([-1], np.int64))], ["bt1"])
+    if last is None:
+        gb.node("Shape", ["m"], ["tail"], start=2, end=3)
+    else:
+        gb.const("tail", np.array(last, np.int64))
+    extra = [gb.const("mid", np.array([1], np.int64))] if parts == 3 else []
+    gb.node("Concat", ["bt1", *extra, "tail"], ["shape"], axis=0)
+    gb.node("Reshape", ["m", "shape"], ["f"], name="flatten")
+    bn(gb, "f", "Y", channels, rng)
+    gb.output("Y", F32, [None] * parts)
+    return gb.model(17), {"X": rnd(rng, [2, 5, 6])}
+
+
+def test_levit_dynamo_reshape_with_a_computed_shape() -> None:
+    model, feeds = levit_dynamic([4])
+    folded = assert_pattern(model, feeds, ["matmul_reshaped"], gone=["BatchNormalization"])
+    assert count_ops(folded, "MatMul") == 1 and count_ops(folded, "Add") == 1
+
+
+@pytest.mark.parametrize(
+    ("kw", "code"),
+    [
+        (dict(last=[2], channels=2), "channel_axis"),  # [B * 10, 2]: the features split in two
+        (dict(last=[4], parts=3, channels=1), "channel_axis"),  # [B * 5, 1, 4]: not [M, C]
+        (dict(last=None), "channel_axis"),  # the last part computed: nothing proves it is C
+    ],
+    ids=["last_not_the_features", "three_parts", "computed_last_part"],
+)
+def test_skip_computed_shapes_not_proven(kw: dict, code: str) -> None:
+    model, _ = levit_dynamic(**kw)
+    report = assert_skipped(model, code)
+    assert "computed shape" in report.skipped[0].message
