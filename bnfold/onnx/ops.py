@@ -104,6 +104,7 @@ _SAME_TYPE_AND_RANK = frozenset(
         "Neg",
         "Reciprocal",
         "Relu",
+        "Resize",
         "Selu",
         "Sigmoid",
         "Softmax",
@@ -111,6 +112,7 @@ _SAME_TYPE_AND_RANK = frozenset(
         "Softsign",
         "Sqrt",
         "Tanh",
+        "Upsample",
     }
 )
 # Ops whose output 0 has the element type of input 0 (used to find CastLike's target type).

@@ -86,6 +86,11 @@ def _squeeze_with_axes(gb: GraphBuilder) -> str:
     return "Y"
 
 
+def _resize(gb: GraphBuilder) -> str:
+    gb.node("Resize", ["X", "", gb.const("scales", np.array([1, 1, 2], np.float32))], ["Y"], mode="nearest")
+    return "Y"
+
+
 def _size_and_gather(gb: GraphBuilder) -> str:
     gb.node("Size", ["X"], ["n"])
     gb.node("Unsqueeze", ["n", gb.const("a", np.array([0], I64))], ["n1"])  # [1]
@@ -105,6 +110,7 @@ def _size_and_gather(gb: GraphBuilder) -> str:
         (_unsqueeze_opset11, 11),
         (_squeeze_with_axes, 17),
         (_size_and_gather, 17),
+        (_resize, 17),
     ],
     ids=[
         "legacy_reshape",
@@ -116,6 +122,7 @@ def _size_and_gather(gb: GraphBuilder) -> str:
         "unsqueeze_axes_attribute",
         "squeeze_axes_input",
         "size_and_gather",
+        "resize",
     ],
 )
 def test_the_walk_proves_the_rank_onnxruntime_computes(
